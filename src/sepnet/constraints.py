@@ -1,0 +1,260 @@
+"""Pure functions on factors and models: condition numbers, sparsity, parameter counts, and the
+sparsity + condition-number regularizers with their proximal step.
+
+Everything numerical runs in float64 with autocast off, so results are finite for zero,
+rank-deficient, tiny and huge factors in any training precision.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterable, Iterator, Literal
+
+import torch
+from torch import Tensor, nn
+
+from sepnet.layers import SeparableLinear
+
+ConditionForm = Literal["amgm", "logdet", "logcond"]
+SparsityForm = Literal["l1", "tl1"]
+
+LOGDET_EPS = 1e-5
+LOGCOND_EPS = 1e-6
+_DENSE_KAPPA_MAX_ELEMENTS = 2**22
+
+__all__ = [
+    "singular_values",
+    "condition_number",
+    "layer_condition_number",
+    "LayerCondition",
+    "sparsity",
+    "parameter_counts",
+    "ParameterCounts",
+    "condition_penalty",
+    "sparsity_penalty",
+    "constraint_penalties",
+    "proximal_step_",
+    "separable_layers",
+]
+
+
+def separable_layers(model: nn.Module) -> Iterator[tuple[str, SeparableLinear]]:
+    """(qualified name, layer) for every SeparableLinear inside `model`."""
+    for name, module in model.named_modules():
+        if isinstance(module, SeparableLinear):
+            yield name, module
+
+
+# --------------------------------------------------------------------------- condition numbers
+def singular_values(matrix: Tensor) -> Tensor:
+    """Singular values in descending order, float64, no gradient."""
+    with torch.no_grad(), torch.autocast(matrix.device.type, enabled=False):
+        return torch.linalg.svdvals(matrix.detach().to(torch.float64))
+
+
+def _kappa_from_singular_values(s: Tensor, shape: tuple[int, int]) -> float:
+    """sigma_max / sigma_min, inf when the matrix is numerically rank-deficient (or zero)."""
+    s_max, s_min = float(s[0]), float(s[-1])
+    tolerance = s_max * max(shape) * torch.finfo(torch.float64).eps
+    if s_max == 0.0 or s_min <= tolerance or not math.isfinite(s_max):
+        return math.inf
+    return s_max / s_min
+
+
+def condition_number(matrix: Tensor) -> float:
+    """kappa = sigma_max / sigma_min over the min(rows, cols) singular values; inf, never NaN,
+    for a rank-deficient or zero matrix."""
+    return _kappa_from_singular_values(singular_values(matrix), tuple(matrix.shape))
+
+
+@dataclass(frozen=True)
+class LayerCondition:
+    """Condition number of a separable layer's implied matrix; `is_bound` marks an upper bound."""
+
+    value: float
+    is_bound: bool
+
+
+def layer_condition_number(layer: SeparableLinear) -> LayerCondition:
+    """kappa of the implied dense matrix, over its structural rank.
+
+    The singular values of kron(U1, ..., UN) are the products of the factors' singular values
+    (prod_k min(O_k, I_k) of them), so for rank 1 kappa is the product of the factors' kappas.
+    For rank > 1 it is computed from the dense matrix when that has at most 4M entries; above,
+    Weyl's inequalities give an upper bound (sum of the terms' sigma_max over the best term's
+    sigma_min minus the others' sigma_max), inf when that is vacuous.
+    """
+    if layer.rank == 1:
+        kappas = [condition_number(f) for f in layer.factors[0]]
+        return LayerCondition(math.prod(kappas), is_bound=False)
+    if layer.in_features * layer.out_features <= _DENSE_KAPPA_MAX_ELEMENTS:
+        s = singular_values(layer.dense_weight())
+        structural = min(s.numel(), layer.rank * math.prod(
+            min(o, i) for o, i in zip(layer.out_shape, layer.in_shape)))
+        s = s[:structural]
+        return LayerCondition(_kappa_from_singular_values(s, (layer.out_features, layer.in_features)), False)
+    extremes = []
+    for term in layer.factors:
+        svs = [singular_values(f) for f in term]
+        extremes.append((math.prod(float(s[0]) for s in svs), math.prod(float(s[-1]) for s in svs)))
+    total_max = sum(hi for hi, _ in extremes)
+    best_min = max(lo - (total_max - hi) for hi, lo in extremes)
+    return LayerCondition(total_max / best_min if best_min > 0 else math.inf, is_bound=True)
+
+
+# --------------------------------------------------------------------------- sparsity and counts
+def sparsity(tensors: Iterable[Tensor], threshold: float = 1e-3) -> dict[str, float]:
+    """Counts of exact zeros and of |u| <= threshold over the given tensors, and their fractions."""
+    total = zeros = small = 0
+    with torch.no_grad():
+        for t in tensors:
+            total += t.numel()
+            zeros += int((t == 0).sum())
+            small += int((t.abs() <= threshold).sum())
+    total = max(total, 1)
+    return {"numel": total, "zeros": zeros, "near_zero": small,
+            "zero_fraction": zeros / total, "near_zero_fraction": small / total}
+
+
+@dataclass(frozen=True)
+class ParameterCounts:
+    """Stored, non-zero and dense-equivalent parameter counts."""
+
+    stored: int
+    nonzero: int
+    dense: int
+
+    @property
+    def compression(self) -> float:
+        """Dense-equivalent parameters per stored parameter."""
+        return self.dense / max(self.stored, 1)
+
+    @property
+    def nonzero_compression(self) -> float:
+        """Dense-equivalent parameters per non-zero parameter."""
+        return self.dense / max(self.nonzero, 1)
+
+
+def parameter_counts(module: nn.Module) -> ParameterCounts:
+    """Counts over every parameter of `module` (convs, norms, embeddings, heads included).
+
+    Each SeparableLinear counts as the nn.Linear it stands for in `dense`.
+    """
+    stored = nonzero = dense = 0
+    seen: set[int] = set()
+    with torch.no_grad():
+        for _, layer in separable_layers(module):
+            params = list(layer.parameters())
+            seen.update(id(p) for p in params)
+            stored += sum(p.numel() for p in params)
+            nonzero += sum(int(p.count_nonzero()) for p in params)
+            dense += layer.dense_parameters()
+        for p in module.parameters():
+            if id(p) not in seen:
+                stored += p.numel()
+                nonzero += int(p.count_nonzero())
+                dense += p.numel()
+    return ParameterCounts(stored, nonzero, dense)
+
+
+# --------------------------------------------------------------------------- regularizers
+def _log_squared_singular_values(factor: Tensor) -> Tensor:
+    """log(sigma_i^2) in float64, differentiable, finite for zero and rank-deficient factors.
+
+    A floor relative to the largest singular value (1e-150 of sigma_max^2, plus the smallest
+    normal float64) keeps the logs finite while staying scale invariant.
+    """
+    s2 = torch.linalg.svdvals(factor.to(torch.float64)).square()
+    floor = 1e-150 * s2.max().detach() + torch.finfo(torch.float64).tiny
+    return torch.log(s2 + floor)
+
+
+def condition_penalty(factor: Tensor, form: ConditionForm = "amgm") -> Tensor:
+    """Differentiable penalty on the condition number of one factor U (q = min dim, G = q x q Gram).
+
+    - "amgm" (default): q log(tr G / q) - log det G. Scale invariant, >= 0, zero exactly at
+      kappa = 1, and every singular value gets a gradient.
+    - "logdet": (log(eps + det(G / q)))^2, eps = 1e-5. Pulls det(G / q) towards 1, so it also
+      fixes the factor's scale (sigma_i ~ sqrt(q)); not scale invariant.
+    - "logcond": -log(sigma_min / sigma_max + eps), eps = 1e-6 relative to sigma_max, a
+      smoothed log kappa that is scale invariant and bounded by log(1 / eps).
+    Returns a float32 scalar; computed in float64 with autocast off.
+    """
+    with torch.autocast(factor.device.type, enabled=False):
+        logs = _log_squared_singular_values(factor)
+        q = logs.numel()
+        if form == "amgm":
+            value = q * (torch.logsumexp(logs, 0) - math.log(q)) - logs.sum()
+        elif form == "logdet":
+            log_det = logs.sum() - q * math.log(q)
+            value = torch.logaddexp(log_det, log_det.new_tensor(math.log(LOGDET_EPS))).square()
+        elif form == "logcond":
+            value = -torch.log(torch.exp(0.5 * (logs.min() - logs.max())) + LOGCOND_EPS)
+        else:
+            raise ValueError(f"unknown condition penalty {form!r}; expected amgm, logdet or logcond")
+        return value.float()
+
+
+def sparsity_penalty(factor: Tensor, form: SparsityForm = "l1", a: float = 1.0) -> Tensor:
+    """L1 (sum |u|) or transformed L1, sum (a + 1)|u| / (a + |u|), of one factor."""
+    magnitude = factor.abs().float()
+    if form == "l1":
+        return magnitude.sum()
+    if form == "tl1":
+        if a <= 0:
+            raise ValueError(f"transformed-L1 parameter a must be > 0, got {a}")
+        return ((a + 1) * magnitude / (a + magnitude)).sum()
+    raise ValueError(f"unknown sparsity penalty {form!r}; expected l1 or tl1")
+
+
+def constraint_penalties(
+    model: nn.Module,
+    condition: ConditionForm = "amgm",
+    sparsity_form: SparsityForm = "l1",
+    a: float = 1.0,
+    include_sparsity: bool = True,
+) -> dict[str, Tensor]:
+    """Sum of the condition and sparsity penalties over every factor of every SeparableLinear.
+
+    Returns {"cond": ..., "sparsity": ...}; both zero tensors when the model has no such layer.
+    The caller weights them (so a zero weight can skip the work altogether).
+    """
+    cond, sparse = [], []
+    for _, layer in separable_layers(model):
+        for term in layer.factors:
+            for factor in term:
+                cond.append(condition_penalty(factor, condition))
+                if include_sparsity:
+                    sparse.append(sparsity_penalty(factor, sparsity_form, a))
+    zero = next(model.parameters()).new_zeros((), dtype=torch.float32)
+    return {
+        "cond": torch.stack(cond).sum() if cond else zero,
+        "sparsity": torch.stack(sparse).sum() if sparse else zero,
+    }
+
+
+@torch.no_grad()
+def proximal_step_(
+    model: nn.Module, step: float, form: SparsityForm = "l1", a: float = 1.0
+) -> None:
+    """Soft-threshold every separable factor in place after the optimizer step.
+
+    `step` is learning rate x sparsity weight. For L1 this is the exact proximal operator, so
+    entries below the threshold become exact zeros. For transformed L1 the threshold per entry
+    is step x rho_a'(|u|) = step x a (a + 1) / (a + |u|)^2 (one reweighted-L1 step, the usual
+    proximal-gradient treatment of this concave penalty).
+    """
+    if step < 0:
+        raise ValueError(f"proximal step must be >= 0, got {step}")
+    for _, layer in separable_layers(model):
+        for term in layer.factors:
+            for factor in term:
+                magnitude = factor.abs()
+                if form == "l1":
+                    threshold = step
+                elif form == "tl1":
+                    threshold = step * a * (a + 1) / (a + magnitude).square()
+                else:
+                    raise ValueError(f"unknown sparsity penalty {form!r}; expected l1 or tl1")
+                factor.copy_(factor.sign() * (magnitude - threshold).clamp_min(0))

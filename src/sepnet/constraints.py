@@ -53,10 +53,12 @@ def singular_values(matrix: Tensor) -> Tensor:
         return torch.linalg.svdvals(matrix.detach().to(torch.float64))
 
 
-def _kappa_from_singular_values(s: Tensor, shape: tuple[int, int]) -> float:
-    """sigma_max / sigma_min, inf when the matrix is numerically rank-deficient (or zero)."""
+def _kappa_from_singular_values(s: Tensor, shape: tuple[int, int], dtype: torch.dtype) -> float:
+    """sigma_max / sigma_min, inf when the matrix is numerically rank-deficient (or zero): sigma_min
+    at or below sigma_max x max(shape) x eps of the matrix's own dtype, as matrix_rank decides."""
     s_max, s_min = float(s[0]), float(s[-1])
-    tolerance = s_max * max(shape) * torch.finfo(torch.float64).eps
+    eps = torch.finfo(dtype).eps if dtype.is_floating_point else torch.finfo(torch.float64).eps
+    tolerance = s_max * max(shape) * eps
     if s_max == 0.0 or s_min <= tolerance or not math.isfinite(s_max):
         return math.inf
     return s_max / s_min
@@ -65,7 +67,7 @@ def _kappa_from_singular_values(s: Tensor, shape: tuple[int, int]) -> float:
 def condition_number(matrix: Tensor) -> float:
     """kappa = sigma_max / sigma_min over the min(rows, cols) singular values; inf, never NaN,
     for a rank-deficient or zero matrix."""
-    return _kappa_from_singular_values(singular_values(matrix), tuple(matrix.shape))
+    return _kappa_from_singular_values(singular_values(matrix), tuple(matrix.shape), matrix.dtype)
 
 
 @dataclass(frozen=True)
@@ -89,11 +91,12 @@ def layer_condition_number(layer: SeparableLinear) -> LayerCondition:
         kappas = [condition_number(f) for f in layer.factors[0]]
         return LayerCondition(math.prod(kappas), is_bound=False)
     if layer.in_features * layer.out_features <= _DENSE_KAPPA_MAX_ELEMENTS:
-        s = singular_values(layer.dense_weight())
+        weight = layer.dense_weight()
+        s = singular_values(weight)
         structural = min(s.numel(), layer.rank * math.prod(
             min(o, i) for o, i in zip(layer.out_shape, layer.in_shape)))
         s = s[:structural]
-        return LayerCondition(_kappa_from_singular_values(s, (layer.out_features, layer.in_features)), False)
+        return LayerCondition(_kappa_from_singular_values(s, tuple(weight.shape), weight.dtype), False)
     extremes = []
     for term in layer.factors:
         svs = [singular_values(f) for f in term]
@@ -160,13 +163,16 @@ def parameter_counts(module: nn.Module) -> ParameterCounts:
 
 # --------------------------------------------------------------------------- regularizers
 def _log_squared_singular_values(factor: Tensor) -> Tensor:
-    """log(sigma_i^2) in float64, differentiable, finite for zero and rank-deficient factors.
+    """log(sigma_i^2) in float64, differentiable, finite with finite gradients for zero and
+    rank-deficient factors.
 
-    A floor relative to the largest singular value (1e-150 of sigma_max^2, plus the smallest
-    normal float64) keeps the logs finite while staying scale invariant.
+    sigma_i^2 gets a floor of 1e-12 sigma_max^2 (plus float64's smallest normal): relative, so
+    the penalties stay scale invariant, and large enough that d log(sigma^2) / d sigma, which
+    grows like 1 / sigma, stays representable in float32. The penalties therefore saturate at
+    kappa ~ 1e6; the monitors report the true kappa.
     """
     s2 = torch.linalg.svdvals(factor.to(torch.float64)).square()
-    floor = 1e-150 * s2.max().detach() + torch.finfo(torch.float64).tiny
+    floor = 1e-12 * s2.max().detach() + torch.finfo(torch.float64).tiny
     return torch.log(s2 + floor)
 
 

@@ -1,0 +1,210 @@
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from sepnet.constraints import (
+    condition_number,
+    condition_penalty,
+    constraint_penalties,
+    layer_condition_number,
+    parameter_counts,
+    proximal_step_,
+    sparsity,
+    sparsity_penalty,
+)
+from sepnet.layers import SeparableLinear
+
+FORMS = ["amgm", "logdet", "logcond"]
+
+
+def _adversarial_factors():
+    torch.manual_seed(0)
+    base = torch.randn(4, 6)
+    singular = base.clone()
+    singular[3] = singular[0]
+    rank_one = torch.outer(torch.randn(4), torch.randn(6))
+    return {
+        "zero": torch.zeros(4, 6),
+        "singular": singular,
+        "rank_one": rank_one,
+        "tiny": base * 1e-20,
+        "huge": base * 1e20,
+        "orthogonal": torch.linalg.qr(torch.randn(6, 4))[0].T.contiguous(),
+    }
+
+
+def test_condition_number_of_kron_is_product():
+    torch.manual_seed(0)
+    factors = [torch.randn(3, 3, dtype=torch.float64), torch.randn(4, 4, dtype=torch.float64),
+               torch.randn(2, 2, dtype=torch.float64)]
+    kron = torch.kron(torch.kron(factors[0], factors[1]), factors[2])
+    expected = math.prod(condition_number(f) for f in factors)
+    assert condition_number(kron) == pytest.approx(expected, rel=1e-9)
+    layer = SeparableLinear((3, 4, 2), (3, 4, 2)).double()
+    with torch.no_grad():
+        for p, f in zip(layer.factors[0], factors):
+            p.copy_(f)
+    result = layer_condition_number(layer)
+    assert not result.is_bound and result.value == pytest.approx(expected, rel=1e-9)
+
+
+def test_condition_number_rank_deficient_is_inf_never_nan():
+    f = _adversarial_factors()
+    assert condition_number(f["zero"]) == math.inf
+    assert condition_number(f["singular"]) == math.inf
+    assert condition_number(f["rank_one"]) == math.inf
+    assert math.isfinite(condition_number(f["tiny"]))
+    assert math.isfinite(condition_number(f["huge"]))
+    assert condition_number(f["orthogonal"]) == pytest.approx(1.0, rel=1e-5)
+
+
+def test_layer_condition_dense_and_bound_for_rank_two():
+    torch.manual_seed(0)
+    small = SeparableLinear((3, 4), (3, 4), rank=2).double()
+    exact = layer_condition_number(small)
+    s = torch.linalg.svdvals(small.dense_weight().detach())
+    assert not exact.is_bound and exact.value == pytest.approx((s[0] / s[-1]).item(), rel=1e-9)
+    big = SeparableLinear((64, 64, 2), (64, 64, 2), rank=2)  # 2^26 entries: bound path
+    bound = layer_condition_number(big)
+    assert bound.is_bound and bound.value > 0
+
+
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("name", list(_adversarial_factors()))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_condition_penalty_finite_on_adversarial_factors(form, name, dtype):
+    u = _adversarial_factors()[name].to(dtype).requires_grad_()
+    value = condition_penalty(u, form)
+    value.backward()
+    assert torch.isfinite(value) and value.dtype == torch.float32
+    assert torch.isfinite(u.grad).all()
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_condition_penalty_under_autocast(form):
+    u = torch.randn(8, 16, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        value = condition_penalty(u, form)
+    value.backward()
+    assert torch.isfinite(value) and torch.isfinite(u.grad).all()
+    assert value.item() == pytest.approx(condition_penalty(u.detach(), form).item(), rel=1e-6)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    rows=st.integers(1, 6),
+    cols=st.integers(1, 6),
+    log_scale=st.floats(-30, 30),
+    seed=st.integers(0, 10_000),
+    form=st.sampled_from(FORMS),
+    zero_rows=st.integers(0, 6),
+)
+def test_condition_penalty_finite_property(rows, cols, log_scale, seed, form, zero_rows):
+    g = torch.Generator().manual_seed(seed)
+    u = torch.randn(rows, cols, generator=g) * 10.0**log_scale
+    u[: min(zero_rows, rows)] = 0
+    u.requires_grad_()
+    value = condition_penalty(u, form)
+    value.backward()
+    assert torch.isfinite(value) and torch.isfinite(u.grad).all()
+
+
+def test_amgm_is_zero_exactly_at_kappa_one_and_scale_invariant():
+    q = torch.linalg.qr(torch.randn(8, 5, dtype=torch.float64))[0]
+    assert condition_penalty(q, "amgm").item() == pytest.approx(0.0, abs=1e-5)
+    u = torch.randn(5, 8, dtype=torch.float64)
+    v = condition_penalty(u, "amgm").item()
+    assert v > 0.1
+    assert condition_penalty(1e6 * u, "amgm").item() == pytest.approx(v, rel=1e-6)
+
+
+def _descend(form, steps=200):
+    torch.manual_seed(0)
+    u = torch.randn(6, 10, requires_grad=True)
+    start = (condition_number(u), condition_penalty(u, form).item())
+    opt = torch.optim.Adam([u], lr=1e-2)
+    for _ in range(steps):
+        opt.zero_grad()
+        condition_penalty(u, form).backward()
+        opt.step()
+    return start, (condition_number(u), condition_penalty(u, form).item())
+
+
+@pytest.mark.parametrize("form", ["amgm", "logcond"])
+def test_kappa_penalties_decrease_kappa_under_gradient_descent(form):
+    (kappa0, _), (kappa1, _) = _descend(form)
+    assert kappa1 < 0.5 * kappa0
+
+
+def test_logdet_form_reaches_its_target_without_fixing_kappa():
+    # det(G/q) = 1 can hold at any kappa: the authors' form fixes the volume, not the shape.
+    (kappa0, pen0), (kappa1, pen1) = _descend("logdet")
+    assert pen1 < 1e-3 * pen0
+    assert kappa1 > 0.5 * kappa0
+
+
+def test_sparsity_penalties_and_unknown_forms():
+    u = torch.tensor([[0.0, -2.0], [0.5, 1.0]])
+    assert sparsity_penalty(u, "l1").item() == pytest.approx(3.5)
+    a = 1.0
+    tl1 = sum((a + 1) * abs(x) / (a + abs(x)) for x in [0.0, 2.0, 0.5, 1.0])
+    assert sparsity_penalty(u, "tl1", a).item() == pytest.approx(tl1)
+    with pytest.raises(ValueError, match="'l3'"):
+        sparsity_penalty(u, "l3")
+    with pytest.raises(ValueError, match="'svd'"):
+        condition_penalty(u, "svd")
+    with pytest.raises(ValueError, match="a must be > 0"):
+        sparsity_penalty(u, "tl1", a=0)
+
+
+def test_proximal_step_makes_exact_zeros():
+    torch.manual_seed(0)
+    model = nn.Sequential(SeparableLinear((8, 4), (4, 4)), nn.ReLU())
+    before = [f.detach().clone() for f in model[0].factors[0]]
+    proximal_step_(model, step=0.1, form="l1")
+    for old, new in zip(before, model[0].factors[0]):
+        expected = old.sign() * (old.abs() - 0.1).clamp_min(0)
+        torch.testing.assert_close(new.detach(), expected)
+    stats = sparsity(model[0].factors[0], threshold=0.0)
+    assert stats["zeros"] == sum(int((b.abs() <= 0.1).sum()) for b in before) > 0
+    proximal_step_(model, step=0.05, form="tl1", a=1.0)
+    with pytest.raises(ValueError, match="proximal step must be >= 0"):
+        proximal_step_(model, step=-1)
+
+
+def test_sparsity_counts():
+    t = torch.tensor([0.0, 1e-4, -0.5, 0.0])
+    s = sparsity([t], threshold=1e-3)
+    assert (s["numel"], s["zeros"], s["near_zero"]) == (4, 2, 3)
+    assert s["zero_fraction"] == 0.5
+
+
+def test_parameter_counts_whole_model():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(0),
+                          SeparableLinear((4, 2, 2), (2, 2, 2)))
+    sep = model[3]
+    with torch.no_grad():
+        sep.factors[0][0][0].zero_()
+    counts = parameter_counts(model)
+    conv_bn = 3 * 4 * 9 + 4 + 4 + 4
+    assert counts.stored == conv_bn + (2 * 4 + 2 * 2 + 2 * 2) + 8
+    assert counts.dense == conv_bn + 16 * 8 + 8
+    assert counts.nonzero == counts.stored - 4 - int((model[1].bias == 0).sum())
+    assert counts.compression == pytest.approx(counts.dense / counts.stored)
+
+
+def test_constraint_penalties_sum_over_layers():
+    torch.manual_seed(0)
+    model = nn.Sequential(SeparableLinear((4, 4), (2, 8), rank=2), SeparableLinear((2, 8), (3, 3)))
+    out = constraint_penalties(model, condition="amgm", sparsity_form="l1")
+    factors = [f for layer in model for term in layer.factors for f in term]
+    assert out["cond"].item() == pytest.approx(sum(condition_penalty(f).item() for f in factors), rel=1e-5)
+    assert out["sparsity"].item() == pytest.approx(sum(f.abs().sum().item() for f in factors), rel=1e-5)
+    out["cond"].backward()
+    assert all(f.grad is not None for f in factors)
+    empty = constraint_penalties(nn.Linear(3, 3))
+    assert empty["cond"].item() == 0 and empty["sparsity"].item() == 0

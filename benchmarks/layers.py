@@ -1,0 +1,139 @@
+"""Forward+backward time and peak memory of SeparableLinear vs nn.Linear vs tensorly-torch.
+
+    python benchmarks/layers.py [--batch 128] [--repeats 20] [--device cpu]
+
+Each variant runs in its own subprocess so that peak memory (ru_maxrss on CPU, the CUDA
+allocator's peak on GPU) is its own. Ratios are against the dense layer of the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+
+CASES = {
+    "vgg16_imagenet_fc1": ((512, 7, 7), (16, 16, 16)),
+    "cifar_head": ((512, 2, 2), (8, 8, 8)),
+}
+
+
+def separable_macs(in_shape, out_shape, rank):
+    from sepnet.layers import contraction_order
+
+    dims, total = list(in_shape), 0
+    for k in contraction_order(in_shape, out_shape):
+        total += math.prod(dims) * out_shape[k]
+        dims[k] = out_shape[k]
+    return rank * total
+
+
+def build(variant: str, in_shape, out_shape, budget: int):
+    from torch import nn
+
+    from sepnet.layers import SeparableLinear
+
+    if variant == "dense":
+        return nn.Linear(math.prod(in_shape), math.prod(out_shape)), True
+    if variant == "separable":
+        return SeparableLinear(in_shape, out_shape), False
+    import tltorch
+
+    _, kind, implementation = variant.split("_")
+    best = None
+    for rank in range(1, 400):  # integer rank whose parameter count is closest to the budget
+        layer = tltorch.FactorizedLinear(in_shape, out_shape, factorization=kind, rank=rank,
+                                         implementation=implementation)
+        gap = abs(sum(p.numel() for p in layer.parameters()) - budget)
+        if best is None or gap < best[0]:
+            best = (gap, layer)
+        elif gap > best[0]:
+            break
+    return best[1], True
+
+
+def run_one(variant: str, case: str, batch: int, repeats: int, device: str) -> dict:
+    in_shape, out_shape = CASES[case]
+    from sepnet.layers import SeparableLinear
+
+    budget = sum(p.numel() for p in SeparableLinear(in_shape, out_shape).parameters())
+    torch.manual_seed(0)
+    layer, flat = build(variant, in_shape, out_shape, budget)
+    layer = layer.to(device)
+    shape = (batch, math.prod(in_shape)) if flat else (batch, *in_shape)
+    x = torch.randn(shape, device=device, requires_grad=True)
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+
+    def step():
+        layer.zero_grad(set_to_none=True)
+        x.grad = None
+        layer(x).square().mean().backward()
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    start = time.perf_counter()
+    step()
+    if time.perf_counter() - start > 1.0:  # pathological variants: a few timed steps suffice
+        repeats = 2
+    step()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    if device == "cuda":
+        peak_mb = (torch.cuda.max_memory_allocated() - base) / 2**20
+    else:
+        peak_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024
+    return {"variant": variant, "case": case, "ms": 1e3 * sorted(times)[len(times) // 2],
+            "peak_mb": peak_mb, "params": sum(p.numel() for p in layer.parameters())}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--one", nargs=2, metavar=("VARIANT", "CASE"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(run_one(*args.one, args.batch, args.repeats, args.device)))
+        return
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}, "
+          f"batch {args.batch}, median of {args.repeats} fwd+bwd steps (input gradient included)")
+    header = f"{'case':20} {'variant':24} {'params':>10} {'ms':>9} {'speedup':>8} {'peak MB':>9} {'FLOP ratio':>10} {'of limit':>8}"
+    print(header)
+    for case, (in_shape, out_shape) in CASES.items():
+        dense_macs = math.prod(in_shape) * math.prod(out_shape)
+        flop_ratio = dense_macs / separable_macs(in_shape, out_shape, 1)
+        dense_ms = None
+        for variant in ["dense", "separable", "tltorch_cp_factorized", "tltorch_cp_reconstructed",
+                        "tltorch_blocktt_factorized", "tltorch_blocktt_reconstructed"]:
+            repeats = max(3, args.repeats // 4) if variant == "dense" else args.repeats
+            out = subprocess.run(
+                [sys.executable, __file__, "--one", variant, case, "--batch", str(args.batch),
+                 "--repeats", str(repeats), "--device", args.device],
+                capture_output=True, text=True)
+            if out.returncode != 0:
+                reason = out.stderr.strip().splitlines()[-1][:70]
+                print(f"{case:20} {variant:24} failed: {reason}")
+                continue
+            r = json.loads(out.stdout.strip().splitlines()[-1])
+            dense_ms = dense_ms or r["ms"]
+            speedup = dense_ms / r["ms"]
+            extra = (f"{flop_ratio:10.0f} {speedup / flop_ratio:8.0%}" if variant == "separable" else "")
+            print(f"{case:20} {variant:24} {r['params']:10,} {r['ms']:9.2f} {speedup:7.1f}x "
+                  f"{r['peak_mb']:9.1f} {extra}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,146 @@
+"""Feature extractors: (B, C, H, W) pixels (already normalized) -> unflattened features.
+
+Each builder returns a `Backbone`: the module, its feature shape, and the head settings that
+make the classic architecture (VGG's 4096-wide classifier, ResNet's pooled linear layer).
+Looked up by name in `BACKBONES`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import timm
+import torch
+import torchvision
+from torch import nn
+
+from sepnet.convert import separable_
+from sepnet.layers import SeparableLinear
+
+__all__ = ["Backbone", "BACKBONES", "build_backbone"]
+
+
+@dataclass
+class Backbone:
+    module: nn.Module
+    out_shape: tuple[int, ...]
+    head_defaults: dict[str, dict] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------- MLP
+def mlp(image_shape: Sequence[int], hidden_shapes: Sequence[Sequence[int]] = ((8, 16, 16), (8, 16, 16)),
+        rank: int = 1, dropout: float = 0.0) -> Backbone:
+    """MLP whose layers are all separable: (C, H, W) in, never flattened."""
+    layers: list[nn.Module] = []
+    shape = tuple(image_shape)
+    for out in hidden_shapes:
+        layers += [SeparableLinear(shape, tuple(out), rank), nn.ReLU(inplace=True), nn.Dropout(dropout)]
+        shape = tuple(out)
+    return Backbone(nn.Sequential(*layers), shape,
+                    {"separable": {"separable_classifier": True, "rank": rank}})
+
+
+# --------------------------------------------------------------------------- VGG-16
+VGG16 = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"]
+
+
+def vgg16(image_shape: Sequence[int], variant: str = "cifar", width: float = 1.0,
+          batch_norm: bool = True) -> Backbone:
+    """VGG-16 convolutions. "cifar" drops the last pool so 32x32 inputs keep a 512x2x2 map;
+    "imagenet" ends with the 7x7 adaptive pool of torchvision's VGG (512x7x7 for the head).
+    `width` scales every channel count (0.25 gives a CPU-sized network of the same shape)."""
+    if variant not in ("cifar", "imagenet"):
+        raise ValueError(f"unknown VGG variant {variant!r}; expected 'cifar' or 'imagenet'")
+    cfg = VGG16[:-1] if variant == "cifar" else VGG16
+    layers: list[nn.Module] = []
+    channels = image_shape[0]
+    for v in cfg:
+        if v == "M":
+            layers.append(nn.MaxPool2d(2))
+            continue
+        out = max(1, int(round(v * width)))
+        layers += [nn.Conv2d(channels, out, 3, padding=1, bias=not batch_norm)]
+        layers += [nn.BatchNorm2d(out)] if batch_norm else []
+        layers.append(nn.ReLU(inplace=True))
+        channels = out
+    if variant == "imagenet":
+        layers.append(nn.AdaptiveAvgPool2d(7))
+    module = nn.Sequential(*layers)
+    out_shape = _probe(module, image_shape)
+    hidden = 4096 if variant == "imagenet" else 512
+    sep_hidden = (16, 16, 16) if variant == "imagenet" else (8, 8, 8)
+    return Backbone(module, out_shape, {
+        "dense": {"hidden": [int(hidden * width)] * 2 if width != 1 else [hidden] * 2, "dropout": 0.5},
+        "separable": {"hidden_shapes": [sep_hidden, sep_hidden], "dropout": 0.5},
+    })
+
+
+# --------------------------------------------------------------------------- ViT (timm)
+def vit(image_shape: Sequence[int], model_name: str = "vit_tiny_patch16_224", patch_size: int = 4,
+        depth: int | None = None, embed_dim: int | None = None, num_heads: int | None = None,
+        separable_blocks: Sequence[str] = (), modes: int = 2, rank: int = 1) -> Backbone:
+    """timm ViT returning pooled tokens (D,). `separable_blocks` picks block layers to make
+    separable by glob ("mlp.fc1", "mlp.fc2", "attn.qkv", "attn.proj")."""
+    overrides = {k: v for k, v in dict(depth=depth, embed_dim=embed_dim, num_heads=num_heads).items()
+                 if v is not None}
+    model = timm.create_model(model_name, pretrained=False, num_classes=0, img_size=image_shape[1:],
+                              patch_size=patch_size, in_chans=image_shape[0], **overrides)
+    if separable_blocks:
+        separable_(model, include=[f"blocks.*.{p}" for p in separable_blocks], modes=modes,
+                   rank=rank, init="random")
+    return Backbone(model, (model.num_features,), {"separable": {"separable_classifier": True}})
+
+
+# --------------------------------------------------------------------------- ResNet-34
+def resnet34(image_shape: Sequence[int], stem: str = "cifar") -> Backbone:
+    """torchvision ResNet-34 up to layer4 (no pool, no fc). "cifar" stem: 3x3 stride-1 conv and
+    no max-pool (32x32 -> 512x4x4); "imagenet": the standard 7x7 stride-2 stem."""
+    if stem not in ("cifar", "imagenet"):
+        raise ValueError(f"unknown ResNet stem {stem!r}; expected 'cifar' or 'imagenet'")
+    net = torchvision.models.resnet34(weights=None)
+    if stem == "cifar":
+        net.conv1 = nn.Conv2d(image_shape[0], 64, 3, stride=1, padding=1, bias=False)
+        net.maxpool = nn.Identity()
+    elif image_shape[0] != 3:
+        net.conv1 = nn.Conv2d(image_shape[0], 64, 7, stride=2, padding=3, bias=False)
+    module = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool,
+                           net.layer1, net.layer2, net.layer3, net.layer4)
+    return Backbone(module, _probe(module, image_shape), {"dense": {"pool": True}})
+
+
+def _probe(module: nn.Module, image_shape: Sequence[int]) -> tuple[int, ...]:
+    was_training = module.training
+    module.eval()
+    with torch.no_grad():
+        shape = tuple(module(torch.zeros(1, *image_shape)).shape[1:])
+    module.train(was_training)
+    return shape
+
+
+BACKBONES: dict[str, Callable[..., Backbone]] = {
+    "mlp": mlp,
+    "vgg16": vgg16,
+    "vit": vit,
+    "resnet34": resnet34,
+}
+
+
+def build_backbone(name: str, image_shape: Sequence[int], **kwargs) -> Backbone:
+    if name not in BACKBONES:
+        raise ValueError(f"unknown backbone {name!r}; expected one of {sorted(BACKBONES)}")
+    return BACKBONES[name](tuple(image_shape), **kwargs)
+
+
+def build_cifar_models() -> dict[str, nn.Module]:
+    """CPU-sized CIFAR models used by the benchmarks: separable MLP and VGG-16 (width 1/4)."""
+    from sepnet.heads import SeparableHead
+
+    models = {}
+    for name, kwargs in {"mlp": {}, "vgg16": {"width": 0.25}}.items():
+        b = build_backbone(name, (3, 32, 32), **kwargs)
+        head_kwargs = b.head_defaults.get("separable", {})
+        if name == "vgg16":
+            head_kwargs = {"hidden_shapes": [(4, 4, 8), (4, 4, 8)]}
+        models[f"{name} (separable)"] = nn.Sequential(b.module, SeparableHead(b.out_shape, 10, **head_kwargs))
+    return models

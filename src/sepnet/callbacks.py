@@ -1,0 +1,120 @@
+"""Constraint monitors (TensorBoard) and the test-report callback."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from sepnet.constraints import (
+    condition_number,
+    layer_condition_number,
+    parameter_counts,
+    separable_layers,
+    singular_values,
+    sparsity,
+)
+
+log = logging.getLogger(__name__)
+
+__all__ = ["ConstraintMonitor", "EvalReport"]
+
+
+class ConstraintMonitor(L.Callback):
+    """Logs, per separable layer, every factor's kappa, the implied layer's kappa, sparsity and
+    parameter counts, plus whole-model totals; singular-value histograms to TensorBoard.
+
+    Args:
+        every_n_steps: training steps between two logs (0: only at validation).
+        threshold: |u| at or below which an entry counts as near zero.
+        histograms: write singular-value histograms (TensorBoard only).
+    """
+
+    def __init__(self, every_n_steps: int = 50, threshold: float = 1e-3, histograms: bool = True) -> None:
+        if every_n_steps < 0:
+            raise ValueError(f"every_n_steps must be >= 0, got {every_n_steps}")
+        self.every_n_steps, self.threshold, self.histograms = every_n_steps, threshold, histograms
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if self.every_n_steps and step % self.every_n_steps == 0:
+            self._log(trainer, pl_module, "train")
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking:
+            self._log(trainer, pl_module, "val")
+
+    def _log(self, trainer, pl_module, stage: str) -> None:
+        if trainer.logger is None:
+            return
+        metrics: dict[str, float] = {}
+        tb = trainer.logger.experiment if isinstance(trainer.logger, TensorBoardLogger) else None
+        for name, layer in separable_layers(pl_module):
+            key = f"constraints/{name}"
+            for r, term in enumerate(layer.factors):
+                for k, factor in enumerate(term):
+                    metrics[f"{key}/kappa_r{r}_u{k}"] = _finite(condition_number(factor))
+                    if tb is not None and self.histograms and stage == "val":
+                        tb.add_histogram(f"{key}/singular_values_r{r}_u{k}",
+                                         singular_values(factor), trainer.global_step)
+            kappa = layer_condition_number(layer)
+            metrics[f"{key}/kappa{'_bound' if kappa.is_bound else ''}"] = _finite(kappa.value)
+            stats = sparsity([f for term in layer.factors for f in term], self.threshold)
+            metrics[f"{key}/zero_fraction"] = stats["zero_fraction"]
+            metrics[f"{key}/near_zero_fraction"] = stats["near_zero_fraction"]
+            counts = parameter_counts(layer)
+            metrics[f"{key}/compression"] = counts.compression
+        counts = parameter_counts(pl_module)
+        metrics.update({
+            "constraints/model/params_stored": float(counts.stored),
+            "constraints/model/params_nonzero": float(counts.nonzero),
+            "constraints/model/params_dense": float(counts.dense),
+            "constraints/model/compression": counts.compression,
+            "constraints/model/nonzero_compression": counts.nonzero_compression,
+        })
+        trainer.logger.log_metrics(metrics, step=trainer.global_step)
+
+
+def _finite(value: float) -> float:
+    """TensorBoard scalars cannot be inf: report rank-deficient as a large sentinel."""
+    return value if math.isfinite(value) else 1e30
+
+
+class EvalReport(L.Callback):
+    """At the end of `test` (and of a stand-alone `validate`): a table of clean and robust
+    accuracy and parameter figures, also written as <stage>_report.json in the run's log folder."""
+
+    def on_test_end(self, trainer, pl_module) -> None:
+        self._report(trainer, pl_module, "test")
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.state.fn == "validate":
+            self._report(trainer, pl_module, "val")
+
+    def _report(self, trainer, pl_module, stage: str) -> None:
+        if not trainer.is_global_zero:
+            return
+        counts = parameter_counts(pl_module)
+        report = {
+            "metrics": {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(f"{stage}/")},
+            "parameters": {"stored": counts.stored, "nonzero": counts.nonzero, "dense": counts.dense,
+                           "compression": counts.compression,
+                           "nonzero_compression": counts.nonzero_compression},
+            "attacks": [vars(a) for a in getattr(pl_module, "val_attacks", [])],
+        }
+        folder = Path(trainer.log_dir or ".")
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{'test' if stage == 'test' else 'validate'}_report.json"
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(report, indent=2))
+        tmp.replace(path)
+        rows = [(k, f"{v:.4f}") for k, v in report["metrics"].items()]
+        rows += [(f"params/{k}", f"{v:,.1f}" if isinstance(v, float) else f"{v:,}")
+                 for k, v in report["parameters"].items()]
+        width = max(len(k) for k, _ in rows)
+        table = "\n".join(f"  {k:<{width}}  {v:>14}" for k, v in rows)
+        log.info(f"{stage} report\n%s\nwritten to %s", table, path)

@@ -1,0 +1,96 @@
+"""Classifier heads over unflattened features: dense (the usual MLP) and separable."""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+from torch import Tensor, nn
+
+from sepnet.convert import balanced_factorization
+from sepnet.layers import SeparableLinear
+
+__all__ = ["DenseHead", "SeparableHead", "classifier_shape"]
+
+
+def classifier_shape(num_classes: int, modes: int) -> tuple[int, ...]:
+    """num_classes split into `modes` balanced factors, padded with leading 1s when it has too
+    few prime factors (10 classes over 3 modes -> (1, 2, 5))."""
+    for used in range(modes, 0, -1):
+        try:
+            return (1,) * (modes - used) + balanced_factorization(num_classes, used)
+        except ValueError:
+            continue
+    raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+
+
+class DenseHead(nn.Module):
+    """Optional global average pool, flatten, dense hidden layers, dense classifier.
+
+    Args:
+        in_shape: feature shape from the backbone, e.g. (512, 2, 2).
+        num_classes: output classes.
+        hidden: widths of the hidden layers (VGG: [4096, 4096]; none for a linear head).
+        dropout: dropout before each hidden and the classifier layer (VGG uses 0.5).
+        pool: average-pool spatial dims first (ResNet style).
+    """
+
+    def __init__(self, in_shape: Sequence[int], num_classes: int, hidden: Sequence[int] = (),
+                 dropout: float = 0.0, pool: bool = False) -> None:
+        super().__init__()
+        in_shape = tuple(in_shape)
+        layers: list[nn.Module] = []
+        if pool and len(in_shape) == 3:
+            layers.append(nn.AdaptiveAvgPool2d(1))
+            in_shape = in_shape[:1]
+        layers.append(nn.Flatten())
+        width = math.prod(in_shape)
+        for h in hidden:
+            layers += [nn.Linear(width, h), nn.ReLU(inplace=True), nn.Dropout(dropout)]
+            width = h
+        layers.append(nn.Linear(width, num_classes))
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, features: Tensor) -> Tensor:
+        return self.layers(features)
+
+
+class SeparableHead(nn.Module):
+    """Chain of SeparableLinear layers on the unflattened features, then the classifier.
+
+    Args:
+        in_shape: feature shape from the backbone, e.g. (512, 2, 2); never flattened.
+        num_classes: output classes.
+        hidden_shapes: output shape of each hidden separable layer, same number of modes as
+            in_shape, e.g. [[16, 16, 16], [16, 16, 16]] for VGG's 4096-wide layers.
+        rank: Kronecker terms per separable layer.
+        dropout: dropout after each hidden layer.
+        separable_classifier: make the last layer separable too (num_classes split into as many
+            factors as there are modes; an error if it cannot be); else a dense Linear on the
+            flattened last hidden features.
+    """
+
+    def __init__(self, in_shape: Sequence[int], num_classes: int,
+                 hidden_shapes: Sequence[Sequence[int]] = (), rank: int = 1, dropout: float = 0.0,
+                 separable_classifier: bool = False) -> None:
+        super().__init__()
+        shape = tuple(in_shape)
+        layers: list[nn.Module] = []
+        for out in hidden_shapes:
+            out = tuple(out)
+            if len(out) != len(shape):
+                raise ValueError(
+                    f"hidden shape {list(out)} must have {len(shape)} modes like the features "
+                    f"{list(shape)}"
+                )
+            layers += [SeparableLinear(shape, out, rank), nn.ReLU(inplace=True), nn.Dropout(dropout)]
+            shape = out
+        if separable_classifier:
+            classes = classifier_shape(num_classes, len(shape))
+            layers += [SeparableLinear(shape, classes, rank), nn.Flatten()]
+        else:
+            layers += [nn.Flatten(), nn.Linear(math.prod(shape), num_classes)]
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, features: Tensor) -> Tensor:
+        return self.layers(features)

@@ -1,0 +1,260 @@
+"""ImageClassifier: normalize -> backbone -> head, with the constraint and adversarial losses."""
+
+from __future__ import annotations
+
+import logging
+from typing import Literal, Sequence
+
+import lightning as L
+import torch
+import torchmetrics
+from lightning.pytorch.loggers import TensorBoardLogger
+from torch import Tensor, nn
+
+from sepnet.attacks import Attacker, AttackSpec
+from sepnet.backbones import build_backbone
+from sepnet.constraints import constraint_penalties, parameter_counts, proximal_step_, separable_layers
+from sepnet.heads import DenseHead, SeparableHead
+
+log = logging.getLogger(__name__)
+
+HEADS = {"dense": DenseHead, "separable": SeparableHead}
+
+
+class Normalize(nn.Module):
+    """(x - mean) / std per channel: the model's first layer, so attacks work on [0, 1] pixels."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(-1, 1, 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return (x - self.mean) / self.std
+
+
+class Network(nn.Module):
+    """The plain model: normalize, backbone, head. Pixels in [0, 1] in, logits out."""
+
+    def __init__(self, normalize: Normalize, backbone: nn.Module, head: nn.Module) -> None:
+        super().__init__()
+        self.normalize, self.backbone, self.head = normalize, backbone, head
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.backbone(self.normalize(x)))
+
+
+class ImageClassifier(L.LightningModule):
+    """Image classifier with separable layers, joint constraints and adversarial training.
+
+    Args:
+        num_classes: classes (linked from the datamodule).
+        image_shape: (C, H, W) of the input (linked from the datamodule).
+        mean: per-channel normalization mean (linked from the datamodule).
+        std: per-channel normalization std (linked from the datamodule).
+        backbone: "mlp", "vgg16", "vit" or "resnet34".
+        backbone_kwargs: options of the backbone builder (see sepnet.backbones).
+        head: "dense" or "separable".
+        head_kwargs: options of the head, over the backbone's defaults for that head.
+        condition_weight: weight of the condition-number penalty (0 switches it off).
+        condition_form: "amgm", "logdet" or "logcond" (see sepnet.constraints).
+        sparsity_weight: weight of the sparsity penalty (0 switches it off).
+        sparsity_form: "l1" or "tl1".
+        tl1_a: the transformed-L1 parameter a.
+        proximal: apply sparsity by soft-thresholding after each optimizer step (exact zeros)
+            instead of adding its subgradient to the loss.
+        optimizer: "sgd" or "adamw".
+        lr: learning rate.
+        momentum: SGD momentum.
+        nesterov: SGD Nesterov momentum.
+        weight_decay: weight decay.
+        scheduler: "none", "multistep", "cosine" or "onecycle" (stepped per epoch, except onecycle).
+        milestones: epochs at which multistep multiplies the LR by gamma.
+        gamma: multistep factor.
+        adv_training: "none", "pgd" (Madry PGD-AT) or "fgsm" (fast FGSM with random start).
+        adv_eps: adversarial-training eps in pixel units.
+        adv_step_size: attack step in pixel units.
+        adv_steps: PGD iterations.
+        adv_norm: "linf" or "l2".
+        adv_mix: fraction of each batch replaced by adversarial examples (1 = all).
+        val_attacks: attacks for the robust metrics, each a dict of AttackSpec fields
+            (name, norm, eps, step_size, steps, random_start); default PGD-10 Linf 8/255.
+        robust_batches: validation batches attacked (the first ones of the unshuffled loader,
+            so the same images every time); None attacks all of them.
+        robust_every_n_epochs: attack at validation every this many epochs.
+        robust_test_batches: test batches attacked by `run.py test`; None attacks all.
+    """
+
+    def __init__(
+        self,
+        num_classes: int = 10,
+        image_shape: tuple[int, int, int] = (3, 32, 32),
+        mean: tuple[float, ...] = (0.5, 0.5, 0.5),
+        std: tuple[float, ...] = (0.5, 0.5, 0.5),
+        backbone: str = "mlp",
+        backbone_kwargs: dict | None = None,
+        head: Literal["dense", "separable"] = "separable",
+        head_kwargs: dict | None = None,
+        condition_weight: float = 0.0,
+        condition_form: Literal["amgm", "logdet", "logcond"] = "amgm",
+        sparsity_weight: float = 0.0,
+        sparsity_form: Literal["l1", "tl1"] = "l1",
+        tl1_a: float = 1.0,
+        proximal: bool = False,
+        optimizer: Literal["sgd", "adamw"] = "sgd",
+        lr: float = 0.05,
+        momentum: float = 0.9,
+        nesterov: bool = True,
+        weight_decay: float = 5e-4,
+        scheduler: Literal["none", "multistep", "cosine", "onecycle"] = "cosine",
+        milestones: tuple[int, ...] = (100, 150),
+        gamma: float = 0.1,
+        adv_training: Literal["none", "pgd", "fgsm"] = "none",
+        adv_eps: float = 8 / 255,
+        adv_step_size: float = 2 / 255,
+        adv_steps: int = 10,
+        adv_norm: Literal["linf", "l2"] = "linf",
+        adv_mix: float = 1.0,
+        val_attacks: list[dict] | None = None,
+        robust_batches: int | None = 4,
+        robust_every_n_epochs: int = 1,
+        robust_test_batches: int | None = None,
+    ) -> None:
+        super().__init__()
+        for name in ("condition_weight", "sparsity_weight", "weight_decay", "lr"):
+            if locals()[name] < 0:
+                raise ValueError(f"{name} must be >= 0, got {locals()[name]}")
+        if not 0 <= adv_mix <= 1:
+            raise ValueError(f"adv_mix must be in [0, 1], got {adv_mix}")
+        if head not in HEADS:
+            raise ValueError(f"unknown head {head!r}; expected one of {sorted(HEADS)}")
+        self.save_hyperparameters()
+        built = build_backbone(backbone, image_shape, **(backbone_kwargs or {}))
+        head_args = {**built.head_defaults.get(head, {}), **(head_kwargs or {})}
+        self.net = Network(Normalize(mean, std), built.module,
+                           HEADS[head](built.out_shape, num_classes, **head_args))
+        self.adv_spec = None
+        if adv_training != "none":
+            self.adv_spec = AttackSpec(adv_training, adv_norm, adv_eps, adv_step_size, adv_steps, True)
+        self.attacker = Attacker(self.net, tuple(image_shape), num_classes)
+        self.val_attacks = [AttackSpec(**a) for a in (val_attacks or [{}])]
+        if robust_every_n_epochs < 1:
+            raise ValueError(f"robust_every_n_epochs must be >= 1, got {robust_every_n_epochs}")
+        names = ["train_acc", "val_acc", "test_acc"] + [
+            f"{stage}_robust_{a.label}" for stage in ("val", "test") for a in self.val_attacks]
+        self.metrics = nn.ModuleDict({
+            name: torchmetrics.classification.MulticlassAccuracy(num_classes, average="micro")
+            for name in names
+        })
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+    # ------------------------------------------------------------------ losses
+    def constraint_loss(self) -> tuple[Tensor, dict[str, Tensor]]:
+        hp = self.hparams
+        use_sparsity = hp.sparsity_weight > 0 and not hp.proximal
+        if hp.condition_weight == 0 and not use_sparsity:
+            return torch.zeros((), device=self.device), {}
+        parts = constraint_penalties(self.net, hp.condition_form, hp.sparsity_form, hp.tl1_a,
+                                     include_sparsity=use_sparsity)
+        total = hp.condition_weight * parts["cond"] + (hp.sparsity_weight * parts["sparsity"]
+                                                      if use_sparsity else 0.0)
+        return total, {"train/loss_cond": parts["cond"], "train/loss_sparsity": parts["sparsity"]}
+
+    def training_step(self, batch, batch_idx: int) -> Tensor:
+        x, y = batch
+        if self.adv_spec is not None and self.hparams.adv_mix > 0:
+            n_adv = round(self.hparams.adv_mix * x.shape[0])
+            x = torch.cat([self.attacker.generate(x[:n_adv], y[:n_adv], self.adv_spec), x[n_adv:]])
+        logits = self(x)
+        task = nn.functional.cross_entropy(logits, y)
+        penalty, parts = self.constraint_loss()
+        loss = task + penalty
+        self.metrics["train_acc"](logits, y)
+        self.log_dict({"train/loss": loss, "train/loss_task": task, **parts}, on_step=True,
+                      on_epoch=False)
+        self.log("train/acc", self.metrics["train_acc"], on_step=False, on_epoch=True)
+        return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        hp = self.hparams
+        if hp.proximal and hp.sparsity_weight > 0:
+            lr = self.trainer.optimizers[0].param_groups[0]["lr"]
+            proximal_step_(self.net, lr * hp.sparsity_weight, hp.sparsity_form, hp.tl1_a)
+
+    def _evaluate(self, batch, batch_idx: int, stage: str) -> None:
+        """Shared validation/test step: clean metrics, then the attacks on a fixed subset."""
+        x, y = batch
+        logits = self(x)
+        self.metrics[f"{stage}_acc"](logits, y)
+        self.log(f"{stage}/loss", nn.functional.cross_entropy(logits, y), sync_dist=True)
+        self.log(f"{stage}/acc", self.metrics[f"{stage}_acc"])
+        if not self._attack_this_batch(batch_idx, stage):
+            return
+        for spec in self.val_attacks:
+            x_adv = self.attacker.generate(x, y, spec)
+            with torch.no_grad():
+                metric = self.metrics[f"{stage}_robust_{spec.label}"]
+                metric(self(x_adv), y)
+            self.log(f"{stage}/robust_acc/{spec.label}", metric)
+
+    def _attack_this_batch(self, batch_idx: int, stage: str) -> bool:
+        hp = self.hparams
+        limit = hp.robust_batches if stage == "val" else hp.robust_test_batches
+        if limit is not None and batch_idx >= limit:
+            return False
+        if stage == "val" and not self.trainer.sanity_checking:
+            return (self.current_epoch + 1) % hp.robust_every_n_epochs == 0
+        return True
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        self._evaluate(batch, batch_idx, "val")
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        self._evaluate(batch, batch_idx, "test")
+
+    def predict_step(self, batch, batch_idx: int) -> Tensor:
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        return self(x).softmax(-1)
+
+    # ------------------------------------------------------------------ optimization
+    def configure_optimizers(self):
+        hp = self.hparams
+        if hp.optimizer == "sgd":
+            opt = torch.optim.SGD(self.parameters(), lr=hp.lr, momentum=hp.momentum,
+                                  nesterov=hp.nesterov and hp.momentum > 0, weight_decay=hp.weight_decay)
+        else:
+            opt = torch.optim.AdamW(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
+        epochs = max(1, self.trainer.max_epochs or 1)
+        if hp.scheduler == "none":
+            return opt
+        if hp.scheduler == "onecycle":
+            sched = torch.optim.lr_scheduler.OneCycleLR(
+                opt, max_lr=hp.lr, total_steps=max(1, self.trainer.estimated_stepping_batches))
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        if hp.scheduler == "multistep":
+            sched = torch.optim.lr_scheduler.MultiStepLR(opt, list(hp.milestones), hp.gamma)
+        else:
+            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # lets `fit --ckpt_path` continue the same TensorBoard run (see sepnet.cli)
+        if isinstance(self.logger, TensorBoardLogger):
+            checkpoint["logger_version"] = self.logger.version
+
+    def on_fit_start(self) -> None:
+        self.log_summary()
+
+    def log_summary(self) -> None:
+        """Per-layer shapes, stored vs dense-equivalent parameters, and the whole-model ratio."""
+        lines = ["separable layers (stored / dense-equivalent parameters):"]
+        for name, layer in separable_layers(self.net):
+            lines.append(f"  {name}: {layer.in_shape} -> {layer.out_shape} rank {layer.rank}: "
+                         f"{layer.stored_parameters():,} / {layer.dense_parameters():,} "
+                         f"({layer.dense_parameters() / layer.stored_parameters():.1f}x)")
+        c = parameter_counts(self.net)
+        lines.append(f"  whole model: {c.stored:,} stored, {c.nonzero:,} non-zero, {c.dense:,} "
+                     f"dense-equivalent ({c.compression:.1f}x)")
+        log.info("\n".join(lines))

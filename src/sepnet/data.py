@@ -116,18 +116,22 @@ class DigitsDataModule(VisionDataModule):
 
 # --------------------------------------------------------------------------- torchvision datasets
 def _files_only(dataset_cls):
-    """A torchvision dataset class whose integrity check tests that files exist instead of
-    comparing md5 sums (for re-encoded or hand-made copies; see `verify`)."""
+    """A torchvision dataset class that checks that its files exist instead of comparing their
+    md5 sums (for re-encoded or hand-made copies; see `verify`). torchvision's check_integrity
+    tests existence alone when the md5 is None, so the subclass only clears the sums."""
 
-    class Unverified(dataset_cls):
-        def _check_integrity(self) -> bool:
-            base = Path(self.root) / getattr(self, "base_folder", "")
-            names = [f[0] for f in getattr(self, "train_list", []) + getattr(self, "test_list", [])]
-            names = names or [self.filename]
-            return all((base / name).exists() for name in names)
+    def unsummed(entries):
+        return [[name, None] for name, _ in entries]
 
-    Unverified.__name__ = f"Unverified{dataset_cls.__name__}"
-    return Unverified
+    attrs = {}
+    for key in ("train_list", "test_list"):
+        if hasattr(dataset_cls, key):
+            attrs[key] = unsummed(getattr(dataset_cls, key))
+    if hasattr(dataset_cls, "meta"):
+        attrs["meta"] = {**dataset_cls.meta, "md5": None}
+    if hasattr(dataset_cls, "split_list"):
+        attrs["split_list"] = {k: [url, name, None] for k, (url, name, _) in dataset_cls.split_list.items()}
+    return type(f"Unverified{dataset_cls.__name__}", (dataset_cls,), attrs)
 
 
 def _open(make: Callable[[], Dataset], what: str, where: Path, files: str, download: bool) -> Dataset:

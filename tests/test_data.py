@@ -1,0 +1,102 @@
+import pytest
+import torch
+
+from conftest import write_cifar10, write_cifar100, write_image_folder, write_svhn
+from sepnet.data import (
+    CIFAR10DataModule,
+    CIFAR100DataModule,
+    DigitsDataModule,
+    ImageFolderDataModule,
+    ImageNetDataModule,
+    SVHNDataModule,
+)
+
+
+def _first_batch(dm, loader="train_dataloader"):
+    dm.setup("fit")
+    return next(iter(getattr(dm, loader)()))
+
+
+def _check(dm, n_classes, shape):
+    x, y = _first_batch(dm)
+    assert x.dtype == torch.float32 and x.shape[1:] == shape == dm.image_shape
+    assert 0 <= x.min() and x.max() <= 1
+    assert dm.num_classes == n_classes and 0 <= y.min() and y.max() < n_classes
+    assert len(dm.mean) == len(dm.std) == shape[0]
+    xt, _ = next(iter(dm.test_dataloader()))
+    assert xt.shape[1:] == shape
+
+
+def test_digits():
+    dm = DigitsDataModule(batch_size=16)
+    _check(dm, 10, (1, 8, 8))
+    assert len(dm.train_set) + len(dm.val_set) + len(dm.test_set) == 1797
+
+
+def test_validation_split_is_fixed_and_disjoint():
+    a, b = DigitsDataModule(seed=3), DigitsDataModule(seed=3)
+    a.setup(), b.setup()
+    assert a.val_set.indices == b.val_set.indices
+    assert not set(a.val_set.indices) & set(a.train_set.indices)
+
+
+def test_cifar10_real_format_md5_handled(tmp_path):
+    root = write_cifar10(tmp_path)
+    dm = CIFAR10DataModule(root=str(root), batch_size=4, num_workers=0, download=False, verify=False)
+    _check(dm, 10, (3, 32, 32))
+    assert len(dm.train_set) + len(dm.val_set) == 40
+    # with md5 verification on, the hand-made files are rejected with a one-line error
+    strict = CIFAR10DataModule(root=str(root), num_workers=0, download=False, verify=True)
+    with pytest.raises(FileNotFoundError, match="CIFAR10 not found under .*cifar-10-batches-py") as err:
+        strict.setup()
+    assert "\n" not in str(err.value)
+
+
+def test_cifar100_and_svhn(tmp_path):
+    dm = CIFAR100DataModule(root=str(write_cifar100(tmp_path / "c100")), batch_size=4,
+                            num_workers=0, download=False, verify=False)
+    _check(dm, 100, (3, 32, 32))
+    svhn_root = write_svhn(tmp_path / "s")
+    dm = SVHNDataModule(root=str(svhn_root), batch_size=4, num_workers=0, download=False,
+                        verify=False, extra=True)
+    _check(dm, 10, (3, 32, 32))
+    assert len(dm.train_set) + len(dm.val_set) == 48
+
+
+def test_image_folder(tmp_path):
+    root = write_image_folder(tmp_path / "f", per_class=4)
+    dm = ImageFolderDataModule(root=str(root), batch_size=4, num_workers=0, pin_memory=False)
+    _check(dm, 3, (3, 32, 32))
+    big = ImageFolderDataModule(root=str(root), batch_size=4, num_workers=0, image_size=48)
+    _check(big, 3, (3, 48, 48))
+
+
+def test_imagenet_class_folders(tmp_path):
+    write_image_folder(tmp_path / "imagenet", classes=("n01", "n02"), per_class=3, size=40)
+    (tmp_path / "imagenet" / "test").rename(tmp_path / "imagenet" / "val")
+    dm = ImageNetDataModule(root=str(tmp_path), batch_size=2, num_workers=0, image_size=32,
+                            val_fraction=0.2)
+    _check(dm, 2, (3, 32, 32))
+
+
+def test_missing_data_is_a_one_line_error(tmp_path):
+    dm = CIFAR10DataModule(root=str(tmp_path), num_workers=0, download=False)
+    with pytest.raises(FileNotFoundError, match="put data_batch_1..5.*download is off") as err:
+        dm.setup()
+    assert "\n" not in str(err.value)
+    with pytest.raises(FileNotFoundError, match="no train folder under"):
+        ImageFolderDataModule(root=str(tmp_path / "nothing"))
+    with pytest.raises(ValueError, match="batch_size must be >= 1, got 0"):
+        DigitsDataModule(batch_size=0)
+
+
+def test_shared_cifar10_jpeg_if_present():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg"
+    if not root.is_dir():
+        pytest.skip("shared CIFAR-10 JPEG folder not present")
+    dm = ImageFolderDataModule(root=str(root), batch_size=8, num_workers=0)
+    assert dm.num_classes == 10
+    dm.setup()
+    assert len(dm.test_set) == 10_000

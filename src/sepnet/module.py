@@ -177,10 +177,12 @@ class ImageClassifier(L.LightningModule):
         self.log("train/acc", self.metrics["train_acc"], on_step=False, on_epoch=True)
         return loss
 
-    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
+        """The optimizer step, then the proximal sparsity step with the LR that step used."""
+        lr = optimizer.param_groups[0]["lr"]
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
         hp = self.hparams
         if hp.proximal and hp.sparsity_weight > 0:
-            lr = self.trainer.optimizers[0].param_groups[0]["lr"]
             proximal_step_(self.net, lr * hp.sparsity_weight, hp.sparsity_form, hp.tl1_a)
 
     def _evaluate(self, batch, batch_idx: int, stage: str) -> None:

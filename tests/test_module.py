@@ -1,0 +1,137 @@
+import lightning as L
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from sepnet.attacks import AttackSpec, attack_guard
+from sepnet.constraints import separable_layers
+from sepnet.layers import SeparableLinear
+from sepnet.module import ImageClassifier
+
+PGD_FAST = [{"name": "pgd", "eps": 8 / 255, "step_size": 4 / 255, "steps": 2}]
+
+
+class TinyData(L.LightningDataModule):
+    def __init__(self, shape=(3, 32, 32), n=16, classes=10):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.ds = TensorDataset(torch.rand(n, *shape, generator=g), torch.randint(0, classes, (n,), generator=g))
+
+    def train_dataloader(self):
+        return DataLoader(self.ds, batch_size=8, shuffle=True)
+
+    def val_dataloader(self):
+        return DataLoader(self.ds, batch_size=8)
+
+    test_dataloader = val_dataloader
+
+
+def _fit(model, shape=(3, 32, 32), **trainer_kwargs):
+    trainer = L.Trainer(fast_dev_run=True, accelerator="cpu", inference_mode=False, logger=False,
+                        enable_progress_bar=False, enable_model_summary=False, **trainer_kwargs)
+    trainer.fit(model, TinyData(shape))
+    return trainer
+
+
+CASES = {
+    "mlp-separable": dict(backbone="mlp", head="separable", backbone_kwargs={"hidden_shapes": [[4, 4, 8]]}),
+    "mlp-dense": dict(backbone="mlp", head="dense", backbone_kwargs={"hidden_shapes": [[4, 4, 8]]}),
+    "vgg-separable": dict(backbone="vgg16", head="separable", backbone_kwargs={"width": 1 / 16},
+                          head_kwargs={"hidden_shapes": [[4, 4, 4]]}),
+    "vgg-dense": dict(backbone="vgg16", head="dense", backbone_kwargs={"width": 1 / 16}),
+    "vit-separable": dict(backbone="vit", head="separable",
+                          backbone_kwargs={"depth": 1, "embed_dim": 48, "num_heads": 2, "patch_size": 8,
+                                           "separable_blocks": ["mlp.fc1", "mlp.fc2", "attn.qkv", "attn.proj"]}),
+    "vit-dense": dict(backbone="vit", head="dense",
+                      backbone_kwargs={"depth": 1, "embed_dim": 48, "num_heads": 2, "patch_size": 8}),
+    "resnet34-dense": dict(backbone="resnet34", head="dense"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_fast_dev_run_every_backbone_and_head(case):
+    torch.manual_seed(0)
+    model = ImageClassifier(**CASES[case], condition_weight=1e-3, sparsity_weight=1e-5,
+                            val_attacks=PGD_FAST, robust_batches=1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    _fit(model)
+    changed = any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert changed
+    assert model(torch.rand(2, 3, 32, 32)).shape == (2, 10)
+    if case.endswith("separable") or case.startswith("mlp"):
+        assert any(True for _ in separable_layers(model))
+
+
+def test_vgg_imagenet_head_shapes():
+    model = ImageClassifier(backbone="vgg16", backbone_kwargs={"variant": "imagenet", "width": 1 / 16},
+                            head="separable", image_shape=(3, 64, 64), num_classes=1000)
+    layers = dict(separable_layers(model.net))
+    first = layers["head.layers.0"]
+    assert first.in_shape == (32, 7, 7) and first.out_shape == (16, 16, 16)
+    assert model(torch.rand(1, 3, 64, 64)).shape == (1, 1000)
+
+
+def test_adversarial_training_and_proximal_zeros():
+    torch.manual_seed(0)
+    model = ImageClassifier(backbone="mlp", backbone_kwargs={"hidden_shapes": [[4, 4, 8]]},
+                            adv_training="pgd", adv_steps=2, adv_step_size=4 / 255,
+                            sparsity_weight=1.0, proximal=True, lr=0.05, val_attacks=PGD_FAST)
+    calls = []
+    original = model.attacker.generate
+    model.attacker.generate = lambda x, y, spec: calls.append(spec) or original(x, y, spec)
+    _fit(model)
+    assert calls[0].name == "pgd" and calls[0].steps == 2
+    zeros = sum(int((f == 0).sum()) for _, l in separable_layers(model) for t in l.factors for f in t)
+    assert zeros > 0
+
+
+def test_attack_guard_restores_mode_grads_and_batchnorm():
+    torch.manual_seed(0)
+    model = ImageClassifier(backbone="vgg16", head="dense", backbone_kwargs={"width": 1 / 16})
+    model.train()
+    model.net(torch.rand(4, 3, 32, 32)).sum().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    stats = [b.clone() for b in model.buffers()]
+    x, y = torch.rand(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    spec = AttackSpec("pgd", "linf", 8 / 255, 2 / 255, 3, True)
+    adv = model.attacker.generate(x, y, spec)
+    assert model.training and all(m.training for m in model.modules())
+    assert all(torch.equal(g, p.grad) for g, p in zip(grads, model.parameters()))
+    assert all(torch.equal(s, b) for s, b in zip(stats, model.buffers()))
+    assert (adv - x).abs().max() <= 8 / 255 + 1e-6 and adv.min() >= 0 and adv.max() <= 1
+    with torch.no_grad(), attack_guard(model):
+        assert torch.is_grad_enabled() and not model.training
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(sparsity_weight=-1.0), "sparsity_weight must be >= 0, got -1.0"),
+        (dict(backbone="alexnet"), "unknown backbone 'alexnet'"),
+        (dict(head="tiny"), "unknown head 'tiny'"),
+        (dict(val_attacks=[{"eps": -0.1}]), "eps must be a finite number >= 0, got -0.1"),
+        (dict(val_attacks=[{"steps": 0}]), "steps must be >= 1, got 0"),
+        (dict(val_attacks=[{"norm": "l7"}]), "unknown attack norm 'l7'"),
+        (dict(backbone="mlp", head="separable", head_kwargs={"hidden_shapes": [[4, 4]]}),
+         r"hidden shape \[4, 4\] must have 3 modes"),
+    ],
+)
+def test_bad_model_config(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ImageClassifier(**kwargs)
+
+
+def test_load_from_checkpoint_without_arguments(tmp_path):
+    model = ImageClassifier(backbone="mlp", backbone_kwargs={"hidden_shapes": [[4, 4, 8]]},
+                            val_attacks=PGD_FAST)
+    trainer = L.Trainer(max_epochs=1, limit_train_batches=1, limit_val_batches=1, accelerator="cpu",
+                        inference_mode=False, logger=False, enable_progress_bar=False,
+                        default_root_dir=tmp_path)
+    trainer.fit(model, TinyData())
+    path = tmp_path / "m.ckpt"
+    trainer.save_checkpoint(path)
+    loaded = ImageClassifier.load_from_checkpoint(path)
+    x = torch.rand(2, 3, 32, 32)
+    model.eval(), loaded.eval()
+    torch.testing.assert_close(model(x), loaded(x))
+    assert isinstance(loaded.net.backbone[0], SeparableLinear)

@@ -80,8 +80,10 @@ class SepnetCLI(LightningCLI):
 
     def after_fit(self) -> None:
         ckpt = self.trainer.checkpoint_callback
-        print(f"TensorBoard logs: {self.trainer.log_dir}  (tensorboard --logdir {Path(self.trainer.log_dir).parent})")
-        if ckpt is not None:
+        if self.trainer.log_dir and isinstance(self.trainer.logger, TensorBoardLogger):
+            print(f"TensorBoard logs: {self.trainer.log_dir}  "
+                  f"(tensorboard --logdir {Path(self.trainer.log_dir).parent})")
+        if ckpt is not None and not self.trainer.fast_dev_run:
             print(f"checkpoints: last {ckpt.last_model_path or '-'}; best {ckpt.best_model_path or '-'}")
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Literal, Sequence
+from typing import Any, Literal, Sequence
 
 import lightning as L
 import torch
@@ -92,9 +92,9 @@ class ImageClassifier(L.LightningModule):
         mean: tuple[float, ...] = (0.5, 0.5, 0.5),
         std: tuple[float, ...] = (0.5, 0.5, 0.5),
         backbone: str = "mlp",
-        backbone_kwargs: dict | None = None,
+        backbone_kwargs: dict[str, Any] | None = None,
         head: Literal["dense", "separable"] = "separable",
-        head_kwargs: dict | None = None,
+        head_kwargs: dict[str, Any] | None = None,
         condition_weight: float = 0.0,
         condition_form: Literal["amgm", "logdet", "logcond"] = "amgm",
         sparsity_weight: float = 0.0,
@@ -115,7 +115,7 @@ class ImageClassifier(L.LightningModule):
         adv_steps: int = 10,
         adv_norm: Literal["linf", "l2"] = "linf",
         adv_mix: float = 1.0,
-        val_attacks: list[dict] | None = None,
+        val_attacks: list[dict[str, Any]] | None = None,
         robust_batches: int | None = 4,
         robust_every_n_epochs: int = 1,
         robust_test_batches: int | None = None,

@@ -8,6 +8,7 @@ import math
 from pathlib import Path
 
 import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from sepnet.constraints import (
@@ -21,7 +22,32 @@ from sepnet.constraints import (
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ConstraintMonitor", "EvalReport"]
+__all__ = ["ConstraintMonitor", "EvalReport", "BestAndLastCheckpoint"]
+
+
+class BestAndLastCheckpoint(ModelCheckpoint):
+    """ModelCheckpoint that keeps the best files by the monitored metric *and* refreshes
+    last.ckpt after every validation, so `fit --ckpt_path last` resumes from the latest epoch.
+
+    Lightning 2.6 writes last.ckpt only when a top-k file was written at the same step; this
+    subclass writes it also when the monitored metric did not improve (Lightning's writes are
+    atomic: serialized in memory, then committed through an fsspec transaction).
+    """
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        if self._should_save_on_train_epoch_end(trainer):
+            self._save_last_if_skipped(trainer)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        super().on_validation_end(trainer, pl_module)
+        if not self._should_save_on_train_epoch_end(trainer):
+            self._save_last_if_skipped(trainer)
+
+    def _save_last_if_skipped(self, trainer) -> None:
+        # nothing was written at this step (else the skip check is true): write last.ckpt
+        if self.save_last and not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
 
 class ConstraintMonitor(L.Callback):
@@ -96,6 +122,7 @@ class EvalReport(L.Callback):
             self._report(trainer, pl_module, "val")
 
     def _report(self, trainer, pl_module, stage: str) -> None:
+        log_dir = trainer.log_dir  # a collective call under DDP: every rank must make it
         if not trainer.is_global_zero:
             return
         counts = parameter_counts(pl_module)
@@ -106,7 +133,7 @@ class EvalReport(L.Callback):
                            "nonzero_compression": counts.nonzero_compression},
             "attacks": [vars(a) for a in getattr(pl_module, "val_attacks", [])],
         }
-        folder = Path(trainer.log_dir or ".")
+        folder = Path(log_dir or ".")
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"{'test' if stage == 'test' else 'validate'}_report.json"
         tmp = path.with_suffix(".json.tmp")

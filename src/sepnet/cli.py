@@ -7,11 +7,10 @@ import sys
 from pathlib import Path
 
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from sepnet.callbacks import ConstraintMonitor, EvalReport
+from sepnet.callbacks import BestAndLastCheckpoint, ConstraintMonitor, EvalReport
 from sepnet.data import VisionDataModule
 from sepnet.module import ImageClassifier
 
@@ -22,7 +21,7 @@ class SepnetCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         for key in ("num_classes", "image_shape", "mean", "std"):
             parser.link_arguments(f"data.{key}", f"model.{key}", apply_on="instantiate")
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(BestAndLastCheckpoint, "checkpoint")
         parser.add_lightning_class_args(ConstraintMonitor, "monitor")
         parser.set_defaults({
             "checkpoint.dirpath": "checkpoints/default",
@@ -33,20 +32,32 @@ class SepnetCLI(LightningCLI):
             "checkpoint.auto_insert_metric_name": False,
         })
 
-    def _check_checkpoint(self) -> None:
-        """A missing, unreadable or incompatible checkpoint is a one-line error before Lightning
-        touches anything."""
-        ckpt = self.config[self.subcommand].get("ckpt_path")
+    def _read_checkpoint_state(self) -> dict | None:
+        """The checkpoint's state dict; a missing or unreadable file is a one-line error."""
+        subcommand = self.config.get("subcommand")
+        ckpt = (self.config.get(subcommand) or {}).get("ckpt_path") if subcommand else None
         if ckpt in (None, "last", "best", "hpc", "registry"):
-            return
+            return None
         path = Path(ckpt)
         if not path.is_file():
             raise FileNotFoundError(f"checkpoint {ckpt} does not exist: expected a .ckpt file")
         try:
-            state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+            return torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
         except Exception as err:  # truncated file, not a checkpoint, ...
             raise ValueError(f"checkpoint {ckpt} is unreadable ({type(err).__name__}): expected a "
                              "complete Lightning .ckpt file") from None
+
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI reads the checkpoint's hyperparameters here, before any hook: check first
+        self._read_checkpoint_state()
+        super()._parse_ckpt_path()
+
+    def _check_checkpoint(self) -> None:
+        """An incompatible checkpoint is a one-line error before Lightning loads it."""
+        state = self._read_checkpoint_state()
+        if state is None:
+            return
+        ckpt = self.config[self.config["subcommand"]].get("ckpt_path")
         own = self.model.state_dict()
         for key, value in own.items():
             if key not in state or state[key].shape != value.shape:
@@ -56,7 +67,7 @@ class SepnetCLI(LightningCLI):
 
     def _resume_logger_version(self) -> None:
         """Resuming continues the same TensorBoard run instead of opening a new version."""
-        ckpt = self.config[self.subcommand].get("ckpt_path")
+        ckpt = self.config[self.config["subcommand"]].get("ckpt_path")
         logger = self.trainer.logger
         if not ckpt or not isinstance(logger, TensorBoardLogger):
             return

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import logging
+import random
 from typing import Any, Literal, Sequence
 
 import lightning as L
+import numpy as np
 import torch
 import torchmetrics
 from lightning.pytorch.loggers import TensorBoardLogger
@@ -19,6 +21,27 @@ from sepnet.heads import DenseHead, SeparableHead
 log = logging.getLogger(__name__)
 
 HEADS = {"dense": DenseHead, "separable": SeparableHead}
+
+
+def _collect_rng_states() -> dict:
+    """torch, CUDA, numpy and Python RNG states in types that `torch.load(weights_only=True)`
+    (Lightning's default) accepts: tensors, ints, floats, strings and tuples."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
+        "python": random.getstate(),
+    }
+
+
+def _set_rng_states(states: dict) -> None:
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+    kind, keys, pos, has_gauss, gauss = states["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    random.setstate(states["python"])
 
 
 class Normalize(nn.Module):
@@ -245,6 +268,18 @@ class ImageClassifier(L.LightningModule):
         # lets `fit --ckpt_path` continue the same TensorBoard run (see sepnet.cli)
         if isinstance(self.logger, TensorBoardLogger):
             checkpoint["logger_version"] = self.logger.version
+        checkpoint["rng_states"] = _collect_rng_states()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._pending_rng_states = checkpoint.get("rng_states")
+
+    def on_train_start(self) -> None:
+        # Restore the RNG states after the sanity check (which draws random attack starts),
+        # so that a resumed run shuffles and perturbs exactly as the uninterrupted one.
+        states = getattr(self, "_pending_rng_states", None)
+        if states is not None:
+            _set_rng_states(states)
+            self._pending_rng_states = None
 
     def on_fit_start(self) -> None:
         self.log_summary()

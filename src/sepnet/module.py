@@ -271,15 +271,12 @@ class ImageClassifier(L.LightningModule):
         checkpoint["rng_states"] = _collect_rng_states()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        self._pending_rng_states = checkpoint.get("rng_states")
-
-    def on_train_start(self) -> None:
-        # Restore the RNG states after the sanity check (which draws random attack starts),
-        # so that a resumed run shuffles and perturbs exactly as the uninterrupted one.
-        states = getattr(self, "_pending_rng_states", None)
-        if states is not None:
-            _set_rng_states(states)
-            self._pending_rng_states = None
+        # Resuming a fit: restore the RNG states now, before the training loader's iterator is
+        # created (the sanity check runs under Lightning's isolate_rng, so it draws nothing).
+        # `load_from_checkpoint` has no trainer and leaves the global RNG alone.
+        trainer = self._trainer
+        if trainer is not None and trainer.state.fn == "fit" and "rng_states" in checkpoint:
+            _set_rng_states(checkpoint["rng_states"])
 
     def on_fit_start(self) -> None:
         self.log_summary()

@@ -162,18 +162,32 @@ def parameter_counts(module: nn.Module) -> ParameterCounts:
 
 
 # --------------------------------------------------------------------------- regularizers
-def _log_squared_singular_values(factor: Tensor) -> Tensor:
-    """log(sigma_i^2) in float64, differentiable, finite with finite gradients for zero and
-    rank-deficient factors.
+def _log_squared_singular_values(factors: Tensor) -> Tensor:
+    """log(sigma_i^2) of a matrix or a stack (..., O, I) of matrices, in float64, differentiable,
+    finite with finite gradients for zero and rank-deficient factors.
 
     sigma_i^2 gets a floor of 1e-12 sigma_max^2 (plus float64's smallest normal): relative, so
     the penalties stay scale invariant, and large enough that d log(sigma^2) / d sigma, which
     grows like 1 / sigma, stays representable in float32. The penalties therefore saturate at
     kappa ~ 1e6; the monitors report the true kappa.
     """
-    s2 = torch.linalg.svdvals(factor.to(torch.float64)).square()
-    floor = 1e-12 * s2.max().detach() + torch.finfo(torch.float64).tiny
+    s2 = torch.linalg.svdvals(factors.to(torch.float64)).square()
+    floor = 1e-12 * s2.amax(-1, keepdim=True).detach() + torch.finfo(torch.float64).tiny
     return torch.log(s2 + floor)
+
+
+def _condition_penalties(factors: Tensor, form: ConditionForm) -> Tensor:
+    """The penalty of each matrix of a stack (n, O, I); see `condition_penalty`."""
+    logs = _log_squared_singular_values(factors)
+    q = logs.shape[-1]
+    if form == "amgm":
+        return q * (torch.logsumexp(logs, -1) - math.log(q)) - logs.sum(-1)
+    if form == "logdet":
+        log_det = logs.sum(-1) - q * math.log(q)
+        return torch.logaddexp(log_det, torch.full_like(log_det, math.log(LOGDET_EPS))).square()
+    if form == "logcond":
+        return -torch.log(torch.exp(0.5 * (logs.amin(-1) - logs.amax(-1))) + LOGCOND_EPS)
+    raise ValueError(f"unknown condition penalty {form!r}; expected amgm, logdet or logcond")
 
 
 def condition_penalty(factor: Tensor, form: ConditionForm = "amgm") -> Tensor:
@@ -181,25 +195,16 @@ def condition_penalty(factor: Tensor, form: ConditionForm = "amgm") -> Tensor:
 
     - "amgm" (default): q log(tr G / q) - log det G. Scale invariant, >= 0, zero exactly at
       kappa = 1, and every singular value gets a gradient.
-    - "logdet": (log(eps + det(G / q)))^2, eps = 1e-5. Pulls det(G / q) towards 1, so it also
-      fixes the factor's scale (sigma_i ~ sqrt(q)); not scale invariant.
+    - "logdet": (log(eps + det(G / q)))^2, eps = 1e-5. Pulls det(G / q) towards 1, so it fixes
+      the factor's volume, not its shape: it can reach zero at any kappa, and it saturates (no
+      gradient to speak of) once det(G / q) << eps. Not scale invariant.
     - "logcond": -log(sigma_min / sigma_max + eps), eps = 1e-6 relative to sigma_max, a
-      smoothed log kappa that is scale invariant and bounded by log(1 / eps).
+      smoothed log kappa that is scale invariant and bounded by log(1 / eps); only the two
+      extreme singular values get a gradient.
     Returns a float32 scalar; computed in float64 with autocast off.
     """
     with torch.autocast(factor.device.type, enabled=False):
-        logs = _log_squared_singular_values(factor)
-        q = logs.numel()
-        if form == "amgm":
-            value = q * (torch.logsumexp(logs, 0) - math.log(q)) - logs.sum()
-        elif form == "logdet":
-            log_det = logs.sum() - q * math.log(q)
-            value = torch.logaddexp(log_det, log_det.new_tensor(math.log(LOGDET_EPS))).square()
-        elif form == "logcond":
-            value = -torch.log(torch.exp(0.5 * (logs.min() - logs.max())) + LOGCOND_EPS)
-        else:
-            raise ValueError(f"unknown condition penalty {form!r}; expected amgm, logdet or logcond")
-        return value.float()
+        return _condition_penalties(factor.unsqueeze(0), form)[0].float()
 
 
 def sparsity_penalty(factor: Tensor, form: SparsityForm = "l1", a: float = 1.0) -> Tensor:
@@ -226,16 +231,24 @@ def constraint_penalties(
     Returns {"cond": ..., "sparsity": ...}; both zero tensors when the model has no such layer.
     The caller weights them (so a zero weight can skip the work altogether).
     """
-    cond, sparse = [], []
+    by_shape: dict[tuple, list[Tensor]] = {}
     for _, layer in separable_layers(model):
         for term in layer.factors:
             for factor in term:
-                cond.append(condition_penalty(factor, condition))
-                if include_sparsity:
-                    sparse.append(sparsity_penalty(factor, sparsity_form, a))
+                by_shape.setdefault((tuple(factor.shape), factor.device), []).append(factor)
     zero = next(model.parameters()).new_zeros((), dtype=torch.float32)
+    if not by_shape:
+        return {"cond": zero, "sparsity": zero}
+    cond, sparse = [], []
+    with torch.autocast(zero.device.type, enabled=False):
+        # one batched SVD per factor shape: the per-step cost stays a few small kernels
+        for factors in by_shape.values():
+            stack = torch.stack(factors)
+            cond.append(_condition_penalties(stack, condition).sum())
+            if include_sparsity:
+                sparse.append(sparsity_penalty(stack, sparsity_form, a))
     return {
-        "cond": torch.stack(cond).sum() if cond else zero,
+        "cond": torch.stack(cond).sum().float(),
         "sparsity": torch.stack(sparse).sum() if sparse else zero,
     }
 

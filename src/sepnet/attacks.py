@@ -1,24 +1,33 @@
-"""ART attacks, run so that they leave no trace on the model.
+"""ART attacks: explicit settings, a fast estimator, and no trace left on the model.
 
 Pixels are in [0, 1] at the model's input (normalization is inside the model) and eps is in
-pixel units. ART's estimator switches the model to eval mode without restoring it, and calls
-zero_grad()/backward() on the parameters; `attack_guard` undoes all of that.
+pixel units. ART's stock estimator switches the model to eval mode without restoring it, calls
+zero_grad()/backward() on the parameters and round-trips through numpy; `FastClassifier` takes
+input-only gradients on the device, and `attack_guard` restores mode, gradients and buffers.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass
-from typing import Iterator
+from dataclasses import asdict, dataclass
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
-from art.attacks.evasion import FastGradientMethod, ProjectedGradientDescentPyTorch
+from art.attacks.evasion import (
+    AutoAttack,
+    AutoProjectedGradientDescent,
+    CarliniLInfMethod,
+    DeepFool,
+    FastGradientMethod,
+    ProjectedGradientDescentPyTorch,
+    SquareAttack,
+)
 from art.estimators.classification import PyTorchClassifier
 from torch import Tensor, nn
 
-__all__ = ["AttackSpec", "attack_guard", "Attacker"]
+__all__ = ["AttackSpec", "attack_guard", "FastClassifier", "Attacker", "ATTACKS", "project"]
 
 _NORMS = {"linf": np.inf, "l2": 2}
 
@@ -27,8 +36,11 @@ _NORMS = {"linf": np.inf, "l2": 2}
 class AttackSpec:
     """One attack, every parameter explicit (ART's defaults assume other scales).
 
-    name: "pgd" or "fgsm"; norm: "linf" or "l2"; eps and step_size in pixel units;
-    steps: iterations (PGD); random_start: start from a uniform point in the eps ball.
+    name: one of ATTACKS ("fgsm", "pgd", "apgd_ce", "apgd_dlr", "autoattack",
+        "autoattack_standard", "cw_linf", "deepfool", "square").
+    norm: "linf" or "l2". eps, step_size: pixel units. steps: iterations (queries for Square).
+    random_start: start from a random point of the eps ball (FGSM/PGD).
+    restarts: random restarts (PGD, APGD, Square).
     """
 
     name: str = "pgd"
@@ -37,28 +49,38 @@ class AttackSpec:
     step_size: float = 2 / 255
     steps: int = 10
     random_start: bool = True
+    restarts: int = 1
 
     def __post_init__(self) -> None:
-        if self.name not in ("pgd", "fgsm"):
-            raise ValueError(f"unknown attack {self.name!r}; expected 'pgd' or 'fgsm'")
+        if self.name not in ATTACKS:
+            raise ValueError(f"unknown attack {self.name!r}; expected one of {sorted(ATTACKS)}")
         if self.norm not in _NORMS:
             raise ValueError(f"unknown attack norm {self.norm!r}; expected 'linf' or 'l2'")
-        if not (self.eps >= 0 and math.isfinite(self.eps)):
+        if not (isinstance(self.eps, (int, float)) and self.eps >= 0 and math.isfinite(self.eps)):
             raise ValueError(f"attack eps must be a finite number >= 0, got {self.eps}")
         if not self.step_size > 0:
             raise ValueError(f"attack step_size must be > 0, got {self.step_size}")
         if self.steps < 1:
             raise ValueError(f"attack steps must be >= 1, got {self.steps}")
+        if self.restarts < 1:
+            raise ValueError(f"attack restarts must be >= 1, got {self.restarts}")
+        if self.name == "cw_linf" and self.norm != "linf":
+            raise ValueError(f"cw_linf is an Linf attack, got norm {self.norm!r}")
 
     @property
     def label(self) -> str:
-        return f"{self.name}_{self.norm}" if self.name == "pgd" else self.name
+        """Metric name: val/robust_acc/<label>."""
+        return f"{self.name}_{self.norm}" if self.name not in ("cw_linf",) else self.name
+
+    def replace(self, **changes) -> "AttackSpec":
+        return AttackSpec(**{**asdict(self), **changes})
 
 
 @contextlib.contextmanager
 def attack_guard(model: nn.Module) -> Iterator[None]:
-    """Eval mode, gradients enabled, parameter gradients and buffers (BatchNorm statistics)
-    restored afterwards, and the train/eval mode of every submodule restored."""
+    """Eval mode, gradients enabled (also inside no_grad or inference_mode), and afterwards the
+    train/eval mode of every submodule, parameter gradients and buffers (BatchNorm statistics)
+    exactly as before."""
     modes = {m: m.training for m in model.modules()}
     grads = {p: (None if p.grad is None else p.grad.detach().clone()) for p in model.parameters()}
     buffers = {b: b.detach().clone() for b in model.buffers()}
@@ -76,38 +98,172 @@ def attack_guard(model: nn.Module) -> Iterator[None]:
                 b.copy_(value)
 
 
-class Attacker:
-    """Builds ART's estimator once per model and crafts adversarial examples in [0, 1]."""
+class FastClassifier(PyTorchClassifier):
+    """ART estimator with input-only gradients that stay on the device.
 
-    def __init__(self, model: nn.Module, input_shape: tuple[int, ...], num_classes: int) -> None:
+    `loss_gradient` differentiates the loss with torch.autograd.grad with respect to the input
+    alone (no parameter gradients, no zero_grad), keeps torch tensors as torch tensors, and
+    leaves the model's mode alone (the caller holds `attack_guard`). With `soft_labels=True`
+    the targets are probability vectors and the loss is KL(target || model), TRADES' inner loss.
+    """
+
+    def __init__(self, *args, soft_labels: bool = False, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.soft_labels = soft_labels
+
+    def _loss_value(self, logits: Tensor, y: Tensor) -> Tensor:
+        if self.soft_labels:
+            return nn.functional.kl_div(logits.log_softmax(-1), y.float(), reduction="sum")
+        if y.dim() == 2:
+            y = y.argmax(-1)
+        return nn.functional.cross_entropy(logits, y.long(), reduction="sum")
+
+    def loss_gradient(self, x, y, training_mode: bool = False, **kwargs):
+        as_numpy = not isinstance(x, Tensor)
+        x_t = torch.as_tensor(x, device=self._device).float().detach().requires_grad_(True)
+        y_t = torch.as_tensor(y, device=self._device)
+        with torch.enable_grad():
+            loss = self._loss_value(self._model._model(x_t), y_t)
+            (grad,) = torch.autograd.grad(loss, x_t)
+        return grad.cpu().numpy() if as_numpy else grad
+
+    def predict(self, x, batch_size: int = 256, training_mode: bool = False, **kwargs):
+        as_numpy = not isinstance(x, Tensor)
+        x_t = torch.as_tensor(x, device=self._device).float()
+        with torch.no_grad():
+            out = torch.cat([self._model._model(chunk) for chunk in x_t.split(batch_size)])
+        return out.cpu().numpy() if as_numpy else out
+
+
+def project(x_adv: Tensor, x: Tensor, eps: float, norm: str) -> Tensor:
+    """Project x_adv onto the eps ball around x (Linf or L2) and into [0, 1]."""
+    delta = x_adv - x
+    if norm == "linf":
+        delta = delta.clamp(-eps, eps)
+    else:
+        norms = delta.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *[1] * (x.dim() - 1))
+        delta = delta * (eps / norms).clamp(max=1.0)
+    return (x + delta).clamp(0, 1)
+
+
+# --------------------------------------------------------------------------- attack factory
+def _fgsm(est, s, bs):
+    return FastGradientMethod(est, norm=_NORMS[s.norm], eps=s.eps, eps_step=s.step_size,
+                              num_random_init=int(s.random_start), batch_size=bs)
+
+
+def _pgd(est, s, bs):
+    return ProjectedGradientDescentPyTorch(
+        est, norm=_NORMS[s.norm], eps=s.eps, eps_step=s.step_size, max_iter=s.steps,
+        num_random_init=s.restarts if s.random_start else 0, batch_size=bs, verbose=False)
+
+
+def _apgd(loss_type):
+    def build(est, s, bs):
+        return AutoProjectedGradientDescent(
+            est, norm=_NORMS[s.norm], eps=s.eps, eps_step=s.step_size, max_iter=s.steps,
+            nb_random_init=s.restarts, batch_size=bs, loss_type=loss_type, verbose=False)
+    return build
+
+
+def _square(est, s, bs):
+    return SquareAttack(est, norm=_NORMS[s.norm], max_iter=s.steps, eps=s.eps, p_init=0.8,
+                        nb_restarts=s.restarts, batch_size=bs, verbose=False)
+
+
+def _autoattack(est, s, bs):
+    """ART's own AutoAttack set, spelled out (ART builds it with progress bars on): APGD-CE and
+    APGD-DLR (100 steps, 5 restarts each), DeepFool (100 steps), Square (5000 queries, 5
+    restarts), all untargeted."""
+    norm = _NORMS[s.norm]
+    attacks = [
+        AutoProjectedGradientDescent(est, norm=norm, eps=s.eps, eps_step=s.step_size, max_iter=100,
+                                     nb_random_init=5, batch_size=bs, loss_type=loss, verbose=False)
+        for loss in ("cross_entropy", "difference_logits_ratio")
+    ]
+    attacks += [DeepFool(est, max_iter=100, epsilon=1e-3, nb_grads=10, batch_size=bs, verbose=False),
+                SquareAttack(est, norm=norm, max_iter=5000, eps=s.eps, p_init=0.8, nb_restarts=5,
+                             batch_size=bs, verbose=False)]
+    return AutoAttack(est, norm=norm, eps=s.eps, eps_step=s.step_size, attacks=attacks, batch_size=bs)
+
+
+def _autoattack_standard(est, s, bs):
+    """As close to RobustBench's "standard" AutoAttack as ART allows: APGD-CE (100 steps, no
+    restart), targeted APGD-DLR (AutoAttack(targeted=True) runs it against every other class,
+    not only the top 9), Square (5000 queries). FAB-T has no ART implementation and is left out."""
+    attacks = [
+        AutoProjectedGradientDescent(est, norm=_NORMS[s.norm], eps=s.eps, eps_step=s.step_size,
+                                     max_iter=100, nb_random_init=1, batch_size=bs,
+                                     loss_type="cross_entropy", verbose=False),
+        AutoProjectedGradientDescent(est, norm=_NORMS[s.norm], eps=s.eps, eps_step=s.step_size,
+                                     max_iter=100, nb_random_init=1, batch_size=bs, targeted=True,
+                                     loss_type="difference_logits_ratio", verbose=False),
+        SquareAttack(est, norm=_NORMS[s.norm], max_iter=5000, eps=s.eps, p_init=0.8,
+                     nb_restarts=1, batch_size=bs, verbose=False),
+    ]
+    return AutoAttack(est, norm=_NORMS[s.norm], eps=s.eps, eps_step=s.step_size, attacks=attacks,
+                      batch_size=bs, targeted=True)
+
+
+def _cw_linf(est, s, bs):
+    return CarliniLInfMethod(est, confidence=0.0, learning_rate=s.step_size, max_iter=s.steps,
+                             batch_size=bs, verbose=False)
+
+
+def _deepfool(est, s, bs):
+    return DeepFool(est, max_iter=s.steps, epsilon=0.02, nb_grads=10, batch_size=bs, verbose=False)
+
+
+ATTACKS: dict[str, Callable] = {
+    "fgsm": _fgsm, "pgd": _pgd, "apgd_ce": _apgd("cross_entropy"),
+    "apgd_dlr": _apgd("difference_logits_ratio"), "square": _square, "autoattack": _autoattack,
+    "autoattack_standard": _autoattack_standard, "cw_linf": _cw_linf, "deepfool": _deepfool,
+}
+
+
+class Attacker:
+    """Builds the estimators once per model and crafts adversarial examples in [0, 1].
+
+    Args:
+        model: the plain nn.Module (pixels in [0, 1] in, logits out).
+        input_shape: (C, H, W).
+        num_classes: classes.
+        fast: use FastClassifier (input-only gradients on the device); False uses ART's stock
+            PyTorchClassifier (for comparison; it is slower, the guard keeps it traceless).
+    """
+
+    def __init__(self, model: nn.Module, input_shape: tuple[int, ...], num_classes: int,
+                 fast: bool = True) -> None:
         self.model = model
         self.input_shape = tuple(input_shape)
         self.num_classes = num_classes
-        self._estimator: PyTorchClassifier | None = None
+        self.fast = fast
+        self._estimators: dict[tuple, PyTorchClassifier] = {}
 
-    def estimator(self, device: torch.device) -> PyTorchClassifier:
-        if self._estimator is None or self._estimator.device != device:
-            self._estimator = PyTorchClassifier(
+    def estimator(self, device: torch.device, soft_labels: bool = False) -> PyTorchClassifier:
+        key = (str(device), soft_labels)
+        if key not in self._estimators:
+            cls = FastClassifier if (self.fast or soft_labels) else PyTorchClassifier
+            extra = {"soft_labels": soft_labels} if cls is FastClassifier else {}
+            self._estimators[key] = cls(
                 model=self.model, loss=nn.CrossEntropyLoss(), input_shape=self.input_shape,
                 nb_classes=self.num_classes, clip_values=(0.0, 1.0),
-                device_type="gpu" if device.type == "cuda" else "cpu")
-        return self._estimator
+                device_type="gpu" if device.type == "cuda" else "cpu", **extra)
+        return self._estimators[key]
 
-    def _art_attack(self, spec: AttackSpec, device: torch.device, batch_size: int):
-        estimator = self.estimator(device)
-        norm = _NORMS[spec.norm]
-        if spec.name == "fgsm":
-            return FastGradientMethod(estimator, norm=norm, eps=spec.eps, eps_step=spec.step_size,
-                                      num_random_init=int(spec.random_start), batch_size=batch_size)
-        return ProjectedGradientDescentPyTorch(
-            estimator, norm=norm, eps=spec.eps, eps_step=spec.step_size, max_iter=spec.steps,
-            num_random_init=int(spec.random_start), batch_size=batch_size, verbose=False)
+    def generate(self, x: Tensor, y: Tensor, spec: AttackSpec, soft_targets: Tensor | None = None) -> Tensor:
+        """Adversarial version of x (same device and dtype), inside the eps ball and [0, 1].
 
-    def generate(self, x: Tensor, y: Tensor, spec: AttackSpec) -> Tensor:
-        """Adversarial version of x (same device and dtype), inside the eps ball and [0, 1]."""
+        With `soft_targets` (probabilities), PGD/FGSM maximize KL(soft_targets || model): the
+        TRADES inner maximization.
+        """
         if spec.eps == 0:
             return x.detach().clone()
         with attack_guard(self.model):
-            attack = self._art_attack(spec, x.device, batch_size=x.shape[0])
-            adv = attack.generate(x.detach().float().cpu().numpy(), y=y.detach().cpu().numpy())
-        return torch.as_tensor(adv, device=x.device).to(x.dtype)
+            estimator = self.estimator(x.device, soft_labels=soft_targets is not None)
+            attack = ATTACKS[spec.name](estimator, spec, x.shape[0])
+            labels = soft_targets if soft_targets is not None else y
+            adv = attack.generate(x.detach().float().cpu().numpy(), y=labels.detach().cpu().numpy())
+        # minimum-perturbation attacks (DeepFool, CW) are unbounded: score them inside the ball;
+        # for the others this only removes float rounding at the boundary
+        return project(torch.as_tensor(adv, device=x.device).to(x.dtype), x.detach(), spec.eps, spec.norm)

@@ -23,6 +23,7 @@ class SepnetCLI(LightningCLI):
             parser.link_arguments(f"data.{key}", f"model.{key}", apply_on="instantiate")
         parser.add_lightning_class_args(BestAndLastCheckpoint, "checkpoint")
         parser.add_lightning_class_args(ConstraintMonitor, "monitor")
+        parser.add_lightning_class_args(EvalReport, "report")
         parser.set_defaults({
             "checkpoint.dirpath": "checkpoints/default",
             "checkpoint.filename": "best-{epoch:03d}",
@@ -108,7 +109,6 @@ def main(args: list[str] | None = None) -> None:
             ImageClassifier,
             VisionDataModule,
             subclass_mode_data=True,
-            trainer_defaults={"callbacks": [EvalReport()]},
             save_config_kwargs={"overwrite": True},
             parser_kwargs={sub: {"default_config_files": defaults}
                            for sub in ("fit", "validate", "test", "predict")},

@@ -94,12 +94,17 @@ class ImageClassifier(L.LightningModule):
         scheduler: "none", "multistep", "cosine" or "onecycle" (stepped per epoch, except onecycle).
         milestones: epochs at which multistep multiplies the LR by gamma.
         gamma: multistep factor.
-        adv_training: "none", "pgd" (Madry PGD-AT) or "fgsm" (fast FGSM with random start).
+        adv_training: "none", "pgd" (Madry PGD-AT), "fgsm" (fast FGSM with random start; use
+            adv_step_size ~ 1.25 adv_eps) or "trades" (PGD on KL to the clean prediction, then
+            CE(clean) + trades_beta KL(clean || adversarial)).
         adv_eps: adversarial-training eps in pixel units.
         adv_step_size: attack step in pixel units.
         adv_steps: PGD iterations.
         adv_norm: "linf" or "l2".
-        adv_mix: fraction of each batch replaced by adversarial examples (1 = all).
+        adv_mix: fraction of each batch replaced by adversarial examples (1 = all; PGD/FGSM).
+        trades_beta: TRADES' weight of the robustness term.
+        fast_attacks: ART attacks through sepnet's FastClassifier (input-only gradients on the
+            device) instead of ART's stock PyTorchClassifier.
         val_attacks: attacks for the robust metrics, each a dict of AttackSpec fields
             (name, norm, eps, step_size, steps, random_start); default PGD-10 Linf 8/255.
         robust_batches: validation batches attacked (the first ones of the unshuffled loader,
@@ -132,19 +137,21 @@ class ImageClassifier(L.LightningModule):
         scheduler: Literal["none", "multistep", "cosine", "onecycle"] = "cosine",
         milestones: tuple[int, ...] = (100, 150),
         gamma: float = 0.1,
-        adv_training: Literal["none", "pgd", "fgsm"] = "none",
+        adv_training: Literal["none", "pgd", "fgsm", "trades"] = "none",
         adv_eps: float = 8 / 255,
         adv_step_size: float = 2 / 255,
         adv_steps: int = 10,
         adv_norm: Literal["linf", "l2"] = "linf",
         adv_mix: float = 1.0,
+        trades_beta: float = 6.0,
+        fast_attacks: bool = True,
         val_attacks: list[dict[str, Any]] | None = None,
         robust_batches: int | None = 4,
         robust_every_n_epochs: int = 1,
         robust_test_batches: int | None = None,
     ) -> None:
         super().__init__()
-        for name in ("condition_weight", "sparsity_weight", "weight_decay", "lr"):
+        for name in ("condition_weight", "sparsity_weight", "weight_decay", "lr", "trades_beta"):
             if locals()[name] < 0:
                 raise ValueError(f"{name} must be >= 0, got {locals()[name]}")
         if not 0 <= adv_mix <= 1:
@@ -158,8 +165,9 @@ class ImageClassifier(L.LightningModule):
                            HEADS[head](built.out_shape, num_classes, **head_args))
         self.adv_spec = None
         if adv_training != "none":
-            self.adv_spec = AttackSpec(adv_training, adv_norm, adv_eps, adv_step_size, adv_steps, True)
-        self.attacker = Attacker(self.net, tuple(image_shape), num_classes)
+            self.adv_spec = AttackSpec(name="fgsm" if adv_training == "fgsm" else "pgd", norm=adv_norm,
+                                       eps=adv_eps, step_size=adv_step_size, steps=adv_steps)
+        self.attacker = Attacker(self.net, tuple(image_shape), num_classes, fast=fast_attacks)
         self.val_attacks = [AttackSpec(**a) for a in (val_attacks or [{}])]
         if robust_every_n_epochs < 1:
             raise ValueError(f"robust_every_n_epochs must be >= 1, got {robust_every_n_epochs}")
@@ -187,11 +195,14 @@ class ImageClassifier(L.LightningModule):
 
     def training_step(self, batch, batch_idx: int) -> Tensor:
         x, y = batch
-        if self.adv_spec is not None and self.hparams.adv_mix > 0:
-            n_adv = round(self.hparams.adv_mix * x.shape[0])
-            x = torch.cat([self.attacker.generate(x[:n_adv], y[:n_adv], self.adv_spec), x[n_adv:]])
-        logits = self(x)
-        task = nn.functional.cross_entropy(logits, y)
+        if self.hparams.adv_training == "trades":
+            logits, task = self._trades_loss(x, y)
+        else:
+            if self.adv_spec is not None and self.hparams.adv_mix > 0:
+                n_adv = round(self.hparams.adv_mix * x.shape[0])
+                x = torch.cat([self.attacker.generate(x[:n_adv], y[:n_adv], self.adv_spec), x[n_adv:]])
+            logits = self(x)
+            task = nn.functional.cross_entropy(logits, y)
         penalty, parts = self.constraint_loss()
         loss = task + penalty
         self.metrics["train_acc"](logits, y)
@@ -199,6 +210,20 @@ class ImageClassifier(L.LightningModule):
                       on_epoch=False)
         self.log("train/acc", self.metrics["train_acc"], on_step=False, on_epoch=True)
         return loss
+
+    def _trades_loss(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """TRADES: x_adv maximizes KL(p(x) || p(x_adv)) (p(x) from the eval-mode model, as the
+        attack runs in eval mode); loss = CE(f(x), y) + beta KL(p(x) || p(x_adv))."""
+        with torch.no_grad():
+            was_training = self.net.training
+            self.net.eval()
+            clean_probs = self.net(x).softmax(-1)
+            self.net.train(was_training)
+        x_adv = self.attacker.generate(x, y, self.adv_spec, soft_targets=clean_probs)
+        logits = self(x)
+        robust = nn.functional.kl_div(self(x_adv).log_softmax(-1), logits.softmax(-1), reduction="batchmean")
+        self.log("train/loss_trades_kl", robust)
+        return logits, nn.functional.cross_entropy(logits, y) + self.hparams.trades_beta * robust
 
     def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
         """The optimizer step, then the proximal sparsity step with the LR that step used."""

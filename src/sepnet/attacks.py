@@ -118,21 +118,29 @@ class FastClassifier(PyTorchClassifier):
             y = y.argmax(-1)
         return nn.functional.cross_entropy(logits, y.long(), reduction="sum")
 
+    @staticmethod
+    def _layout(x: Tensor) -> Tensor:
+        # Images in channels-last layout take the faster oneDNN/cuDNN convolution paths (about
+        # 30% less time per forward+backward for a small CNN on CPU); values are unchanged.
+        return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
+
     def loss_gradient(self, x, y, training_mode: bool = False, **kwargs):
         as_numpy = not isinstance(x, Tensor)
-        x_t = torch.as_tensor(x, device=self._device).float().detach().requires_grad_(True)
+        x_t = self._layout(torch.as_tensor(x, device=self._device).float()).detach().requires_grad_(True)
         y_t = torch.as_tensor(y, device=self._device)
         with torch.enable_grad():
             loss = self._loss_value(self._model._model(x_t), y_t)
             (grad,) = torch.autograd.grad(loss, x_t)
         return grad.cpu().numpy() if as_numpy else grad
 
-    def predict(self, x, batch_size: int = 256, training_mode: bool = False, **kwargs):
-        as_numpy = not isinstance(x, Tensor)
-        x_t = torch.as_tensor(x, device=self._device).float()
+    def logits(self, x: Tensor, batch_size: int = 256) -> Tensor:
+        """Model outputs for a device tensor, in chunks, without gradients."""
         with torch.no_grad():
-            out = torch.cat([self._model._model(chunk) for chunk in x_t.split(batch_size)])
-        return out.cpu().numpy() if as_numpy else out
+            return torch.cat([self._model._model(self._layout(chunk)) for chunk in x.float().split(batch_size)])
+
+    def predict(self, x, batch_size: int = 256, training_mode: bool = False, **kwargs):
+        out = self.logits(torch.as_tensor(x, device=self._device), batch_size)
+        return out if isinstance(x, Tensor) else out.cpu().numpy()
 
 
 def project(x_adv: Tensor, x: Tensor, eps: float, norm: str) -> Tensor:
@@ -146,6 +154,35 @@ def project(x_adv: Tensor, x: Tensor, eps: float, norm: str) -> Tensor:
     return (x + delta).clamp(0, 1)
 
 
+class TensorPGD(ProjectedGradientDescentPyTorch):
+    """ART's PGD run on device tensors: the same iterations (ART's `_compute_pytorch`: random
+    start, gradient step, projection, clipping), without the numpy round trip, the DataLoader,
+    and the success rate that ART computes with two extra forward passes only to log it.
+    Restarts keep, per sample, the first adversarial example that fools the model."""
+
+    def generate_tensor(self, x: Tensor, targets: Tensor) -> Tensor:
+        """x: inputs on the estimator's device; targets: one-hot labels (or probabilities)."""
+        self._batch_id = 0
+        best, fooled = None, None
+        for _ in range(max(1, self.num_random_init)):
+            adv, momentum = x.clone(), torch.zeros_like(x)
+            for i in range(self.max_iter):
+                self._i_max_iter = i
+                adv = self._compute_pytorch(adv, x, targets, None, self.eps, self.eps_step,
+                                            self.num_random_init > 0 and i == 0, momentum)
+            if best is None:
+                best = adv
+            else:
+                best = torch.where(fooled.view(-1, *[1] * (x.dim() - 1)), best, adv)
+            if self.num_random_init <= 1:
+                break
+            with torch.no_grad():
+                fooled = self.estimator.logits(best).argmax(-1) != targets.argmax(-1)
+            if bool(fooled.all()):
+                break
+        return best
+
+
 # --------------------------------------------------------------------------- attack factory
 def _fgsm(est, s, bs):
     return FastGradientMethod(est, norm=_NORMS[s.norm], eps=s.eps, eps_step=s.step_size,
@@ -153,7 +190,7 @@ def _fgsm(est, s, bs):
 
 
 def _pgd(est, s, bs):
-    return ProjectedGradientDescentPyTorch(
+    return TensorPGD(
         est, norm=_NORMS[s.norm], eps=s.eps, eps_step=s.step_size, max_iter=s.steps,
         num_random_init=s.restarts if s.random_start else 0, batch_size=bs, verbose=False)
 
@@ -263,7 +300,12 @@ class Attacker:
             estimator = self.estimator(x.device, soft_labels=soft_targets is not None)
             attack = ATTACKS[spec.name](estimator, spec, x.shape[0])
             labels = soft_targets if soft_targets is not None else y
-            adv = attack.generate(x.detach().float().cpu().numpy(), y=labels.detach().cpu().numpy())
+            if isinstance(attack, TensorPGD) and isinstance(estimator, FastClassifier):
+                if soft_targets is None:
+                    labels = nn.functional.one_hot(y.long(), self.num_classes).float()
+                adv = attack.generate_tensor(x.detach().float(), labels.detach().float())
+            else:
+                adv = attack.generate(x.detach().float().cpu().numpy(), y=labels.detach().cpu().numpy())
         # minimum-perturbation attacks (DeepFool, CW) are unbounded: score them inside the ball;
         # for the others this only removes float rounding at the boundary
         return project(torch.as_tensor(adv, device=x.device).to(x.dtype), x.detach(), spec.eps, spec.norm)

@@ -131,6 +131,15 @@ def test_corrupt_and_incompatible_checkpoints(tmp_path):
     truncated.write_bytes(original[: len(original) // 2])
     out = run(["test", *FAST, "--ckpt_path", str(truncated)], cwd=tmp_path, check=False)
     assert out.returncode != 0 and "is unreadable" in out.stderr.strip().splitlines()[-1]
+    # a checkpoint whose weights do not fit the model its hyperparameters describe
+    state = torch.load(ckpt, weights_only=False)
+    key = next(k for k in state["state_dict"] if k.endswith("bias"))
+    state["state_dict"][key] = torch.zeros(3)
+    bad = tmp_path / "bad.ckpt"
+    torch.save(state, bad)
+    out = run(["fit", *FAST, "--ckpt_path", str(bad)], cwd=tmp_path, check=False)
+    last = out.stderr.strip().splitlines()[-1]
+    assert out.returncode != 0 and f"does not fit this config: {key} is (3,)" in last
     assert ckpt.read_bytes() == original
 
 

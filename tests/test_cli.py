@@ -60,6 +60,8 @@ def test_every_config_parses_and_instantiates(path, tmp_path, monkeypatch):
             args += ["--trainer.precision", "32-true", "--trainer.devices", "1"]
     else:
         args = ["--config", str(CONF / path)]
+        if "imagenet" in path:
+            args += ["--data.init_args.root", str(tmp_path)]
     cli = _instantiate(args)
     assert cli.model.hparams.num_classes == cli.datamodule.num_classes
     assert tuple(cli.model.hparams.image_shape) == tuple(cli.datamodule.image_shape)

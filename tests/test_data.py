@@ -100,3 +100,34 @@ def test_shared_cifar10_jpeg_if_present():
     assert dm.num_classes == 10
     dm.setup()
     assert len(dm.test_set) == 10_000
+
+
+@pytest.mark.parametrize("kind", ["digits", "cifar10", "cifar100", "svhn", "folder", "imagenet"])
+def test_fast_dev_run_on_every_datamodule(kind, tmp_path):
+    import lightning as L
+
+    from sepnet.module import ImageClassifier
+
+    common = dict(batch_size=4, num_workers=0, pin_memory=False)
+    if kind == "digits":
+        dm = DigitsDataModule(batch_size=4)
+    elif kind == "cifar10":
+        dm = CIFAR10DataModule(root=str(write_cifar10(tmp_path)), download=False, verify=False, **common)
+    elif kind == "cifar100":
+        dm = CIFAR100DataModule(root=str(write_cifar100(tmp_path)), download=False, verify=False, **common)
+    elif kind == "svhn":
+        dm = SVHNDataModule(root=str(write_svhn(tmp_path)), download=False, verify=False, **common)
+    elif kind == "folder":
+        dm = ImageFolderDataModule(root=str(write_image_folder(tmp_path / "f", per_class=3)), **common)
+    else:
+        write_image_folder(tmp_path / "imagenet", classes=("n01", "n02"), per_class=3, size=40)
+        (tmp_path / "imagenet" / "test").rename(tmp_path / "imagenet" / "val")
+        dm = ImageNetDataModule(root=str(tmp_path), image_size=32, val_fraction=0.3, **common)
+    model = ImageClassifier(num_classes=dm.num_classes, image_shape=dm.image_shape, mean=dm.mean,
+                            std=dm.std, backbone="mlp", backbone_kwargs={"hidden_shapes": [[2, 4, 4]]},
+                            adv_training="fgsm", val_attacks=[{"steps": 1}], robust_batches=1)
+    trainer = L.Trainer(fast_dev_run=True, accelerator="cpu", inference_mode=False, logger=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(model, dm)
+    trainer.test(model, dm)
+    assert 0 <= trainer.callback_metrics["test/acc"] <= 1

@@ -135,3 +135,29 @@ def test_load_from_checkpoint_without_arguments(tmp_path):
     model.eval(), loaded.eval()
     torch.testing.assert_close(model(x), loaded(x))
     assert isinstance(loaded.net.backbone[0], SeparableLinear)
+
+
+def test_bf16_autocast_training_with_adversarial_examples():
+    torch.manual_seed(0)
+    model = ImageClassifier(**CASES["vgg-separable"], adv_training="pgd", adv_steps=2,
+                            condition_weight=1e-3, val_attacks=PGD_FAST, robust_batches=1)
+    trainer = _fit(model, precision="bf16-mixed", accumulate_grad_batches=2)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_interrupted_checkpoint_write_leaves_the_old_file(tmp_path, monkeypatch):
+    model = ImageClassifier(backbone="mlp", backbone_kwargs={"hidden_shapes": [[4, 4, 8]]})
+    trainer = L.Trainer(logger=False, accelerator="cpu", enable_progress_bar=False)
+    trainer.strategy.connect(model)
+    path = tmp_path / "last.ckpt"
+    trainer.save_checkpoint(path)
+    original = path.read_bytes()
+
+    def broken_save(obj, f, *args, **kwargs):
+        f.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        trainer.save_checkpoint(path)
+    assert path.read_bytes() == original

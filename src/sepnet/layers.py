@@ -93,8 +93,10 @@ def _mode_product(x: Tensor, factor: Tensor, mode: int) -> Tensor:
         return (x.reshape(pre, dims[mode]) @ factor.mT).reshape(out_dims)
     if pre == 1:  # first mode of a single sample: one GEMM over all columns
         return (factor @ x.reshape(dims[mode], post)).reshape(out_dims)
-    y = _BatchedModeProduct.apply(factor, x.reshape(pre, dims[mode], post))
-    return y.reshape(out_dims)
+    x3 = x.reshape(pre, dims[mode], post)
+    if torch.jit.is_tracing() or not (torch.is_grad_enabled() and (x.requires_grad or factor.requires_grad)):
+        return torch.matmul(factor, x3).reshape(out_dims)  # same forward; traceable for export
+    return _BatchedModeProduct.apply(factor, x3).reshape(out_dims)
 
 
 # --------------------------------------------------------------------------- the layer

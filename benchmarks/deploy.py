@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.nn.utils import prune
 
-from sepnet.constraints import parameter_counts
+from sepnet.constraints import fc_parameter_counts, parameter_counts
 from sepnet.export import sparse_state_dict, to_torchscript
 from sepnet.module import ImageClassifier
 
@@ -53,9 +53,7 @@ def prune_fc(net: nn.Module, keep: int) -> None:
 
 
 def fc_nonzero(net: nn.Module) -> int:
-    from sepnet.layers import SeparableLinear
-    return sum(int(p.count_nonzero()) for m in net.modules() if isinstance(m, (nn.Linear, SeparableLinear))
-               for p in m.parameters(recurse=False))
+    return fc_parameter_counts(net).nonzero
 
 
 def main() -> None:

@@ -10,6 +10,7 @@ from sepnet.constraints import (
     condition_number,
     condition_penalty,
     constraint_penalties,
+    fc_parameter_counts,
     layer_condition_number,
     parameter_counts,
     proximal_step_,
@@ -195,6 +196,8 @@ def test_parameter_counts_whole_model():
     assert counts.dense == conv_bn + 16 * 8 + 8
     assert counts.nonzero == counts.stored - 4 - int((model[1].bias == 0).sum())
     assert counts.compression == pytest.approx(counts.dense / counts.stored)
+    fc = fc_parameter_counts(model)
+    assert (fc.stored, fc.dense) == (2 * 4 + 2 * 2 + 2 * 2 + 8, 16 * 8 + 8)
 
 
 def test_constraint_penalties_sum_over_layers():

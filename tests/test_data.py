@@ -67,6 +67,10 @@ def test_image_folder(tmp_path):
     root = write_image_folder(tmp_path / "f", per_class=4)
     dm = ImageFolderDataModule(root=str(root), batch_size=4, num_workers=0, pin_memory=False)
     _check(dm, 3, (3, 32, 32))
+    # the test set is stored sorted by class; its fixed shuffle makes any prefix a mixed sample
+    first = [dm.test_set[i][1] for i in range(6)]
+    assert len(set(first)) > 1
+    assert [dm.test_set[i][1] for i in range(6)] == first
     big = ImageFolderDataModule(root=str(root), batch_size=4, num_workers=0, image_size=48)
     _check(big, 3, (3, 48, 48))
 

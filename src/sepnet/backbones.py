@@ -7,6 +7,7 @@ Looked up by name in `BACKBONES`.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -30,15 +31,21 @@ class Backbone:
 
 # --------------------------------------------------------------------------- MLP
 def mlp(image_shape: Sequence[int], hidden_shapes: Sequence[Sequence[int]] = ((8, 16, 16), (8, 16, 16)),
-        rank: int = 1, dropout: float = 0.0) -> Backbone:
-    """MLP whose layers are all separable: (C, H, W) in, never flattened."""
+        rank: int = 1, dropout: float = 0.0, dense: bool = False) -> Backbone:
+    """MLP whose layers are all separable: (C, H, W) in, never flattened. `dense=True` builds the
+    dense baseline with the same widths (flatten, nn.Linear, unflatten to the hidden shape)."""
     layers: list[nn.Module] = []
     shape = tuple(image_shape)
     for out in hidden_shapes:
-        layers += [SeparableLinear(shape, tuple(out), rank), nn.ReLU(inplace=True), nn.Dropout(dropout)]
-        shape = tuple(out)
-    return Backbone(nn.Sequential(*layers), shape,
-                    {"separable": {"separable_classifier": True, "rank": rank}})
+        out = tuple(out)
+        if dense:
+            layer = nn.Sequential(nn.Flatten(), nn.Linear(math.prod(shape), math.prod(out)), nn.Unflatten(1, out))
+        else:
+            layer = SeparableLinear(shape, out, rank)
+        layers += [layer, nn.ReLU(inplace=True), nn.Dropout(dropout)]
+        shape = out
+    head = {"separable": {"separable_classifier": True, "rank": rank}}
+    return Backbone(nn.Sequential(*layers), shape, head)
 
 
 # --------------------------------------------------------------------------- VGG-16

@@ -31,6 +31,7 @@ __all__ = [
     "sparsity",
     "parameter_counts",
     "ParameterCounts",
+    "fc_parameter_counts",
     "condition_penalty",
     "sparsity_penalty",
     "constraint_penalties",
@@ -159,6 +160,13 @@ def parameter_counts(module: nn.Module) -> ParameterCounts:
                 nonzero += int(p.count_nonzero())
                 dense += p.numel()
     return ParameterCounts(stored, nonzero, dense)
+
+
+def fc_parameter_counts(module: nn.Module) -> ParameterCounts:
+    """Counts over the fully-connected part only: every nn.Linear and SeparableLinear."""
+    parts = [parameter_counts(m) for m in module.modules() if isinstance(m, (nn.Linear, SeparableLinear))]
+    return ParameterCounts(sum(c.stored for c in parts), sum(c.nonzero for c in parts),
+                           sum(c.dense for c in parts))
 
 
 # --------------------------------------------------------------------------- regularizers

@@ -68,7 +68,11 @@ class VisionDataModule(L.LightningDataModule):
         order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed)).tolist()
         self.train_set = Subset(train_aug, order[n_val:])
         self.val_set = Subset(train_eval, order[:n_val])
-        self.test_set = test
+        # a fixed shuffle of the test set: metrics over the whole set are unchanged, and the
+        # first batches (attacked subsets, honesty checks) are a random sample, not one class
+        # (class-folder datasets are stored sorted by class)
+        test_order = torch.randperm(len(test), generator=torch.Generator().manual_seed(self.seed + 2))
+        self.test_set = Subset(test, test_order.tolist())
 
     def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
         return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle,

@@ -110,7 +110,8 @@ class ImageClassifier(L.LightningModule):
         robust_batches: validation batches attacked (the first ones of the unshuffled loader,
             so the same images every time); None attacks all of them.
         robust_every_n_epochs: attack at validation every this many epochs.
-        robust_test_batches: test batches attacked by `run.py test`; None attacks all.
+        robust_test_batches: test batches attacked by `run.py test` (the datamodules shuffle
+            the test set once with a fixed seed, so these are a random, fixed sample); None: all.
     """
 
     def __init__(

@@ -1,0 +1,254 @@
+"""CPU study on real images: dense vs separable vs magnitude pruning, with ablations.
+
+    python benchmarks/reproduce.py --family mlp                 # run every variant of a family
+    python benchmarks/reproduce.py --family vgg --only sep_a     # one variant
+    python benchmarks/reproduce.py --report                      # table + plots from the results
+
+Data: ../shared/data/cifar10-jpeg (20k train, 10k test) through ImageFolderDataModule.
+Training: the application's ImageClassifier on Lightning, fast-FGSM adversarial training with
+random start (Linf 8/255, step 10/255; "fast is better than free", chosen for the CPU budget),
+cosine schedule; SGD for the VGG family, AdamW for the MLP family. Each run appends one record to benchmarks/results/reproduce.jsonl, so a study can
+be spread over several sessions. Evaluation: clean accuracy on the 10k test images, PGD-20 Linf
+8/255 (step 2/255) on a fixed subset, and a reduced AutoAttack (APGD-CE, APGD-DLR, Square; see
+EVAL) on a fixed 1,000-image subset. The pruning baseline starts from the family's dense run,
+prunes the FC weights by global magnitude to the non-zero count of the separable `sep_b` model,
+and is adversarially fine-tuned.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch import nn
+from torch.nn.utils import prune
+
+from sepnet.attacks import AttackSpec
+from sepnet.constraints import fc_parameter_counts, layer_condition_number, parameter_counts, separable_layers
+from sepnet.data import ImageFolderDataModule
+from sepnet.module import ImageClassifier
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results" / "reproduce.jsonl"
+DATA = HERE.parents[1] / "shared" / "data" / "cifar10-jpeg"
+CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+EPS = 8 / 255
+CONSTRAINT = dict(condition_weight=1e-3, sparsity_weight=1e-4, proximal=True)
+
+MLP = dict(backbone="mlp", backbone_kwargs={"hidden_shapes": [[8, 16, 16], [8, 16, 16]]})
+VGG = dict(backbone="vgg16", backbone_kwargs={"width": 0.25})
+VGG_HEAD = {"hidden_shapes": [[8, 4, 4], [8, 4, 4]]}
+FAMILIES = {
+    "mlp": {
+        "dense": dict(backbone="mlp", backbone_kwargs={**MLP["backbone_kwargs"], "dense": True}, head="dense"),
+        "sep_a": dict(MLP, head="separable", backbone_kwargs={**MLP["backbone_kwargs"], "rank": 64}, **CONSTRAINT),
+        "sep_b": dict(MLP, head="separable", backbone_kwargs={**MLP["backbone_kwargs"], "rank": 8}, **CONSTRAINT),
+        "sep_c": dict(MLP, head="separable", backbone_kwargs={**MLP["backbone_kwargs"], "rank": 1}, **CONSTRAINT),
+    },
+    "vgg": {
+        "dense": dict(VGG, head="dense"),
+        "sep_a": dict(VGG, head="separable", head_kwargs={**VGG_HEAD, "rank": 8, "separable_classifier": True}, **CONSTRAINT),
+        "sep_b": dict(VGG, head="separable", head_kwargs={**VGG_HEAD, "rank": 1}, **CONSTRAINT),
+        "sep_c": dict(VGG, head="separable", head_kwargs={**VGG_HEAD, "rank": 1, "separable_classifier": True}, **CONSTRAINT),
+    },
+}
+for family in FAMILIES.values():  # ablations at the middle level
+    base = {k: v for k, v in family["sep_b"].items() if k not in CONSTRAINT}
+    family["sep_b_none"] = dict(base)
+    family["sep_b_sparsity"] = dict(base, sparsity_weight=1e-4, proximal=True)
+    family["sep_b_cond"] = dict(base, condition_weight=1e-3)
+    family["pruned"] = "prune dense to the FC non-zero count of sep_b"
+
+EVAL = {
+    "pgd20": AttackSpec(name="pgd", eps=EPS, step_size=2 / 255, steps=20),
+    # reduced AutoAttack for the CPU: APGD-CE and APGD-DLR (100 steps, 1 restart), Square 1000 queries
+    "aa_apgd_ce": AttackSpec(name="apgd_ce", eps=EPS, step_size=2 / 255, steps=100),
+    "aa_apgd_dlr": AttackSpec(name="apgd_dlr", eps=EPS, step_size=2 / 255, steps=100),
+    "aa_square": AttackSpec(name="square", eps=EPS, step_size=2 / 255, steps=1000),
+}
+
+
+class KappaHistory(L.Callback):
+    """Mean log10 kappa of the separable layers after every epoch."""
+
+    def __init__(self) -> None:
+        self.history: list[float] = []
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        kappas = [layer_condition_number(layer).value for _, layer in separable_layers(pl_module)]
+        finite = [math.log10(k) for k in kappas if math.isfinite(k)]
+        if finite:
+            self.history.append(sum(finite) / len(finite))
+
+
+def datamodule(batch_size: int) -> ImageFolderDataModule:
+    return ImageFolderDataModule(root=str(DATA), batch_size=batch_size, num_workers=2, pin_memory=False,
+                                 mean=CIFAR_MEAN, std=CIFAR_STD, val_fraction=0.05)
+
+
+def train(model: ImageClassifier, epochs: int, batch_size: int) -> tuple[float, list[float]]:
+    kappa = KappaHistory()
+    trainer = L.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, inference_mode=False,
+                        limit_val_batches=0, num_sanity_val_steps=0, callbacks=[kappa])
+    start = time.perf_counter()
+    trainer.fit(model, datamodule(batch_size))
+    return time.perf_counter() - start, kappa.history
+
+
+def evaluate(net: nn.Module, attacker, pgd_images: int, aa_images: int) -> dict:
+    dm = datamodule(500)
+    dm.setup()
+    net.eval()
+    correct = total = 0
+    xs, ys = [], []  # the test loader's fixed shuffle makes its prefix a random sample
+    with torch.no_grad():
+        for x, y in dm.test_dataloader():
+            correct += int((net(x).argmax(1) == y).sum())
+            total += len(y)
+            if sum(len(t) for t in ys) < max(pgd_images, aa_images):
+                xs.append(x), ys.append(y)
+    x, y = torch.cat(xs), torch.cat(ys)
+    out = {"clean_acc": correct / total}
+
+    def robust(spec, n, alive=None):
+        adv = torch.cat([attacker.generate(x[i:i + 250], y[i:i + 250], spec) for i in range(0, n, 250)])
+        with torch.no_grad():
+            hit = net(adv).argmax(1) == y[:n]
+        return hit if alive is None else hit & alive
+
+    out["pgd20_acc"] = robust(EVAL["pgd20"], pgd_images).float().mean().item()
+    alive = None
+    for key in ("aa_apgd_ce", "aa_apgd_dlr", "aa_square"):  # a sample counts if it survives all
+        alive = robust(EVAL[key], aa_images, alive)
+    out["autoattack_acc"] = alive.float().mean().item()
+    return out
+
+
+def prune_from_dense(family: str, dense_state: dict, keep: int) -> ImageClassifier:
+    model = ImageClassifier(**FAMILIES[family]["dense"], **common_kwargs(family))
+    model.net.load_state_dict(dense_state)
+    linears = [(m, "weight") for m in model.net.modules() if isinstance(m, nn.Linear)]
+    biases = sum(m.bias.numel() for m, _ in linears if m.bias is not None)
+    total = sum(m.weight.numel() for m, _ in linears)
+    prune.global_unstructured(linears, pruning_method=prune.L1Unstructured,
+                              amount=max(0, total - max(keep - biases, len(linears))))
+    return model  # the masks stay during fine-tuning; removed before measuring
+
+
+OPTIMIZERS = {  # the separable MLP does not train with SGD at 0.05 (chance after an epoch)
+    "mlp": dict(optimizer="adamw", lr=1e-3, weight_decay=0.0),
+    "vgg": dict(optimizer="sgd", lr=0.05, momentum=0.9, weight_decay=5e-4),
+}
+
+
+def common_kwargs(family: str) -> dict:
+    return dict(num_classes=10, image_shape=(3, 32, 32), mean=CIFAR_MEAN, std=CIFAR_STD,
+                scheduler="cosine", adv_training="fgsm", adv_eps=EPS, adv_step_size=10 / 255,
+                robust_batches=0, **OPTIMIZERS[family])
+
+
+def run(family: str, variant: str, args) -> dict:
+    torch.manual_seed(0)
+    spec = FAMILIES[family][variant]
+    dense_path = Path(args.results).with_name(f"{family}_dense.pt")
+    if variant == "pruned":
+        ref = ImageClassifier(**FAMILIES[family]["sep_b"], **common_kwargs(family))
+        keep = fc_parameter_counts(ref.net).stored
+        model = prune_from_dense(family, torch.load(dense_path), keep)
+        epochs = max(1, args.epochs // 3)
+    else:
+        model = ImageClassifier(**spec, **common_kwargs(family))
+        epochs = args.epochs
+    seconds, kappa = train(model, epochs, args.batch)
+    if variant == "pruned":
+        for m in model.net.modules():
+            if isinstance(m, nn.Linear) and prune.is_pruned(m):
+                prune.remove(m, "weight")
+    if variant == "dense":
+        dense_path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(model.net.state_dict(), dense_path)
+    whole, fc = parameter_counts(model.net), fc_parameter_counts(model.net)
+    layer_kappa = [layer_condition_number(l).value for _, l in separable_layers(model.net)]
+    record = {
+        "family": family, "variant": variant, "epochs": epochs, "train_seconds": seconds,
+        "params_stored": whole.stored, "params_nonzero": whole.nonzero, "params_dense": whole.dense,
+        "fc_stored": fc.stored, "fc_nonzero": fc.nonzero, "fc_dense": fc.dense,
+        "fc_compression": fc.dense / max(fc.nonzero, 1),
+        "final_layer_kappa": layer_kappa, "log10_kappa_per_epoch": kappa,
+        **evaluate(model.net, model.attacker, args.pgd_images, args.aa_images),
+    }
+    results = Path(args.results)
+    results.parent.mkdir(parents=True, exist_ok=True)
+    with results.open("a") as f:
+        f.write(json.dumps(record) + "\n")
+    print(json.dumps(record))
+    return record
+
+
+def report(results: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = {}
+    for line in results.read_text().splitlines():
+        r = json.loads(line)
+        records[(r["family"], r["variant"])] = r  # the latest run of each variant wins
+    print("| family | variant | epochs | FC non-zero | FC compression | model non-zero | clean | PGD-20 | AutoAttack (reduced) | train min | final layer kappa |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for (family, variant), r in sorted(records.items()):
+        kappa = ", ".join(f"{k:.3g}" for k in r["final_layer_kappa"]) or "-"
+        print(f"| {family} | {variant} | {r['epochs']} | {r['fc_nonzero']:,} | {r['fc_compression']:.1f}x | "
+              f"{r['params_nonzero']:,} | {r['clean_acc']:.3f} | {r['pgd20_acc']:.3f} | {r['autoattack_acc']:.3f} | "
+              f"{r['train_seconds'] / 60:.1f} | {kappa} |")
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for family, marker in (("mlp", "o"), ("vgg", "s")):
+        pts = [(r["fc_nonzero"], r["pgd20_acc"], v) for (f, v), r in records.items() if f == family]
+        for n, acc, v in pts:
+            axes[0].scatter(n, acc, marker=marker, label=f"{family} {v}")
+        for (f, v), r in records.items():
+            if f == family and r["log10_kappa_per_epoch"]:
+                axes[1].plot(r["log10_kappa_per_epoch"], marker=marker, label=f"{family} {v}")
+    axes[0].set(xscale="log", xlabel="FC non-zero parameters", ylabel="PGD-20 accuracy (Linf 8/255)",
+                title="Parameters vs robust accuracy")
+    axes[1].set(xlabel="epoch", ylabel="mean log10 kappa of separable layers", title="Condition numbers")
+    for ax in axes:
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(HERE.parent / "reproduce.png", dpi=120)
+    print(f"plot: {HERE.parent / 'reproduce.png'}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--family", choices=sorted(FAMILIES))
+    parser.add_argument("--only", nargs="*", help="variants to run (default: all of the family)")
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--pgd-images", type=int, default=2000)
+    parser.add_argument("--aa-images", type=int, default=1000)
+    parser.add_argument("--report", action="store_true")
+    parser.add_argument("--results", default=str(RESULTS), help="JSON-lines file the runs append to")
+    args = parser.parse_args()
+    if args.report:
+        report(Path(args.results))
+        return
+    if args.family is None:
+        parser.error("--family is required unless --report")
+    variants = args.only or list(FAMILIES[args.family])
+    unknown = set(variants) - set(FAMILIES[args.family])
+    if unknown:
+        parser.error(f"unknown variants {sorted(unknown)}; expected some of {sorted(FAMILIES[args.family])}")
+    for variant in variants:
+        run(args.family, variant, args)
+
+
+if __name__ == "__main__":
+    main()

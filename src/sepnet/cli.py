@@ -39,14 +39,19 @@ class SepnetCLI(LightningCLI):
         ckpt = (self.config.get(subcommand) or {}).get("ckpt_path") if subcommand else None
         if ckpt in (None, "last", "best", "hpc", "registry"):
             return None
+        cached = getattr(self, "_checkpoint_state", None)
+        if cached is not None and cached[0] == ckpt:  # read once, checked twice
+            return cached[1]
         path = Path(ckpt)
         if not path.is_file():
             raise FileNotFoundError(f"checkpoint {ckpt} does not exist: expected a .ckpt file")
         try:
-            return torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+            state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
         except Exception as err:  # truncated file, not a checkpoint, ...
             raise ValueError(f"checkpoint {ckpt} is unreadable ({type(err).__name__}): expected a "
                              "complete Lightning .ckpt file") from None
+        self._checkpoint_state = (ckpt, state)
+        return state
 
     def _parse_ckpt_path(self) -> None:
         # LightningCLI reads the checkpoint's hyperparameters here, before any hook: check first
@@ -56,6 +61,7 @@ class SepnetCLI(LightningCLI):
     def _check_checkpoint(self) -> None:
         """An incompatible checkpoint is a one-line error before Lightning loads it."""
         state = self._read_checkpoint_state()
+        self._checkpoint_state = None  # Lightning loads it next; do not keep a second copy
         if state is None:
             return
         ckpt = self.config[self.config["subcommand"]].get("ckpt_path")

@@ -46,7 +46,7 @@ VGG_HEAD = {"hidden_shapes": [[8, 4, 4], [8, 4, 4]]}
 FAMILIES = {
     "mlp": {
         "dense": dict(backbone="mlp", backbone_kwargs={**MLP["backbone_kwargs"], "dense": True}, head="dense"),
-        "sep_a": dict(MLP, head="separable", backbone_kwargs={**MLP["backbone_kwargs"], "rank": 64}, **CONSTRAINT),
+        "sep_a": dict(MLP, head="separable", backbone_kwargs={**MLP["backbone_kwargs"], "rank": 16}, **CONSTRAINT),
         "sep_b": dict(MLP, head="separable", backbone_kwargs={**MLP["backbone_kwargs"], "rank": 8}, **CONSTRAINT),
         "sep_c": dict(MLP, head="separable", backbone_kwargs={**MLP["backbone_kwargs"], "rank": 1}, **CONSTRAINT),
     },

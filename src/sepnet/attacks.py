@@ -70,7 +70,7 @@ class AttackSpec:
     @property
     def label(self) -> str:
         """Metric name: val/robust_acc/<label>."""
-        return f"{self.name}_{self.norm}" if self.name not in ("cw_linf",) else self.name
+        return self.name if self.name == "cw_linf" else f"{self.name}_{self.norm}"
 
     def replace(self, **changes) -> "AttackSpec":
         return AttackSpec(**{**asdict(self), **changes})

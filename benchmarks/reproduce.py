@@ -10,9 +10,10 @@ random start (Linf 8/255, step 10/255; "fast is better than free", chosen for th
 cosine schedule; SGD for the VGG family, AdamW for the MLP family. Each run appends one record to benchmarks/results/reproduce.jsonl, so a study can
 be spread over several sessions. Evaluation: clean accuracy on the 10k test images, PGD-20 Linf
 8/255 (step 2/255) on a fixed subset, and a reduced AutoAttack (APGD-CE, APGD-DLR, Square; see
-EVAL) on a fixed 1,000-image subset. The pruning baseline starts from the family's dense run,
-prunes the FC weights by global magnitude to the non-zero count of the separable `sep_b` model,
-and is adversarially fine-tuned.
+EVAL) on a fixed 1,000-image subset. The pruning baselines start from the family's dense run,
+prune each FC layer by weight magnitude to the parameter count of the matching layer of the
+separable `sep_a`, `sep_b` or `sep_c` model, and are adversarially fine-tuned for as many epochs
+as the others are trained.
 """
 
 from __future__ import annotations
@@ -66,7 +67,8 @@ for family in FAMILIES.values():  # ablations at the middle level
     family["sep_b_none"] = dict(base)
     family["sep_b_sparsity"] = dict(base, sparsity_weight=1e-4, proximal=True)
     family["sep_b_cond"] = dict(base, condition_weight=1e-3)
-    family["pruned"] = "prune dense to the FC non-zero count of sep_b"
+    for level in "abc":  # pruning baselines at each separable level's budget
+        family[f"pruned_{level}"] = f"prune dense layer by layer to the budgets of sep_{level}"
 
 EVAL = {
     "pgd20": AttackSpec(name="pgd", eps=EPS, step_size=2 / 255, steps=20),
@@ -77,17 +79,35 @@ EVAL = {
 }
 
 
+def exact_kappa(layer) -> float:
+    """Exact kappa of a separable layer over its structural rank. Rank-1 layers and dense
+    matrices up to 4M entries go through layer_condition_number; larger rank > 1 layers (the
+    MLP's 2048x3072) through the eigenvalues of the float64 Gram matrix, 7x faster than their
+    SVD on 2 cores and exact to float64 precision for kappa up to ~1e7."""
+    result = layer_condition_number(layer)
+    if not result.is_bound:
+        return result.value
+    w = layer.dense_weight().detach().double()
+    gram = w @ w.T if w.shape[0] <= w.shape[1] else w.T @ w
+    s = torch.linalg.eigvalsh(gram).clamp_min(0).sqrt().flip(0)
+    structural = min(s.numel(), layer.rank * math.prod(min(o, i) for o, i in zip(layer.out_shape, layer.in_shape)))
+    s = s[:structural]
+    return math.inf if s[-1] <= s[0] * 1e-15 else float(s[0] / s[-1])
+
+
 class KappaHistory(L.Callback):
     """Mean log10 kappa of the separable layers (exact values) after every epoch."""
 
     def __init__(self) -> None:
         self.history: list[float] = []
+        self.per_layer: list[list[float]] = []  # log10 kappa of every layer (inf: singular)
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
-        # exact values only: the labelled Weyl bound of large rank > 1 layers jumps between
-        # finite and vacuous and would make the curve meaningless
-        kappas = [layer_condition_number(layer) for _, layer in separable_layers(pl_module)]
-        finite = [math.log10(k.value) for k in kappas if not k.is_bound and math.isfinite(k.value)]
+        # exact values only: the Weyl bound of large rank > 1 layers jumps between finite and
+        # vacuous and would make the curve meaningless
+        kappas = [exact_kappa(layer) for _, layer in separable_layers(pl_module)]
+        finite = [math.log10(k) for k in kappas if math.isfinite(k)]
+        self.per_layer.append([math.log10(k) for k in kappas])
         if finite:
             self.history.append(sum(finite) / len(finite))
 
@@ -97,14 +117,14 @@ def datamodule(batch_size: int) -> ImageFolderDataModule:
                                  mean=CIFAR_MEAN, std=CIFAR_STD, val_fraction=0.05)
 
 
-def train(model: ImageClassifier, epochs: int, batch_size: int) -> tuple[float, list[float]]:
+def train(model: ImageClassifier, epochs: int, batch_size: int) -> tuple[float, KappaHistory]:
     kappa = KappaHistory()
     trainer = L.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, inference_mode=False,
                         limit_val_batches=0, num_sanity_val_steps=0, callbacks=[kappa])
     start = time.perf_counter()
     trainer.fit(model, datamodule(batch_size))
-    return time.perf_counter() - start, kappa.history
+    return time.perf_counter() - start, kappa
 
 
 def evaluate(net: nn.Module, attacker, pgd_images: int, aa_images: int) -> dict:
@@ -136,14 +156,21 @@ def evaluate(net: nn.Module, attacker, pgd_images: int, aa_images: int) -> dict:
     return out
 
 
-def prune_from_dense(family: str, dense_state: dict, keep: int) -> ImageClassifier:
+def prune_from_dense(family: str, dense_state: dict, reference: nn.Module) -> ImageClassifier:
+    """The family's dense model, pruned by weight magnitude layer by layer so that each of its
+    Linear layers keeps as many non-zero parameters (weights and bias) as the matching layer of
+    the separable `reference` stores. Global magnitude pruning was tried first and removed the
+    whole classifier at 582x (its weights are smaller than the hidden layers'), a broken baseline."""
     model = ImageClassifier(**FAMILIES[family]["dense"], **common_kwargs(family))
     model.net.load_state_dict(dense_state)
-    linears = [(m, "weight") for m in model.net.modules() if isinstance(m, nn.Linear)]
-    biases = sum(m.bias.numel() for m, _ in linears if m.bias is not None)
-    total = sum(m.weight.numel() for m, _ in linears)
-    prune.global_unstructured(linears, pruning_method=prune.L1Unstructured,
-                              amount=max(0, total - max(keep - biases, len(linears))))
+    linears = [m for m in model.net.modules() if isinstance(m, nn.Linear)]
+    budgets = [sum(p.numel() for p in layer.parameters()) for _, layer in separable_layers(reference)]
+    if len(budgets) != len(linears):
+        raise ValueError(f"{family}: {len(linears)} dense Linear layers but {len(budgets)} separable layers")
+    for m, budget in zip(linears, budgets):
+        bias = m.bias.numel() if m.bias is not None else 0
+        keep = min(m.weight.numel(), max(budget - bias, m.out_features))
+        prune.l1_unstructured(m, "weight", amount=m.weight.numel() - keep)
     return model  # the masks stay during fine-tuning; removed before measuring
 
 
@@ -163,16 +190,16 @@ def run(family: str, variant: str, args) -> dict:
     torch.manual_seed(0)
     spec = FAMILIES[family][variant]
     dense_path = Path(args.results).with_name(f"{family}_dense.pt")
-    if variant == "pruned":
-        ref = ImageClassifier(**FAMILIES[family]["sep_b"], **common_kwargs(family))
-        keep = fc_parameter_counts(ref.net).stored
-        model = prune_from_dense(family, torch.load(dense_path), keep)
-        epochs = max(1, args.epochs // 3)
+    if variant.startswith("pruned_"):
+        ref = ImageClassifier(**FAMILIES[family][f"sep_{variant[-1]}"], **common_kwargs(family))
+        if not dense_path.is_file():
+            raise FileNotFoundError(f"{dense_path}: no dense {family} weights; run --only dense first")
+        model = prune_from_dense(family, torch.load(dense_path), ref.net)
     else:
         model = ImageClassifier(**spec, **common_kwargs(family))
-        epochs = args.epochs
+    epochs = args.epochs  # pruned models are fine-tuned as long as the others are trained
     seconds, kappa = train(model, epochs, args.batch)
-    if variant == "pruned":
+    if variant.startswith("pruned_"):
         for m in model.net.modules():
             if isinstance(m, nn.Linear) and prune.is_pruned(m):
                 prune.remove(m, "weight")
@@ -180,13 +207,14 @@ def run(family: str, variant: str, args) -> dict:
         dense_path.parent.mkdir(parents=True, exist_ok=True)
         torch.save(model.net.state_dict(), dense_path)
     whole, fc = parameter_counts(model.net), fc_parameter_counts(model.net)
-    layer_kappa = [layer_condition_number(l).value for _, l in separable_layers(model.net)]
+    layer_kappa = [exact_kappa(layer) for _, layer in separable_layers(model.net)]
     record = {
         "family": family, "variant": variant, "epochs": epochs, "train_seconds": seconds,
         "params_stored": whole.stored, "params_nonzero": whole.nonzero, "params_dense": whole.dense,
         "fc_stored": fc.stored, "fc_nonzero": fc.nonzero, "fc_dense": fc.dense,
         "fc_compression": fc.dense / max(fc.nonzero, 1),
-        "final_layer_kappa": layer_kappa, "log10_kappa_per_epoch": kappa,
+        "final_layer_kappa": layer_kappa, "log10_kappa_per_epoch": kappa.history,
+        "log10_kappa_layers_per_epoch": kappa.per_layer,
         **evaluate(model.net, model.attacker, args.pgd_images, args.aa_images),
     }
     results = Path(args.results)
@@ -214,17 +242,32 @@ def report(results: Path) -> None:
         print(f"| {family} | {variant} | {r['epochs']} | {r['fc_nonzero']:,} | {r['fc_compression']:.1f}x | "
               f"{r['params_nonzero']:,} | {r['clean_acc']:.3f} | {r['pgd20_acc']:.3f} | {r['autoattack_acc']:.3f} | "
               f"{r['train_seconds'] / 60:.1f} | {kappa} |")
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for family, marker in (("mlp", "o"), ("vgg", "s")):
-        pts = [(r["fc_nonzero"], r["pgd20_acc"], v) for (f, v), r in records.items() if f == family]
-        for n, acc, v in pts:
-            axes[0].scatter(n, acc, marker=marker, label=f"{family} {v}")
-        for (f, v), r in records.items():
-            if f == family and r["log10_kappa_per_epoch"]:
-                axes[1].plot(r["log10_kappa_per_epoch"], marker=marker, label=f"{family} {v}")
-    axes[0].set(xscale="log", xlabel="FC non-zero parameters", ylabel="PGD-20 accuracy (Linf 8/255)",
-                title="Parameters vs robust accuracy")
-    axes[1].set(xlabel="epoch", ylabel="mean log10 kappa of separable layers", title="Condition numbers")
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    colors = {"mlp": "tab:blue", "vgg": "tab:red"}
+    for family, color in colors.items():
+        fam = {v: r for (f, v), r in records.items() if f == family}
+        for ax, key in ((axes[0], "pgd20_acc"), (axes[1], "autoattack_acc")):
+            for prefix, style, name in (("sep_", "-o", "separable"), ("pruned_", "--x", "magnitude pruning")):
+                pts = sorted((fam[f"{prefix}{lv}"]["fc_nonzero"], fam[f"{prefix}{lv}"][key])
+                             for lv in "abc" if f"{prefix}{lv}" in fam)
+                if pts:
+                    ax.plot(*zip(*pts), style, color=color, label=f"{family} {name}")
+            if "dense" in fam:
+                ax.scatter(fam["dense"]["fc_nonzero"], fam["dense"][key], marker="*", s=120, color=color,
+                           label=f"{family} dense")
+            for v, marker in (("sep_b_none", "v"), ("sep_b_sparsity", "^"), ("sep_b_cond", "D")):
+                if v in fam:
+                    ax.scatter(fam[v]["fc_nonzero"], fam[v][key], marker=marker, color=color, alpha=0.6,
+                               label=f"{family} {v}")
+        for v, r in sorted(fam.items()):
+            if r["log10_kappa_per_epoch"] and not v.startswith("pruned_"):
+                axes[2].plot(range(1, len(r["log10_kappa_per_epoch"]) + 1), r["log10_kappa_per_epoch"],
+                             marker=".", color=color, alpha=0.4 + 0.6 * (v == "sep_b"), label=f"{family} {v}")
+    for ax, name in ((axes[0], "PGD-20"), (axes[1], "reduced AutoAttack")):
+        ax.set(xscale="log", xlabel="FC non-zero parameters", ylabel=f"{name} accuracy (Linf 8/255)",
+               title=f"FC parameters vs {name} accuracy")
+    axes[2].set(xlabel="epoch", ylabel="mean log10 kappa of separable layers (exact)",
+                title="Condition numbers over training")
     for ax in axes:
         ax.legend(fontsize=6)
     fig.tight_layout()

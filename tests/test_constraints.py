@@ -72,6 +72,11 @@ def test_layer_condition_dense_and_bound_for_rank_two():
     big = SeparableLinear((64, 64, 2), (64, 64, 2), rank=2)  # 2^26 entries: bound path
     bound = layer_condition_number(big)
     assert bound.is_bound and bound.value > 0
+    small_bound = layer_condition_number(small, max_dense_elements=0)  # the bound is an upper bound
+    assert small_bound.is_bound and small_bound.value >= exact.value * (1 - 1e-9)
+    medium = SeparableLinear((8, 8), (8, 8), rank=2)  # 4,096 entries, over a limit of 4,000
+    assert layer_condition_number(medium, max_dense_elements=4000).is_bound
+    assert not layer_condition_number(medium, max_dense_elements=4096).is_bound
 
 
 @pytest.mark.parametrize("form", FORMS)

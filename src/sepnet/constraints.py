@@ -79,19 +79,21 @@ class LayerCondition:
     is_bound: bool
 
 
-def layer_condition_number(layer: SeparableLinear) -> LayerCondition:
+def layer_condition_number(layer: SeparableLinear,
+                           max_dense_elements: int = _DENSE_KAPPA_MAX_ELEMENTS) -> LayerCondition:
     """kappa of the implied dense matrix, over its structural rank.
 
     The singular values of kron(U1, ..., UN) are the products of the factors' singular values
     (prod_k min(O_k, I_k) of them), so for rank 1 kappa is the product of the factors' kappas.
-    For rank > 1 it is computed from the dense matrix when that has at most 4M entries; above,
+    For rank > 1 it is computed from the dense matrix when that has at most `max_dense_elements`
+    entries (4M by default: cheap enough to log every epoch); above,
     Weyl's inequalities give an upper bound (sum of the terms' sigma_max over the best term's
     sigma_min minus the others' sigma_max), inf when that is vacuous.
     """
     if layer.rank == 1:
         kappas = [condition_number(f) for f in layer.factors[0]]
         return LayerCondition(math.prod(kappas), is_bound=False)
-    if layer.in_features * layer.out_features <= _DENSE_KAPPA_MAX_ELEMENTS:
+    if layer.in_features * layer.out_features <= max_dense_elements:
         weight = layer.dense_weight()
         s = singular_values(weight)
         structural = min(s.numel(), layer.rank * math.prod(

@@ -1,3 +1,5 @@
+import math
+
 import lightning as L
 import pytest
 import torch
@@ -69,6 +71,16 @@ def test_vgg_imagenet_head_shapes():
     first = layers["head.layers.0"]
     assert first.in_shape == (32, 7, 7) and first.out_shape == (16, 16, 16)
     assert model(torch.rand(1, 3, 64, 64)).shape == (1, 1000)
+
+
+def test_vgg_width_scales_convolutions_not_heads():
+    dense = ImageClassifier(backbone="vgg16", backbone_kwargs={"width": 0.25}, head="dense")
+    separable = ImageClassifier(backbone="vgg16", backbone_kwargs={"width": 0.25}, head="separable")
+    widths = [m.out_features for m in dense.net.modules() if isinstance(m, torch.nn.Linear)]
+    shapes = [layer.out_shape for _, layer in separable_layers(separable.net)]
+    assert widths[:-1] == [math.prod(s) for s in shapes] == [512, 512]
+    convs = [m.out_channels for m in dense.net.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs[0] == 16 and convs[-1] == 128
 
 
 def test_adversarial_training_and_proximal_zeros():

@@ -56,7 +56,9 @@ def vgg16(image_shape: Sequence[int], variant: str = "cifar", width: float = 1.0
           batch_norm: bool = True) -> Backbone:
     """VGG-16 convolutions. "cifar" drops the last pool so 32x32 inputs keep a 512x2x2 map;
     "imagenet" ends with the 7x7 adaptive pool of torchvision's VGG (512x7x7 for the head).
-    `width` scales every channel count (0.25 gives a CPU-sized network of the same shape)."""
+    `width` scales every convolution's channel count (0.25 gives a CPU-sized network of the same
+    shape); the heads keep their widths (512, or 4096 for "imagenet", dense and separable alike)
+    so that dense and separable heads are compared at the same width."""
     if variant not in ("cifar", "imagenet"):
         raise ValueError(f"unknown VGG variant {variant!r}; expected 'cifar' or 'imagenet'")
     cfg = VGG16[:-1] if variant == "cifar" else VGG16
@@ -78,7 +80,7 @@ def vgg16(image_shape: Sequence[int], variant: str = "cifar", width: float = 1.0
     hidden = 4096 if variant == "imagenet" else 512
     sep_hidden = (16, 16, 16) if variant == "imagenet" else (8, 8, 8)
     return Backbone(module, out_shape, {
-        "dense": {"hidden": [int(hidden * width)] * 2 if width != 1 else [hidden] * 2, "dropout": 0.5},
+        "dense": {"hidden": [hidden] * 2, "dropout": 0.5},
         "separable": {"hidden_shapes": [sep_hidden, sep_hidden], "dropout": 0.5},
     })
 

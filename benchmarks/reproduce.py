@@ -210,6 +210,7 @@ def run(family: str, variant: str, args) -> dict:
     layer_kappa = [exact_kappa(layer) for _, layer in separable_layers(model.net)]
     record = {
         "family": family, "variant": variant, "epochs": epochs, "train_seconds": seconds,
+        "pgd_images": args.pgd_images, "aa_images": args.aa_images, "batch": args.batch,
         "params_stored": whole.stored, "params_nonzero": whole.nonzero, "params_dense": whole.dense,
         "fc_stored": fc.stored, "fc_nonzero": fc.nonzero, "fc_dense": fc.dense,
         "fc_compression": fc.dense / max(fc.nonzero, 1),

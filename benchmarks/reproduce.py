@@ -141,15 +141,21 @@ def evaluate(net: nn.Module, attacker, pgd_images: int, aa_images: int) -> dict:
                 xs.append(x), ys.append(y)
     x, y = torch.cat(xs), torch.cat(ys)
     out = {"clean_acc": correct / total}
+    with torch.no_grad():  # misclassified clean images count as broken without being attacked
+        clean_ok = net(x).argmax(1) == y
 
     def robust(spec, n, alive=None):
-        adv = torch.cat([attacker.generate(x[i:i + 250], y[i:i + 250], spec) for i in range(0, n, 250)])
-        with torch.no_grad():
-            hit = net(adv).argmax(1) == y[:n]
-        return hit if alive is None else hit & alive
+        # like AutoAttack, each attack only runs on the samples that survived the previous ones
+        todo = torch.arange(n) if alive is None else alive.nonzero().flatten()
+        hit = torch.zeros(n, dtype=torch.bool)
+        for chunk in todo.split(250):
+            adv = attacker.generate(x[chunk], y[chunk], spec)
+            with torch.no_grad():
+                hit[chunk] = net(adv).argmax(1) == y[chunk]
+        return hit
 
-    out["pgd20_acc"] = robust(EVAL["pgd20"], pgd_images).float().mean().item()
-    alive = None
+    out["pgd20_acc"] = robust(EVAL["pgd20"], pgd_images, clean_ok[:pgd_images]).float().mean().item()
+    alive = clean_ok[:aa_images]
     for key in ("aa_apgd_ce", "aa_apgd_dlr", "aa_square"):  # a sample counts if it survives all
         alive = robust(EVAL[key], aa_images, alive)
     out["autoattack_acc"] = alive.float().mean().item()

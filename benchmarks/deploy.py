@@ -24,8 +24,7 @@ from sepnet.module import ImageClassifier
 
 FAMILIES = {
     "vgg16/4": (dict(backbone="vgg16", backbone_kwargs={"width": 0.25}, head="dense"),
-                dict(backbone="vgg16", backbone_kwargs={"width": 0.25}, head="separable",
-                     head_kwargs={"hidden_shapes": [[4, 4, 8], [4, 4, 8]]})),
+                dict(backbone="vgg16", backbone_kwargs={"width": 0.25}, head="separable")),
     "vgg16": (dict(backbone="vgg16", head="dense"), dict(backbone="vgg16", head="separable")),
     "mlp": (dict(backbone="mlp", head="dense", head_kwargs={"hidden": [512]}),
             dict(backbone="mlp", head="separable")),

@@ -32,6 +32,7 @@ from torch.nn.utils import prune
 from sepnet.attacks import AttackSpec
 from sepnet.constraints import fc_parameter_counts, layer_condition_number, parameter_counts, separable_layers
 from sepnet.data import ImageFolderDataModule
+from sepnet.layers import SeparableLinear
 from sepnet.module import ImageClassifier
 
 HERE = Path(__file__).resolve().parent
@@ -164,15 +165,16 @@ def evaluate(net: nn.Module, attacker, pgd_images: int, aa_images: int) -> dict:
 
 def prune_from_dense(family: str, dense_state: dict, reference: nn.Module) -> ImageClassifier:
     """The family's dense model, pruned by weight magnitude layer by layer so that each of its
-    Linear layers keeps as many non-zero parameters (weights and bias) as the matching layer of
-    the separable `reference` stores. Global magnitude pruning was tried first and removed the
+    Linear layers keeps as many non-zero parameters (weights and bias) as the matching FC layer
+    (separable, or a dense classifier) of the `reference` stores, at least one per output unit. Global magnitude pruning was tried first and removed the
     whole classifier at 582x (its weights are smaller than the hidden layers'), a broken baseline."""
     model = ImageClassifier(**FAMILIES[family]["dense"], **common_kwargs(family))
     model.net.load_state_dict(dense_state)
     linears = [m for m in model.net.modules() if isinstance(m, nn.Linear)]
-    budgets = [sum(p.numel() for p in layer.parameters()) for _, layer in separable_layers(reference)]
+    budgets = [sum(p.numel() for p in m.parameters()) for m in reference.modules()
+               if isinstance(m, (nn.Linear, SeparableLinear))]
     if len(budgets) != len(linears):
-        raise ValueError(f"{family}: {len(linears)} dense Linear layers but {len(budgets)} separable layers")
+        raise ValueError(f"{family}: {len(linears)} dense Linear layers but {len(budgets)} FC layers to match")
     for m, budget in zip(linears, budgets):
         bias = m.bias.numel() if m.bias is not None else 0
         keep = min(m.weight.numel(), max(budget - bias, m.out_features))

@@ -240,17 +240,20 @@ def report(results: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    records = {}
+    runs = {}
     for line in results.read_text().splitlines():
         r = json.loads(line)
-        records[(r["family"], r["variant"])] = r  # the latest run of each variant wins
+        runs[(r["family"], r["variant"], r["epochs"])] = r  # the latest run of each setting wins
     print("| family | variant | epochs | FC non-zero | FC compression | model non-zero | clean | PGD-20 | AutoAttack (reduced) | train min | final layer kappa |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for (family, variant), r in sorted(records.items()):
+    for (family, variant, epochs), r in sorted(runs.items()):
         kappa = ", ".join(f"{k:.3g}" for k in r["final_layer_kappa"]) or "-"
-        print(f"| {family} | {variant} | {r['epochs']} | {r['fc_nonzero']:,} | {r['fc_compression']:.1f}x | "
+        print(f"| {family} | {variant} | {epochs} | {r['fc_nonzero']:,} | {r['fc_compression']:.1f}x | "
               f"{r['params_nonzero']:,} | {r['clean_acc']:.3f} | {r['pgd20_acc']:.3f} | {r['autoattack_acc']:.3f} | "
               f"{r['train_seconds'] / 60:.1f} | {kappa} |")
+    # the plots compare runs of the dense baseline's length
+    main_epochs = {f: e for (f, v, e) in runs if v == "dense"}
+    records = {(f, v): r for (f, v, e), r in runs.items() if e == main_epochs.get(f, e)}
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
     colors = {"mlp": "tab:blue", "vgg": "tab:red"}
     for family, color in colors.items():

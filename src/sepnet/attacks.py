@@ -27,7 +27,10 @@ from art.attacks.evasion import (
 from art.estimators.classification import PyTorchClassifier
 from torch import Tensor, nn
 
-__all__ = ["AttackSpec", "attack_guard", "FastClassifier", "Attacker", "ATTACKS", "project"]
+from sepnet.modes import eval_mode
+
+__all__ = ["AttackSpec", "attack_guard", "eval_mode", "FastClassifier", "Attacker", "ATTACKS",
+           "TRAINING_ATTACKS", "project"]
 
 _NORMS = {"linf": np.inf, "l2": 2}
 
@@ -37,7 +40,8 @@ class AttackSpec:
     """One attack, every parameter explicit (ART's defaults assume other scales).
 
     name: one of ATTACKS ("fgsm", "pgd", "apgd_ce", "apgd_dlr", "autoattack",
-        "autoattack_standard", "cw_linf", "deepfool", "square").
+        "autoattack_standard", "cw_linf", "deepfool", "square"), or a training-only attack of
+        TRAINING_ATTACKS ("nfgsm": N-FGSM, whose examples leave the eps ball by design).
     norm: "linf" or "l2". eps, step_size: pixel units. steps: iterations (queries for Square).
     random_start: start from a random point of the eps ball (FGSM/PGD).
     restarts: random restarts (PGD, APGD, Square).
@@ -52,20 +56,24 @@ class AttackSpec:
     restarts: int = 1
 
     def __post_init__(self) -> None:
-        if self.name not in ATTACKS:
-            raise ValueError(f"unknown attack {self.name!r}; expected one of {sorted(ATTACKS)}")
+        if self.name not in ATTACKS and self.name not in TRAINING_ATTACKS:
+            raise ValueError(f"unknown attack {self.name!r}; expected one of "
+                             f"{sorted([*ATTACKS, *TRAINING_ATTACKS])}")
         if self.norm not in _NORMS:
             raise ValueError(f"unknown attack norm {self.norm!r}; expected 'linf' or 'l2'")
         if not (isinstance(self.eps, (int, float)) and self.eps >= 0 and math.isfinite(self.eps)):
             raise ValueError(f"attack eps must be a finite number >= 0, got {self.eps}")
+        if self.norm == "linf" and self.eps > 1:
+            raise ValueError(f"attack eps {self.eps} is above 1: eps is in pixel units (pixels in "
+                             "[0, 1]); for 8/255 write 0.0314")
         if not self.step_size > 0:
             raise ValueError(f"attack step_size must be > 0, got {self.step_size}")
         if self.steps < 1:
             raise ValueError(f"attack steps must be >= 1, got {self.steps}")
         if self.restarts < 1:
             raise ValueError(f"attack restarts must be >= 1, got {self.restarts}")
-        if self.name == "cw_linf" and self.norm != "linf":
-            raise ValueError(f"cw_linf is an Linf attack, got norm {self.norm!r}")
+        if self.name in ("cw_linf", "nfgsm") and self.norm != "linf":
+            raise ValueError(f"{self.name} is an Linf attack, got norm {self.norm!r}")
 
     @property
     def label(self) -> str:
@@ -81,16 +89,12 @@ def attack_guard(model: nn.Module) -> Iterator[None]:
     """Eval mode, gradients enabled (also inside no_grad or inference_mode), and afterwards the
     train/eval mode of every submodule, parameter gradients and buffers (BatchNorm statistics)
     exactly as before."""
-    modes = {m: m.training for m in model.modules()}
     grads = {p: (None if p.grad is None else p.grad.detach().clone()) for p in model.parameters()}
     buffers = {b: b.detach().clone() for b in model.buffers()}
-    model.eval()
     try:
-        with torch.inference_mode(False), torch.enable_grad():
+        with eval_mode(model), torch.inference_mode(False), torch.enable_grad():
             yield
     finally:
-        for m, training in modes.items():
-            m.training = training
         with torch.no_grad():
             for p, g in grads.items():
                 p.grad = g
@@ -251,6 +255,20 @@ def _deepfool(est, s, bs):
     return DeepFool(est, max_iter=s.steps, epsilon=0.02, nb_grads=10, batch_size=bs, verbose=False)
 
 
+def n_fgsm(estimator: FastClassifier, x: Tensor, y: Tensor, spec: AttackSpec) -> Tensor:
+    """N-FGSM (de Jorge et al. 2022, "Make some noise"): uniform noise of 2 eps, one signed
+    gradient step of `step_size` from there, and no projection back to the eps ball (only into
+    [0, 1]); the larger, unclipped perturbation is what avoids fast FGSM's catastrophic
+    overfitting. Linf only; use step_size = eps, as the paper does."""
+    start = (x + torch.empty_like(x).uniform_(-2 * spec.eps, 2 * spec.eps)).clamp(0, 1)
+    # the estimator takes soft labels (KL to a one-hot target = cross-entropy, same gradient)
+    grad = estimator.loss_gradient(start, nn.functional.one_hot(y.long(), estimator.nb_classes).float())
+    return (start + spec.step_size * grad.sign()).clamp(0, 1).detach()
+
+
+# training-only attacks: their examples are not inside the eps ball, so they never score a model
+TRAINING_ATTACKS: dict[str, Callable] = {"nfgsm": n_fgsm}
+
 ATTACKS: dict[str, Callable] = {
     "fgsm": _fgsm, "pgd": _pgd, "apgd_ce": _apgd("cross_entropy"),
     "apgd_dlr": _apgd("difference_logits_ratio"), "square": _square, "autoattack": _autoattack,
@@ -296,6 +314,10 @@ class Attacker:
         """
         if spec.eps == 0:
             return x.detach().clone()
+        if spec.name in TRAINING_ATTACKS:
+            with attack_guard(self.model):
+                estimator = self.estimator(x.device, soft_labels=True)  # always a FastClassifier
+                return TRAINING_ATTACKS[spec.name](estimator, x.detach().float(), y, spec).to(x.dtype)
         with attack_guard(self.model):
             estimator = self.estimator(x.device, soft_labels=soft_targets is not None)
             attack = ATTACKS[spec.name](estimator, spec, x.shape[0])

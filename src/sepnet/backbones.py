@@ -18,6 +18,7 @@ from torch import nn
 
 from sepnet.convert import separable_
 from sepnet.layers import SeparableLinear
+from sepnet.modes import eval_mode
 
 __all__ = ["Backbone", "BACKBONES", "build_backbone"]
 
@@ -119,12 +120,16 @@ def resnet34(image_shape: Sequence[int], stem: str = "cifar") -> Backbone:
 
 
 def _probe(module: nn.Module, image_shape: Sequence[int]) -> tuple[int, ...]:
-    was_training = module.training
-    module.eval()
-    with torch.no_grad():
-        shape = tuple(module(torch.zeros(1, *image_shape)).shape[1:])
-    module.train(was_training)
-    return shape
+    """The feature shape for one image; an image too small for the backbone is a one-line error."""
+    with torch.no_grad(), eval_mode(module):
+        try:
+            return tuple(module(torch.zeros(1, *image_shape)).shape[1:])
+        except RuntimeError as err:
+            raise _TooSmall(str(err).splitlines()[0]) from None
+
+
+class _TooSmall(ValueError):
+    """A feature extractor's probe failed on the configured image shape."""
 
 
 BACKBONES: dict[str, Callable[..., Backbone]] = {
@@ -138,7 +143,11 @@ BACKBONES: dict[str, Callable[..., Backbone]] = {
 def build_backbone(name: str, image_shape: Sequence[int], **kwargs) -> Backbone:
     if name not in BACKBONES:
         raise ValueError(f"unknown backbone {name!r}; expected one of {sorted(BACKBONES)}")
-    return BACKBONES[name](tuple(image_shape), **kwargs)
+    try:
+        return BACKBONES[name](tuple(image_shape), **kwargs)
+    except _TooSmall as err:
+        raise ValueError(f"backbone {name!r} cannot take images of shape {tuple(image_shape)}: "
+                         f"expected larger images ({err})") from None
 
 
 def build_cifar_models() -> dict[str, nn.Module]:

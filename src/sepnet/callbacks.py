@@ -1,17 +1,21 @@
-"""Constraint monitors (TensorBoard) and the test-report callback."""
+"""Checkpoints, constraint monitors (TensorBoard), the test report and the run watch."""
 
 from __future__ import annotations
 
 import json
 import logging
 import math
+import shutil
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from sepnet.attacks import TRAINING_ATTACKS, AttackSpec
 from sepnet.constraints import (
     condition_number,
     layer_condition_number,
@@ -20,10 +24,11 @@ from sepnet.constraints import (
     singular_values,
     sparsity,
 )
+from sepnet.evaluation import honesty_checks, masking_warnings, unique_labels
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ConstraintMonitor", "EvalReport", "BestAndLastCheckpoint"]
+__all__ = ["ConstraintMonitor", "EvalReport", "RunWatch", "BestAndLastCheckpoint"]
 
 
 class BestAndLastCheckpoint(ModelCheckpoint):
@@ -32,7 +37,8 @@ class BestAndLastCheckpoint(ModelCheckpoint):
 
     Lightning 2.6 writes last.ckpt only when a top-k file was written at the same step; this
     subclass writes it also when the monitored metric did not improve (Lightning's writes are
-    atomic: serialized in memory, then committed through an fsspec transaction).
+    atomic: serialized in memory, then committed through an fsspec transaction). On SIGTERM it
+    writes a resumable last.ckpt.
     """
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
@@ -44,6 +50,16 @@ class BestAndLastCheckpoint(ModelCheckpoint):
         super().on_validation_end(trainer, pl_module)
         if not self._should_save_on_train_epoch_end(trainer):
             self._save_last_if_skipped(trainer)
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        """Cluster preemption (SIGTERM): save a resumable last.ckpt; `run.py` then exits 143.
+        A run stopped by an error before its first step leaves no empty log folder behind."""
+        if isinstance(exception, SIGTERMException) and self.dirpath:
+            trainer.save_checkpoint(str(Path(self.dirpath) / f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}"))
+        elif trainer.global_step == 0 and trainer.ckpt_path is None and trainer.is_global_zero:
+            folder = Path(trainer.log_dir or "")
+            if trainer.loggers and folder.is_dir() and not any(folder.rglob("*.ckpt")):
+                shutil.rmtree(folder, ignore_errors=True)
 
     def _save_last_if_skipped(self, trainer) -> None:
         # nothing was written at this step (else the skip check is true): write last.ckpt
@@ -112,22 +128,41 @@ def _finite(value: float) -> float:
 
 
 class EvalReport(L.Callback):
-    """At the end of `test` (and of a stand-alone `validate`): a table of clean and robust
-    accuracy and parameter figures, also written as <stage>_report.json in the run's log folder.
+    """What `run.py test` runs and prints. Its settings belong to the evaluation, not to the
+    checkpoint: they come from this `report` section of the command line or config.
 
-    After `test` it also runs the honesty checks on the first `honesty_images` test images,
-    against the model's first validation attack (PGD expected):
-    - accuracy vs eps (0 to 16x eps, capped at 1): it must fall to ~0;
-    - white box vs black box: Square (`square_queries` queries) beating it hints at masking;
-    - PGD with 4x the steps (at least 50) and 3 restarts must not be more than a point stronger.
-    Warnings go to the log and to the JSON. Args: honesty_images: 0 switches the checks off.
+    `test` attacks the first `images` test images (a fixed random sample) with `attacks` as a
+    cascade (each attack on the images the earlier ones did not break), and headlines
+    test/robust_acc/worst, the per-image worst case. It then runs the honesty checks
+    (sepnet.evaluation.honesty_checks) against the first attack on the first `honesty_images`.
+    The table (worst case first, warnings beside it) also goes to <stage>_report.json in the
+    run's log folder; a stand-alone `validate` writes validate_report.json.
+
+    Args:
+        attacks: AttackSpec dicts; None: the model's validation attacks, then APGD-CE, APGD-DLR
+            and Square at the first one's eps (the benchmarks' reduced AutoAttack).
+        images: test images attacked (0: clean accuracy only).
+        cascade: False runs every attack on all clean-correct images (standalone figures).
+        square_queries: Square's queries in the default suite and in the honesty check.
+        honesty_images: images for the honesty checks (0 switches them off).
     """
 
-    def __init__(self, honesty_images: int = 256, square_queries: int = 1000) -> None:
-        if honesty_images < 0 or square_queries < 1:
-            raise ValueError(f"honesty_images must be >= 0 and square_queries >= 1, got "
-                             f"{honesty_images} and {square_queries}")
-        self.honesty_images, self.square_queries = honesty_images, square_queries
+    def __init__(self, attacks: list[dict[str, Any]] | None = None, images: int = 512, cascade: bool = True,
+                 square_queries: int = 1000, honesty_images: int = 256) -> None:
+        if images < 0 or honesty_images < 0 or square_queries < 1:
+            raise ValueError(f"report: images and honesty_images must be >= 0 and square_queries >= 1, "
+                             f"got {images}, {honesty_images} and {square_queries}")
+        self.attacks = None if attacks is None else [AttackSpec(**a) for a in attacks]
+        for spec in self.attacks or []:
+            if spec.name in TRAINING_ATTACKS:
+                raise ValueError(f"report.attacks: {spec.name} is a training attack (its examples "
+                                 "leave the eps ball); expected an evaluation attack")
+        self.images, self.cascade = images, cascade
+        self.square_queries, self.honesty_images = square_queries, honesty_images
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if stage == "test":
+            pl_module.configure_test_suite(self.attacks, self.images, self.cascade, self.square_queries)
 
     def on_test_end(self, trainer, pl_module) -> None:
         self._report(trainer, pl_module, "test")
@@ -141,32 +176,53 @@ class EvalReport(L.Callback):
         if not trainer.is_global_zero:
             return
         counts = parameter_counts(pl_module)
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(f"{stage}/")}
+        attacks = pl_module.test_attacks if stage == "test" else pl_module.val_attacks
         report = {
-            "metrics": {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(f"{stage}/")},
+            "metrics": metrics,
+            "headline": metrics.get(f"{stage}/robust_acc/worst"),
             "parameters": {"stored": counts.stored, "nonzero": counts.nonzero, "dense": counts.dense,
                            "compression": counts.compression,
                            "nonzero_compression": counts.nonzero_compression},
-            "attacks": [vars(a) for a in getattr(pl_module, "val_attacks", [])],
+            "attacks": [{"label": label, **vars(a)} for label, a in zip(unique_labels(attacks), attacks)],
+            "attacked_images": pl_module.test_images if stage == "test" else None,
+            "cascade": pl_module.test_cascade if stage == "test" else False,
+            "checkpoint": trainer.ckpt_path,
         }
-        if stage == "test" and self.honesty_images and getattr(pl_module, "val_attacks", None):
-            report["honesty"] = honesty_checks(pl_module, _first_images(trainer, self.honesty_images),
-                                               self.square_queries)
+        if stage == "test" and self.honesty_images and attacks:
+            x, y = _first_images(trainer, self.honesty_images)
+            report["honesty"] = honesty_checks(pl_module.net, pl_module.attacker, x.to(pl_module.device),
+                                               y.to(pl_module.device), attacks[0], self.square_queries)
         folder = Path(log_dir or ".")
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"{'test' if stage == 'test' else 'validate'}_report.json"
         tmp = path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(report, indent=2))
         tmp.replace(path)
-        rows = [(k, f"{v:.4f}") for k, v in report["metrics"].items()]
-        rows += [(f"params/{k}", f"{v:,.1f}" if isinstance(v, float) else f"{v:,}")
-                 for k, v in report["parameters"].items()]
-        for key, value in report.get("honesty", {}).get("accuracy", {}).items():
-            rows.append((f"honesty/{key}", f"{value:.4f}"))
-        width = max(len(k) for k, _ in rows)
-        table = "\n".join(f"  {k:<{width}}  {v:>14}" for k, v in rows)
-        log.info(f"{stage} report\n%s\nwritten to %s", table, path)
-        for warning in report.get("honesty", {}).get("warnings", []):
-            log.warning("honesty check: %s", warning)
+        log.info("%s report (%s)\n%s\nwritten to %s", stage, trainer.ckpt_path or "current weights",
+                 _table(report, stage), path)
+
+
+def _table(report: dict, stage: str) -> str:
+    """The worst case first with every warning beside it, then clean and the single attacks."""
+    metrics, warnings = dict(report["metrics"]), report.get("honesty", {}).get("warnings", [])
+    rows = []
+    worst = metrics.pop(f"{stage}/robust_acc/worst", None)
+    if worst is not None:
+        rows.append((f"{stage}/robust_acc/worst", f"{worst:.4f}",
+                     "per-image worst case over every attack below" + ("; WARNING: " + " | ".join(warnings)
+                                                                       if warnings else "")))
+    order = [f"{stage}/acc"] + [f"{stage}/robust_acc/{a['label']}" for a in report["attacks"]]
+    note = "after this and every attack above" if report["cascade"] else "this attack alone"
+    for key in order + sorted(set(metrics) - set(order)):
+        if key in metrics:
+            rows.append((key, f"{metrics[key]:.4f}", note if "/robust_acc/" in key else ""))
+    rows += [(f"params/{k}", f"{v:,.1f}" if isinstance(v, float) else f"{v:,}", "")
+             for k, v in report["parameters"].items()]
+    for key, value in report.get("honesty", {}).get("accuracy", {}).items():
+        rows.append((f"honesty/{key}", f"{value:.4f}", ""))
+    width = max(len(k) for k, _, _ in rows)
+    return "\n".join(f"  {k:<{width}}  {v:>14}  {n}".rstrip() for k, v, n in rows)
 
 
 def _first_images(trainer, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -181,40 +237,61 @@ def _first_images(trainer, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cat(xs)[:n], torch.cat(ys)[:n]
 
 
-@torch.no_grad()
-def _accuracy(model, x, y) -> float:
-    return float((model(x).argmax(-1) == y).float().mean())
+class RunWatch(L.Callback):
+    """Warns, once each, when a run goes wrong while it trains:
+    - gradient masking: at a robust validation, another attack beats the first one by more than
+      `tolerance` (e.g. FGSM or Square stronger than PGD), or the first attack's accuracy
+      collapses below a quarter of its best (fast FGSM's catastrophic overfitting);
+    - divergence: the training loss is not finite or exceeds `divergence_factor` x its value
+      at the first logged steps.
+    Also logs val/robust_gap = first attack's accuracy - worst case.
 
+    Args:
+        tolerance: accuracy margin for the masking warning.
+        divergence_factor: loss ratio for the divergence warning (0 switches it off).
+    """
 
-def honesty_checks(pl_module, data: tuple[torch.Tensor, torch.Tensor], square_queries: int) -> dict:
-    """Accuracy-vs-eps curve, Square vs the white-box attack, and a stronger PGD; see EvalReport."""
-    x, y = (t.to(pl_module.device) for t in data)
-    spec = pl_module.val_attacks[0]
-    attacker, net = pl_module.attacker, pl_module.net
-    was_training = net.training
-    net.eval()
-    acc, warnings = {"clean": _accuracy(net, x, y)}, []
-    base = _accuracy(net, attacker.generate(x, y, spec), y)
-    acc[spec.label] = base
-    curve = {}
-    for factor in (0.25, 0.5, 1.0, 2.0, 4.0, 16.0):
-        eps = min(1.0, spec.eps * factor)
-        step = max(spec.step_size, 2.5 * eps / spec.steps)
-        curve[f"{eps:.4f}"] = _accuracy(net, attacker.generate(x, y, spec.replace(eps=eps, step_size=step)), y)
-    last = list(curve.values())[-1]
-    if last > 0.05:
-        warnings.append(f"accuracy {last:.3f} at eps {list(curve)[-1]} does not fall to ~0: "
-                        "gradients may be masked or the attack misconfigured")
-    square = spec.replace(name="square", steps=square_queries, restarts=1)
-    acc["square"] = _accuracy(net, attacker.generate(x, y, square), y)
-    if acc["square"] < base - 0.01:
-        warnings.append(f"black-box Square ({acc['square']:.3f}) beats white-box {spec.label} "
-                        f"({base:.3f}): a sign of gradient masking")
-    strong = spec.replace(steps=max(50, 4 * spec.steps), restarts=3, random_start=True)
-    acc["pgd_strong"] = _accuracy(net, attacker.generate(x, y, strong), y)
-    if acc["pgd_strong"] < base - 0.01:
-        warnings.append(f"PGD-{strong.steps} x3 restarts ({acc['pgd_strong']:.3f}) is more than a point "
-                        f"stronger than the validation attack ({base:.3f}): robust accuracy is overstated")
-    net.train(was_training)
-    return {"images": len(y), "attack": vars(spec), "accuracy": acc, "eps_curve": curve,
-            "warnings": warnings}
+    def __init__(self, tolerance: float = 0.01, divergence_factor: float = 100.0) -> None:
+        if tolerance < 0 or divergence_factor < 0:
+            raise ValueError(f"watch: tolerance and divergence_factor must be >= 0, got {tolerance} "
+                             f"and {divergence_factor}")
+        self.tolerance, self.divergence_factor = tolerance, divergence_factor
+        self.best_first: float | None = None
+        self.first_loss: float | None = None
+        self.warned: set[str] = set()
+
+    def _warn(self, trainer, message: str) -> None:
+        key = message.split(":")[0]
+        if trainer.is_global_zero and key not in self.warned:
+            self.warned.add(key)
+            log.warning("epoch %d: %s", trainer.current_epoch, message)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if not self.divergence_factor or outputs is None:
+            return
+        loss = float(outputs["loss"] if isinstance(outputs, dict) else outputs)
+        if self.first_loss is None and math.isfinite(loss):
+            self.first_loss = abs(loss)
+        elif not math.isfinite(loss) or (self.first_loss and loss > self.divergence_factor * self.first_loss):
+            self._warn(trainer, f"diverging loss: {loss:.3g} at step {trainer.global_step} (first "
+                                f"{self.first_loss:.3g}); lower the lr or the constraint weights")
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking:
+            return
+        labels = unique_labels(pl_module.val_attacks)
+        robust = {label: float(trainer.callback_metrics[f"val/robust_acc/{label}"])
+                  for label in [*labels, "worst"] if f"val/robust_acc/{label}" in trainer.callback_metrics}
+        if labels[0] not in robust:
+            return  # no robust evaluation this epoch
+        for message in masking_warnings(robust, labels[0], self.best_first, self.tolerance):
+            self._warn(trainer, message)
+        self.best_first = max(self.best_first or 0.0, robust[labels[0]])
+        if "worst" in robust:
+            pl_module.log("val/robust_gap", robust[labels[0]] - robust["worst"])
+
+    def state_dict(self) -> dict:
+        return {"best_first": self.best_first, "first_loss": self.first_loss}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.best_first, self.first_loss = state_dict["best_first"], state_dict["first_loss"]

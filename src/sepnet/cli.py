@@ -1,108 +1,239 @@
-"""The LightningCLI behind run.py: config links, forced callbacks, checkpoint checks."""
+"""The LightningCLI behind run.py: config links, forced callbacks, and the checkpoint rules.
+
+One run is one folder: `<save_dir>/<name>/version_N/` holds its TensorBoard events, config.yaml,
+checkpoints/ (last.ckpt, best-*.ckpt) and test_report.json. `--ckpt_path last` means the newest
+run of this experiment that has a last.ckpt; resuming continues that run's folder and version.
+A checkpoint's model hyperparameters define the model: flags that contradict them are refused.
+"""
 
 from __future__ import annotations
 
 import logging
+import os
+import re
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
+from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import LightningCLI
-from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from sepnet.callbacks import BestAndLastCheckpoint, ConstraintMonitor, EvalReport
+from sepnet.callbacks import BestAndLastCheckpoint, ConstraintMonitor, EvalReport, RunWatch
+from sepnet.constraints import parameter_counts
 from sepnet.data import VisionDataModule
 from sepnet.module import ImageClassifier
 
 log = logging.getLogger("sepnet")
 
+LINKED = ("num_classes", "image_shape", "mean", "std")
+# hyperparameters of older checkpoints that no longer exist, and where their job went
+REMOVED = {"robust_test_batches": "test image counts are --report.images"}
+
+
+def _plain(value: Any) -> Any:
+    """Config values comparable with a checkpoint's hyperparameters (tuples as lists)."""
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if hasattr(value, "as_dict"):  # jsonargparse Namespace
+        return _plain(value.as_dict())
+    return value
+
+
+def _run_folder(ckpt: Path) -> tuple[str, str, int] | None:
+    """(save_dir, name, version) of a checkpoint inside <save_dir>/<name>/version_N/checkpoints/."""
+    match = re.fullmatch(r"version_(\d+)", ckpt.parent.parent.name)
+    if ckpt.parent.name != "checkpoints" or match is None:
+        return None
+    return str(ckpt.parents[3]), ckpt.parents[2].name, int(match.group(1))
+
 
 class SepnetCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
-        for key in ("num_classes", "image_shape", "mean", "std"):
+        for key in LINKED:
             parser.link_arguments(f"data.{key}", f"model.{key}", apply_on="instantiate")
         parser.add_lightning_class_args(BestAndLastCheckpoint, "checkpoint")
         parser.add_lightning_class_args(ConstraintMonitor, "monitor")
         parser.add_lightning_class_args(EvalReport, "report")
+        parser.add_lightning_class_args(RunWatch, "watch")
         parser.set_defaults({
-            "checkpoint.dirpath": "checkpoints/default",
+            "checkpoint.dirpath": None,  # the run's folder: <save_dir>/<name>/version_N/checkpoints
             "checkpoint.filename": "best-{epoch:03d}",
-            "checkpoint.monitor": "val/robust_acc/pgd_linf",
+            "checkpoint.monitor": "val/robust_acc/worst",
             "checkpoint.mode": "max",
             "checkpoint.save_last": True,
             "checkpoint.auto_insert_metric_name": False,
         })
+        # the subcommand parsers are built in the order of subcommands(); their defaults (class
+        # defaults and conf/default.yaml) tell which values a user set
+        self.__dict__.setdefault("_sepnet_parsers", []).append(parser)
 
-    def _read_checkpoint_state(self) -> dict | None:
-        """The checkpoint's state dict; a missing or unreadable file is a one-line error."""
+    # ------------------------------------------------------------------ checkpoint rules
+    def parse_arguments(self, parser, args) -> None:
+        super().parse_arguments(parser, args)
         subcommand = self.config.get("subcommand")
-        ckpt = (self.config.get(subcommand) or {}).get("ckpt_path") if subcommand else None
-        if ckpt in (None, "last", "best", "hpc", "registry"):
-            return None
-        cached = getattr(self, "_checkpoint_state", None)
-        if cached is not None and cached[0] == ckpt:  # read once, checked twice
-            return cached[1]
+        if subcommand:
+            self._resolve_checkpoint(subcommand)
+
+    def _resolve_checkpoint(self, subcommand: str) -> None:
+        """Before Lightning reads the checkpoint's hyperparameters: `last` becomes a file, the
+        file is read once and checked, and the logger continues the checkpoint's run folder."""
+        cfg = self.config[subcommand]
+        self._checkpoint = None
+        ckpt = cfg.get("ckpt_path")
+        if ckpt in ("best", "hpc", "registry"):
+            return
+        if ckpt == "last":
+            found = self._find_last(cfg)
+            if found is None:
+                where = self._experiment_folder(cfg)
+                if subcommand != "fit":
+                    raise ValueError(f"--ckpt_path last: no last.ckpt under {where}: expected a run of "
+                                     "this experiment there (check --config / the logger's name)")
+                log.info("--ckpt_path last: nothing to resume under %s; starting a fresh run", where)
+                cfg.ckpt_path = ckpt = None
+            else:
+                cfg.ckpt_path = ckpt = str(found)
+        self._check_folders(cfg, resuming=ckpt is not None and subcommand == "fit")
+        if ckpt is None:
+            return
         path = Path(ckpt)
         if not path.is_file():
             raise FileNotFoundError(f"checkpoint {ckpt} does not exist: expected a .ckpt file")
         try:
-            state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+            self._checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+            self._checkpoint["state_dict"]
         except Exception as err:  # truncated file, not a checkpoint, ...
             raise ValueError(f"checkpoint {ckpt} is unreadable ({type(err).__name__}): expected a "
                              "complete Lightning .ckpt file") from None
-        self._checkpoint_state = (ckpt, state)
-        return state
+        self._check_hyperparameters(subcommand, ckpt)
+        if subcommand == "fit":
+            self._check_schedule(cfg, ckpt)
+        run = _run_folder(path)
+        logger = cfg.trainer.get("logger")
+        if run and hasattr(logger, "init_args") and "version" in logger.init_args:
+            # continue (fit) or report into (test, validate) the run the checkpoint belongs to
+            logger.init_args.save_dir, logger.init_args.name, logger.init_args.version = run
 
-    def _parse_ckpt_path(self) -> None:
-        # LightningCLI reads the checkpoint's hyperparameters here, before any hook: check first
-        self._read_checkpoint_state()
-        super()._parse_ckpt_path()
+    def _experiment_folder(self, cfg) -> Path:
+        if cfg.checkpoint.dirpath:
+            return Path(cfg.checkpoint.dirpath)
+        logger = cfg.trainer.get("logger")
+        if hasattr(logger, "init_args") and "save_dir" in logger.init_args:
+            return Path(logger.init_args.save_dir) / (logger.init_args.get("name") or "")
+        return Path(cfg.trainer.get("default_root_dir") or ".") / "checkpoints"
 
-    def _check_checkpoint(self) -> None:
-        """An incompatible checkpoint is a one-line error before Lightning loads it."""
-        state = self._read_checkpoint_state()
-        self._checkpoint_state = None  # Lightning loads it next; do not keep a second copy
-        if state is None:
+    def _find_last(self, cfg) -> Path | None:
+        """The newest run's last.ckpt: <experiment>/version_N/checkpoints/last.ckpt with the largest
+        N, or <dirpath>/last.ckpt where checkpoint.dirpath is set."""
+        folder = self._experiment_folder(cfg)
+        if cfg.checkpoint.dirpath or folder.name == "checkpoints":
+            return folder / "last.ckpt" if (folder / "last.ckpt").is_file() else None
+        runs = [(int(m.group(1)), p) for p in folder.glob("version_*/checkpoints/last.ckpt")
+                if (m := re.fullmatch(r"version_(\d+)", p.parent.parent.name))]
+        return max(runs)[1] if runs else None
+
+    def _check_folders(self, cfg, resuming: bool) -> None:
+        """Folders that cannot be written, or a fixed checkpoint folder that already holds another
+        run's last.ckpt (Lightning would write last-v1.ckpt beside it), fail before training."""
+        logger = cfg.trainer.get("logger")
+        folders = [("checkpoint.dirpath", cfg.checkpoint.dirpath)]
+        if hasattr(logger, "init_args") and "save_dir" in logger.init_args:
+            folders.append(("trainer.logger.save_dir", logger.init_args.save_dir))
+        for key, folder in folders:
+            for parent in [Path(folder or "."), *Path(folder or ".").parents]:
+                if parent.exists() and not parent.is_dir():
+                    raise ValueError(f"--{key} {folder}: {parent} is a file; expected a folder")
+        if cfg.checkpoint.dirpath and not resuming and (Path(cfg.checkpoint.dirpath) / "last.ckpt").exists():
+            raise ValueError(f"--checkpoint.dirpath {cfg.checkpoint.dirpath} already holds last.ckpt of "
+                             "another run: expected --ckpt_path last to resume it, or a new folder")
+
+    def _check_hyperparameters(self, subcommand: str, ckpt: str) -> None:
+        """Flags and config values that contradict the checkpoint's model are refused."""
+        hparams = {k: v for k, v in self._checkpoint.get("hyper_parameters", {}).items()
+                   if not k.startswith("_")}
+        for key, where in REMOVED.items():
+            if key in hparams:
+                raise ValueError(f"checkpoint {ckpt} has the removed hyperparameter {key} ({where}): "
+                                 f"expected a checkpoint of this sepnet version; delete "
+                                 f"hyper_parameters['{key}'] from it to load it")
+        parser = self._sepnet_parsers[list(self.subcommands()).index(subcommand)]
+        defaults = _plain(parser.get_defaults().get("model"))
+        given = _plain(self.config[subcommand].get("model"))
+        for key, value in given.items():
+            if key in LINKED or key not in hparams or value == defaults.get(key):
+                continue
+            if value != _plain(hparams[key]):
+                raise ValueError(f"--model.{key} {value} contradicts the checkpoint {ckpt} ({key}: "
+                                 f"{_plain(hparams[key])}): expected no model flags with --ckpt_path "
+                                 "(test attacks are --report.attacks; a new model needs a new run)")
+
+    def _check_schedule(self, cfg, ckpt: str) -> None:
+        """Resuming with another max_epochs would keep the old schedule's length: refused."""
+        schedulers = self._checkpoint.get("lr_schedulers") or [{}]
+        built_for = schedulers[0].get("T_max")
+        max_epochs = cfg.trainer.get("max_epochs")
+        if built_for is not None and max_epochs is not None and built_for != max(1, max_epochs):
+            raise ValueError(f"--trainer.max_epochs {max_epochs}: checkpoint {ckpt} has a cosine schedule "
+                             f"over {built_for} epochs; expected --trainer.max_epochs {built_for} to resume "
+                             "(to train longer, start a new run)")
+
+    def _check_checkpoint_shapes(self) -> None:
+        """A checkpoint whose weights do not fit the model is a one-line error before loading."""
+        if self._checkpoint is None:
             return
-        ckpt = self.config[self.config["subcommand"]].get("ckpt_path")
-        own = self.model.state_dict()
-        for key, value in own.items():
+        state, ckpt = self._checkpoint["state_dict"], self.config[self.subcommand].get("ckpt_path")
+        self._checkpoint = None  # Lightning loads it next; do not keep a second copy
+        for key, value in self.model.state_dict().items():
             if key not in state or state[key].shape != value.shape:
                 got = "missing" if key not in state else tuple(state[key].shape)
                 raise ValueError(f"checkpoint {ckpt} does not fit this config: {key} is {got} in the "
                                  f"checkpoint, expected {tuple(value.shape)}")
 
-    def _resume_logger_version(self) -> None:
-        """Resuming continues the same TensorBoard run instead of opening a new version."""
-        ckpt = self.config[self.config["subcommand"]].get("ckpt_path")
-        logger = self.trainer.logger
-        if not ckpt or not isinstance(logger, TensorBoardLogger):
-            return
-        path = Path(ckpt)
-        if ckpt == "last":
-            path = Path(self.trainer.checkpoint_callback.dirpath or "") / "last.ckpt"
-        if path.is_file():
-            version = torch.load(path, map_location="cpu", weights_only=False).get("logger_version")
-            if version is not None:
-                logger._version = version
-
+    # ------------------------------------------------------------------ hooks
     def before_fit(self) -> None:
-        self._check_checkpoint()
-        self._resume_logger_version()
+        self._check_checkpoint_shapes()
+        if self.trainer.loggers:
+            self.trainer.callbacks.append(LearningRateMonitor(logging_interval="epoch"))
 
     def before_validate(self) -> None:
-        self._check_checkpoint()
+        self._check_checkpoint_shapes()
 
     def before_test(self) -> None:
-        self._check_checkpoint()
+        self._check_checkpoint_shapes()
 
     def after_fit(self) -> None:
-        ckpt = self.trainer.checkpoint_callback
-        if self.trainer.log_dir and isinstance(self.trainer.logger, TensorBoardLogger):
+        if not self.trainer.is_global_zero:
+            return
+        metrics = self.trainer.callback_metrics
+        figures = [f"{k.split('/', 1)[1]} {float(metrics[k]):.4f}" for k in
+                   ("val/acc", "val/robust_acc/worst") if k in metrics]
+        counts = parameter_counts(self.model)
+        figures.append(f"{counts.nonzero:,} non-zero parameters ({counts.nonzero_compression:.1f}x)")
+        print("final validation: " + ", ".join(figures))
+        if self.trainer.log_dir and self.trainer.loggers:
             print(f"TensorBoard logs: {self.trainer.log_dir}  "
                   f"(tensorboard --logdir {Path(self.trainer.log_dir).parent})")
+        ckpt = self.trainer.checkpoint_callback
         if ckpt is not None and not self.trainer.fast_dev_run:
             print(f"checkpoints: last {ckpt.last_model_path or '-'}; best {ckpt.best_model_path or '-'}")
+
+
+def _one_line(err: BaseException) -> str:
+    """The message that names the problem: the last line of a worker's re-raised traceback,
+    else the first line of the message."""
+    text = str(err).strip() or type(err).__name__
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if "Original Traceback" in text:
+        return re.sub(r"^\w+(Error|Exception): ", "", lines[-1])
+    first = lines[0]
+    # jsonargparse: 'Parser key "data": ... - Problem with given class_path ...: <reason>'
+    reasons = [line.lstrip("- ") for line in lines[1:] if "Problem with given class_path" in line
+               or line.startswith(("Key ", "Expected"))]
+    return f"{first} {reasons[-1]}" if reasons and len(first) < 80 else first
 
 
 def main(args: list[str] | None = None) -> None:
@@ -110,16 +241,26 @@ def main(args: list[str] | None = None) -> None:
     logging.getLogger("art").setLevel(logging.WARNING)
     default_config = Path(__file__).resolve().parents[2] / "conf" / "default.yaml"
     defaults = [str(default_config)] if default_config.is_file() else []
+    subcommands = ("fit", "validate", "test", "predict")
     try:
         SepnetCLI(
             ImageClassifier,
             VisionDataModule,
             subclass_mode_data=True,
             save_config_kwargs={"overwrite": True},
-            parser_kwargs={sub: {"default_config_files": defaults}
-                           for sub in ("fit", "validate", "test", "predict")},
+            trainer_defaults={"enable_progress_bar": sys.stderr.isatty()},
+            parser_kwargs={"exit_on_error": False,
+                           **{sub: {"default_config_files": defaults, "exit_on_error": False}
+                              for sub in subcommands}},
             args=args,
         )
-    except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    except SIGTERMException:
+        print("stopped by SIGTERM: last.ckpt saved; resume with --ckpt_path last", file=sys.stderr)
+        sys.exit(143)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except Exception as err:  # noqa: BLE001 -- every failure is one line; SEPNET_DEBUG=1 re-raises
+        if os.environ.get("SEPNET_DEBUG"):
+            raise
+        print(f"error: {_one_line(err)}", file=sys.stderr)
         sys.exit(2)

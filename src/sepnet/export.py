@@ -14,6 +14,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from sepnet.modes import eval_mode
+
 log = logging.getLogger(__name__)
 
 __all__ = ["to_torchscript", "sparse_state_dict", "dense_state_dict", "export_checkpoint"]
@@ -21,12 +23,9 @@ __all__ = ["to_torchscript", "sparse_state_dict", "dense_state_dict", "export_ch
 
 def to_torchscript(net: nn.Module, input_shape: tuple[int, ...], path: Path) -> Path:
     """Trace the plain model (pixels in [0, 1] in, logits out) in eval mode and save it."""
-    was_training = net.training
-    net.eval()
-    with torch.no_grad():
+    with torch.no_grad(), eval_mode(net):
         # batch 2: the traced branches (see layers._mode_product) then hold for every batch size
         traced = torch.jit.trace(net, torch.rand(2, *input_shape), check_trace=False)
-    net.train(was_training)
     _atomic(lambda tmp: traced.save(str(tmp)), path)
     return path
 

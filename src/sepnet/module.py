@@ -11,11 +11,13 @@ import numpy as np
 import torch
 import torchmetrics
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor, nn
 
-from sepnet.attacks import Attacker, AttackSpec
+from sepnet.attacks import Attacker, AttackSpec, eval_mode
 from sepnet.backbones import build_backbone
 from sepnet.constraints import constraint_penalties, parameter_counts, proximal_step_, separable_layers
+from sepnet.evaluation import reduced_autoattack, robust_masks, unique_labels
 from sepnet.heads import DenseHead, SeparableHead
 
 log = logging.getLogger(__name__)
@@ -95,8 +97,9 @@ class ImageClassifier(L.LightningModule):
         milestones: epochs at which multistep multiplies the LR by gamma.
         gamma: multistep factor.
         adv_training: "none", "pgd" (Madry PGD-AT), "fgsm" (fast FGSM with random start; use
-            adv_step_size ~ 1.25 adv_eps) or "trades" (PGD on KL to the clean prediction, then
-            CE(clean) + trades_beta KL(clean || adversarial)).
+            adv_step_size ~ 1.25 adv_eps), "nfgsm" (N-FGSM: noise of 2 eps, step adv_step_size
+            = adv_eps, no clipping to the ball; resists catastrophic overfitting) or "trades"
+            (PGD on KL to the clean prediction, then CE(clean) + trades_beta KL(clean || adv)).
         adv_eps: adversarial-training eps in pixel units.
         adv_step_size: attack step in pixel units.
         adv_steps: PGD iterations.
@@ -105,13 +108,17 @@ class ImageClassifier(L.LightningModule):
         trades_beta: TRADES' weight of the robustness term.
         fast_attacks: ART attacks through sepnet's FastClassifier (input-only gradients on the
             device) instead of ART's stock PyTorchClassifier.
-        val_attacks: attacks for the robust metrics, each a dict of AttackSpec fields
-            (name, norm, eps, step_size, steps, random_start); default PGD-10 Linf 8/255.
+        val_attacks: attacks for the validation robust metrics, each a dict of AttackSpec fields
+            (name, norm, eps, step_size, steps, random_start); each runs on every clean-correct
+            image of the subset, and val/robust_acc/worst is the per-image worst case over them
+            (the checkpoint monitor). Default: PGD-10 and FGSM, Linf 8/255 (FGSM beating PGD is
+            a sign of gradient masking, see sepnet.callbacks.MaskingWatch).
         robust_batches: validation batches attacked (the first ones of the unshuffled loader,
             so the same images every time); None attacks all of them.
         robust_every_n_epochs: attack at validation every this many epochs.
-        robust_test_batches: test batches attacked by `run.py test` (the datamodules shuffle
-            the test set once with a fixed seed, so these are a random, fixed sample); None: all.
+
+    The test attacks are not hyperparameters (a checkpoint must not decide how it is tested):
+    `configure_test_suite`, called by `run.py test` from its `report` section.
     """
 
     def __init__(
@@ -138,7 +145,7 @@ class ImageClassifier(L.LightningModule):
         scheduler: Literal["none", "multistep", "cosine", "onecycle"] = "cosine",
         milestones: tuple[int, ...] = (100, 150),
         gamma: float = 0.1,
-        adv_training: Literal["none", "pgd", "fgsm", "trades"] = "none",
+        adv_training: Literal["none", "pgd", "fgsm", "nfgsm", "trades"] = "none",
         adv_eps: float = 8 / 255,
         adv_step_size: float = 2 / 255,
         adv_steps: int = 10,
@@ -149,7 +156,6 @@ class ImageClassifier(L.LightningModule):
         val_attacks: list[dict[str, Any]] | None = None,
         robust_batches: int | None = 4,
         robust_every_n_epochs: int = 1,
-        robust_test_batches: int | None = None,
     ) -> None:
         super().__init__()
         for name in ("condition_weight", "sparsity_weight", "weight_decay", "lr", "trades_beta"):
@@ -166,18 +172,25 @@ class ImageClassifier(L.LightningModule):
                            HEADS[head](built.out_shape, num_classes, **head_args))
         self.adv_spec = None
         if adv_training != "none":
-            self.adv_spec = AttackSpec(name="fgsm" if adv_training == "fgsm" else "pgd", norm=adv_norm,
-                                       eps=adv_eps, step_size=adv_step_size, steps=adv_steps)
+            name = adv_training if adv_training in ("fgsm", "nfgsm") else "pgd"
+            self.adv_spec = AttackSpec(name=name, norm=adv_norm, eps=adv_eps, step_size=adv_step_size,
+                                       steps=adv_steps)
         self.attacker = Attacker(self.net, tuple(image_shape), num_classes, fast=fast_attacks)
-        self.val_attacks = [AttackSpec(**a) for a in (val_attacks or [{}])]
+        default_val = [{}, {"name": "fgsm", "step_size": 8 / 255, "random_start": False}]
+        self.val_attacks = [AttackSpec(**a) for a in (val_attacks or default_val)]
+        for spec in self.val_attacks:
+            if spec.name == "nfgsm":
+                raise ValueError("val_attacks: nfgsm is a training attack (its examples leave the "
+                                 "eps ball); expected one of the evaluation attacks")
         if robust_every_n_epochs < 1:
             raise ValueError(f"robust_every_n_epochs must be >= 1, got {robust_every_n_epochs}")
-        names = ["train_acc", "val_acc", "test_acc"] + [
-            f"{stage}_robust_{a.label}" for stage in ("val", "test") for a in self.val_attacks]
         self.metrics = nn.ModuleDict({
-            name: torchmetrics.classification.MulticlassAccuracy(num_classes, average="micro")
-            for name in names
+            f"{stage}_acc": torchmetrics.classification.MulticlassAccuracy(num_classes, average="micro")
+            for stage in ("train", "val", "test")
         })
+        self.robust_metrics = self._robust_metrics("val", self.val_attacks)
+        self.test_attacks, self.test_images, self.test_cascade = [], 0, True
+        self.configure_test_suite()
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
@@ -226,11 +239,8 @@ class ImageClassifier(L.LightningModule):
     def _trades_loss(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         """TRADES: x_adv maximizes KL(p(x) || p(x_adv)) (p(x) from the eval-mode model, as the
         attack runs in eval mode); loss = CE(f(x), y) + beta KL(p(x) || p(x_adv))."""
-        with torch.no_grad():
-            was_training = self.net.training
-            self.net.eval()
+        with torch.no_grad(), eval_mode(self.net):
             clean_probs = self.net(x).softmax(-1)
-            self.net.train(was_training)
         x_adv = self.attacker.generate(x, y, self.adv_spec, soft_targets=clean_probs)
         logits = self(x)
         robust = nn.functional.kl_div(self(x_adv).log_softmax(-1), logits.softmax(-1), reduction="batchmean")
@@ -253,23 +263,59 @@ class ImageClassifier(L.LightningModule):
         self.metrics[f"{stage}_acc"](logits, y)
         self.log(f"{stage}/loss", nn.functional.cross_entropy(logits, y), sync_dist=True)
         self.log(f"{stage}/acc", self.metrics[f"{stage}_acc"])
-        if not self._attack_this_batch(batch_idx, stage):
+        n = self._images_to_attack(batch_idx, stage, len(y))
+        if n == 0:
             return
-        for spec in self.val_attacks:
-            x_adv = self.attacker.generate(x, y, spec)
-            with torch.no_grad():
-                metric = self.metrics[f"{stage}_robust_{spec.label}"]
-                metric(self(x_adv), y)
-            self.log(f"{stage}/robust_acc/{spec.label}", metric)
+        # validation: every attack on all clean-correct images (standalone figures, for the
+        # masking check); test: AutoAttack's cascade, each attack on the survivors
+        attacks, cascade = ((self.val_attacks, False) if stage == "val"
+                            else (self.test_attacks, self.test_cascade))
+        masks = robust_masks(self.net, self.attacker, x[:n], y[:n], attacks, cascade=cascade)
+        for label, mask in masks.items():
+            if label != "clean":
+                metric = self.robust_metrics[f"{stage}_{label}"]
+                metric.update(mask.float())
+                self.log(f"{stage}/robust_acc/{label}", metric)
 
-    def _attack_this_batch(self, batch_idx: int, stage: str) -> bool:
+    def _images_to_attack(self, batch_idx: int, stage: str, batch_size: int) -> int:
+        """How many images of this batch the attacks run on (a fixed prefix of the unshuffled
+        loader, so the same images every time)."""
         hp = self.hparams
-        limit = hp.robust_batches if stage == "val" else hp.robust_test_batches
-        if limit is not None and batch_idx >= limit:
-            return False
-        if stage == "val" and not self.trainer.sanity_checking:
-            return (self.current_epoch + 1) % hp.robust_every_n_epochs == 0
-        return True
+        if stage == "test":
+            per_rank = -(-self.test_images // max(1, self.trainer.world_size))
+            n = max(0, min(batch_size, per_rank - self._test_attacked))
+            self._test_attacked += n
+            return n
+        if hp.robust_batches is not None and batch_idx >= hp.robust_batches:
+            return 0
+        if not self.trainer.sanity_checking and (self.current_epoch + 1) % hp.robust_every_n_epochs:
+            return 0
+        return batch_size
+
+    def _robust_metrics(self, stage: str, attacks: list[AttackSpec]) -> nn.ModuleDict:
+        """One mean-of-survivors metric per attack and for the per-image worst case; the
+        torchmetrics state is summed over DDP ranks."""
+        return nn.ModuleDict({f"{stage}_{label}": torchmetrics.MeanMetric()
+                              for label in [*unique_labels(attacks), "worst"]})
+
+    def configure_test_suite(self, attacks: list[AttackSpec] | None = None, images: int = 512,
+                             cascade: bool = True, square_queries: int = 1000) -> list[AttackSpec]:
+        """The attacks `test` runs on its first `images` test images. None: the validation
+        attacks, then APGD-CE, APGD-DLR and Square (`square_queries`) at the first one's eps."""
+        if images < 0:
+            raise ValueError(f"test images must be >= 0, got {images}")
+        if attacks is None:
+            extra = reduced_autoattack(self.val_attacks[0], square_queries)[1:]
+            attacks = [*self.val_attacks, *extra]
+        self.test_attacks, self.test_images, self.test_cascade = list(attacks), images, cascade
+        metrics = self._robust_metrics("test", self.test_attacks)
+        self.robust_metrics = nn.ModuleDict({
+            **{k: v for k, v in self.robust_metrics.items() if not k.startswith("test_")},
+            **metrics}).to(self.device)
+        return self.test_attacks
+
+    def on_test_epoch_start(self) -> None:
+        self._test_attacked = 0
 
     def validation_step(self, batch, batch_idx: int) -> None:
         self._evaluate(batch, batch_idx, "val")
@@ -319,6 +365,7 @@ class ImageClassifier(L.LightningModule):
     def on_fit_start(self) -> None:
         self.log_summary()
 
+    @rank_zero_only
     def log_summary(self) -> None:
         """Per-layer shapes, stored vs dense-equivalent parameters, and the whole-model ratio."""
         lines = ["separable layers (stored / dense-equivalent parameters):"]

@@ -7,6 +7,7 @@ Looked up by name in `BACKBONES`.
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -145,6 +146,9 @@ def build_backbone(name: str, image_shape: Sequence[int], **kwargs) -> Backbone:
         raise ValueError(f"unknown backbone {name!r}; expected one of {sorted(BACKBONES)}")
     try:
         return BACKBONES[name](tuple(image_shape), **kwargs)
+    except TypeError as err:  # an option the builder does not have
+        raise ValueError(f"backbone {name!r}: {err}; expected options of "
+                         f"{name}{inspect.signature(BACKBONES[name])}") from None
     except _TooSmall as err:
         raise ValueError(f"backbone {name!r} cannot take images of shape {tuple(image_shape)}: "
                          f"expected larger images ({err})") from None

@@ -60,6 +60,8 @@ class BestAndLastCheckpoint(ModelCheckpoint):
             folder = Path(trainer.log_dir or "")
             if trainer.loggers and folder.is_dir() and not any(folder.rglob("*.ckpt")):
                 shutil.rmtree(folder, ignore_errors=True)
+                if folder.parent.is_dir() and not any(folder.parent.iterdir()):
+                    folder.parent.rmdir()
 
     def _save_last_if_skipped(self, trainer) -> None:
         # nothing was written at this step (else the skip check is true): write last.ckpt

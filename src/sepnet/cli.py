@@ -223,17 +223,14 @@ class SepnetCLI(LightningCLI):
 
 
 def _one_line(err: BaseException) -> str:
-    """The message that names the problem: the last line of a worker's re-raised traceback,
-    else the first line of the message."""
+    """The line that names the problem: the last line of a loader worker's re-raised traceback,
+    the first reason of a jsonargparse union error, else the message's first line."""
     text = str(err).strip() or type(err).__name__
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     if "Original Traceback" in text:
-        return re.sub(r"^\w+(Error|Exception): ", "", lines[-1])
-    first = lines[0]
-    # jsonargparse: 'Parser key "data": ... - Problem with given class_path ...: <reason>'
-    reasons = [line.lstrip("- ") for line in lines[1:] if "Problem with given class_path" in line
-               or line.startswith(("Key ", "Expected"))]
-    return f"{first} {reasons[-1]}" if reasons and len(first) < 80 else first
+        return re.sub(r"^[\w.]+(Error|Exception): ", "", lines[-1])
+    reasons = [line[2:] for line in lines[1:] if line.startswith("- ") and "NoneType" not in line]
+    return reasons[0] if reasons else lines[0]
 
 
 def main(args: list[str] | None = None) -> None:

@@ -280,9 +280,18 @@ class ImageFolderDataModule(VisionDataModule):
 
     def build(self):
         train_dir, test_dir = self._split_dir("train"), self._split_dir("test")
-        return (datasets.ImageFolder(str(train_dir), self.train_transform()),
-                datasets.ImageFolder(str(train_dir), self.eval_transform()),
-                datasets.ImageFolder(str(test_dir), self.eval_transform()))
+        return (datasets.ImageFolder(str(train_dir), self.train_transform(), loader=read_image),
+                datasets.ImageFolder(str(train_dir), self.eval_transform(), loader=read_image),
+                datasets.ImageFolder(str(test_dir), self.eval_transform(), loader=read_image))
+
+
+def read_image(path: str):
+    """torchvision's default loader (PIL, RGB), with an unreadable file named in the error."""
+    try:
+        return datasets.folder.default_loader(path)
+    except (OSError, SyntaxError, ValueError) as err:  # PIL's errors for truncated/corrupt files
+        raise ValueError(f"cannot read image {path} ({type(err).__name__}: {err}): expected a valid "
+                         "image file") from None
 
 
 class ImageNetDataModule(ImageFolderDataModule):

@@ -61,7 +61,7 @@ def robust_masks(net: nn.Module, attacker: Attacker, x: Tensor, y: Tensor,
     for label, spec in zip(unique_labels(attacks), attacks):
         todo = (worst if cascade else start).nonzero().flatten()
         hit = torch.zeros_like(start)
-        for chunk in todo.split(batch_size):
+        for chunk in todo.split(batch_size) if len(todo) else ():
             hit[chunk] = correct(net, attacker.generate(x[chunk], y[chunk], spec), y[chunk])
         masks[label] = hit
         worst &= hit

@@ -67,19 +67,103 @@ def test_every_config_parses_and_instantiates(path, tmp_path, monkeypatch):
     assert tuple(cli.model.hparams.image_shape) == tuple(cli.datamodule.image_shape)
 
 
-def test_default_fit_then_test_writes_report(tmp_path):
+RUN0 = Path("logs/default/version_0")
+TEST_FAST = ["--report.images", "32", "--report.honesty_images", "16", "--report.square_queries", "20"]
+
+
+def test_default_fit_then_test_reports_the_worst_case(tmp_path):
     out = run(["fit", *FAST, "--trainer.max_epochs", "1"], cwd=tmp_path)
     assert "TensorBoard logs: logs/default/version_0" in out.stdout
-    ckpt = tmp_path / "checkpoints" / "default" / "last.ckpt"
-    assert ckpt.is_file() and (tmp_path / "logs/default/version_0/config.yaml").is_file()
-    best = list((tmp_path / "checkpoints" / "default").glob("best-*.ckpt"))
-    assert len(best) == 1
-    out = run(["test", *FAST, "--ckpt_path", str(ckpt), "--model.robust_test_batches", "1"], cwd=tmp_path)
-    report = json.loads(next(tmp_path.glob("logs/default/version_*/test_report.json")).read_text())
-    assert 0 <= report["metrics"]["test/acc"] <= 1
-    assert 0 <= report["metrics"]["test/robust_acc/pgd_linf"] <= report["metrics"]["test/acc"] + 0.05
+    assert "final validation: acc " in out.stdout and "robust_acc/worst" in out.stdout
+    run0 = tmp_path / RUN0
+    assert (run0 / "checkpoints/last.ckpt").is_file() and (run0 / "config.yaml").is_file()
+    assert len(list((run0 / "checkpoints").glob("best-*.ckpt"))) == 1
+    out = run(["test", *FAST, *TEST_FAST, "--ckpt_path", "last"], cwd=tmp_path)
+    report = json.loads((run0 / "test_report.json").read_text())
+    m = report["metrics"]
+    labels = [a["label"] for a in report["attacks"]]
+    # the default suite: the validation attack, then the reduced AutoAttack at its eps
+    assert labels == ["pgd_linf", "apgd_ce_linf", "apgd_dlr_linf", "square_linf"]
+    assert report["cascade"] and report["attacked_images"] == 32
+    assert 0 <= m["test/robust_acc/worst"] <= min(m[f"test/robust_acc/{k}"] for k in labels)
+    assert report["headline"] == m["test/robust_acc/worst"] <= m["test/acc"] + 0.1
     assert report["parameters"]["compression"] > 10
-    assert "test/robust_acc/pgd_linf" in out.stderr + out.stdout
+    assert report["checkpoint"].endswith("version_0/checkpoints/last.ckpt")
+    printed = out.stderr + out.stdout
+    table = printed[printed.index("test report"):]
+    assert table.index("test/robust_acc/worst") < table.index("test/robust_acc/pgd_linf")
+    assert "honesty" in report and "honesty/square" in table
+
+
+def test_test_runs_the_attacks_asked_for_not_the_checkpoints(tmp_path):
+    run(["fit", *FAST, "--trainer.max_epochs", "1"], cwd=tmp_path)
+    fgsm = '[{"name": "fgsm", "eps": 0.1, "step_size": 0.1}]'
+    run(["test", *FAST, *TEST_FAST, "--report.attacks", fgsm, "--report.honesty_images", "0",
+         "--ckpt_path", "last"], cwd=tmp_path)
+    report = json.loads((tmp_path / RUN0 / "test_report.json").read_text())
+    assert [a["label"] for a in report["attacks"]] == ["fgsm_linf"]
+    robust = sorted(k for k in report["metrics"] if "/robust_acc/" in k)
+    assert robust == ["test/robust_acc/fgsm_linf", "test/robust_acc/worst"]
+    # a model flag that contradicts the checkpoint is refused, not silently dropped
+    out = run(["test", *FAST, "--model.lr", "0.5", "--ckpt_path", "last"], cwd=tmp_path, check=False)
+    last = out.stderr.strip().splitlines()[-1]
+    assert out.returncode == 2 and "--model.lr 0.5 contradicts the checkpoint" in last
+
+
+def test_one_run_one_folder_and_last_means_the_newest_run(tmp_path):
+    run(["fit", *FAST, "--trainer.max_epochs", "1"], cwd=tmp_path)
+    run(["fit", *FAST, "--trainer.max_epochs", "2", "--trainer.max_steps", "3"], cwd=tmp_path)
+    runs = tmp_path / "logs/default"
+    assert sorted(p.name for p in runs.iterdir()) == ["version_0", "version_1"]
+    assert [p.name for p in (runs / "version_0/checkpoints").glob("last*.ckpt")] == ["last.ckpt"]
+    config0 = (runs / "version_0/config.yaml").read_text()
+    run(["fit", *FAST, "--trainer.max_epochs", "2", "--ckpt_path", "last"], cwd=tmp_path)
+    # resumed version_1 into its own folder: version_0 untouched, no third run
+    assert sorted(p.name for p in runs.iterdir()) == ["version_0", "version_1"]
+    assert (runs / "version_0/config.yaml").read_text() == config0
+    state = torch.load(runs / "version_1/checkpoints/last.ckpt", weights_only=False)
+    assert state["epoch"] == 1 and not list(runs.glob("*/checkpoints/last-v*.ckpt"))
+
+
+def test_last_with_nothing_to_resume(tmp_path):
+    out = run(["test", *FAST, "--ckpt_path", "last"], cwd=tmp_path, check=False)
+    assert out.returncode == 2 and "no last.ckpt under logs/default" in out.stderr.strip().splitlines()[-1]
+    assert not list(tmp_path.rglob("test_report.json"))
+    out = run(["fit", *FAST, "--trainer.max_epochs", "1", "--ckpt_path", "last"], cwd=tmp_path)
+    assert out.stderr.count("nothing to resume under logs/default; starting a fresh run") == 1
+    assert (tmp_path / RUN0 / "checkpoints/last.ckpt").is_file()
+
+
+def test_resume_with_another_schedule_length_is_refused(tmp_path):
+    run(["fit", *FAST, "--trainer.max_epochs", "2", "--trainer.max_steps", "3"], cwd=tmp_path)
+    ckpt = tmp_path / RUN0 / "checkpoints/last.ckpt"
+    before = ckpt.read_bytes()
+    out = run(["fit", *FAST, "--trainer.max_epochs", "4", "--ckpt_path", "last"], cwd=tmp_path, check=False)
+    last = out.stderr.strip().splitlines()[-1]
+    assert out.returncode == 2 and "cosine schedule over 2 epochs" in last
+    assert ckpt.read_bytes() == before
+
+
+def test_sigterm_saves_a_resumable_checkpoint_and_exits_nonzero(tmp_path):
+    import signal
+    import time
+
+    proc = subprocess.Popen([sys.executable, str(REPO / "run.py"), "fit", *FAST,
+                             "--trainer.limit_train_batches", "1.0", "--trainer.max_epochs", "1000"],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    ckpt = tmp_path / RUN0 / "checkpoints/last.ckpt"
+    deadline = time.time() + 120
+    while not ckpt.exists() and time.time() < deadline:  # at least one epoch done
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143 and "stopped by SIGTERM" in err
+    state = torch.load(ckpt, weights_only=False)
+    assert state["global_step"] > 0
+    out = run(["fit", *FAST, "--trainer.limit_train_batches", "1.0", "--trainer.max_epochs", "1000",
+               "--trainer.max_steps", str(state["global_step"] + 2), "--ckpt_path", "last"], cwd=tmp_path)
+    assert "Restored all states" in out.stderr + out.stdout
+    assert torch.load(ckpt, weights_only=False)["global_step"] == state["global_step"] + 2
 
 
 def _resume_pair(tmp_path):
@@ -91,8 +175,8 @@ def _resume_pair(tmp_path):
     run(["fit", *common], cwd=a)
     run(["fit", *common, "--trainer.max_steps", "3"], cwd=b)
     run(["fit", *common, "--ckpt_path", "last"], cwd=b)
-    sa = torch.load(a / "checkpoints/default/last.ckpt", weights_only=False)
-    sb = torch.load(b / "checkpoints/default/last.ckpt", weights_only=False)
+    sa = torch.load(a / RUN0 / "checkpoints/last.ckpt", weights_only=False)
+    sb = torch.load(b / RUN0 / "checkpoints/last.ckpt", weights_only=False)
     return a, b, sa, sb
 
 
@@ -103,6 +187,12 @@ def test_resume_continues_the_same_run_with_identical_weights(tmp_path):
     assert sorted(p.name for p in (b / "logs/default").iterdir()) == ["version_0"]
     for key, value in sa["state_dict"].items():
         assert torch.equal(value, sb["state_dict"][key]), key
+
+
+def _corrupt_image_folder(root: Path) -> Path:
+    folder = write_image_folder(root, classes=("a", "b"), per_class=4)
+    (folder / "train/a/2.png").write_bytes(b"not an image")
+    return folder
 
 
 @pytest.mark.parametrize(
@@ -116,18 +206,38 @@ def test_resume_continues_the_same_run_with_identical_weights(tmp_path):
         (["--data", "sepnet.data.ImageFolderDataModule", "--data.root", "missing_folder"],
          "no train folder under missing_folder"),
         (["--ckpt_path", "nowhere.ckpt"], "checkpoint nowhere.ckpt does not exist"),
+        (["--model.val_attacks", '[{"eps": 8}]'], "attack eps 8 is above 1: eps is in pixel units"),
+        (["--nonsense", "3"], "unrecognized arguments: --nonsense 3"),
+        (["--data.init_args.batch_size", "0"], "batch_size must be >= 1, got 0"),
+        (["--trainer.max_epochs", "-5"], "`max_epochs` must be a non-negative integer or -1. You passed in -5"),
+        (["--checkpoint.dirpath", "a_file/ckpts"], "--checkpoint.dirpath a_file/ckpts: a_file is a file"),
+        (["--model.backbone", "vgg16", "--model.backbone_kwargs", "{}"],
+         "backbone 'vgg16' cannot take images of shape (1, 8, 8): expected larger images"),
+        (["--trainer", str(CONF / "trainer/ddp.yaml")], "No supported gpu backend found!"),
+        (["--data", "sepnet.data.ImageFolderDataModule", "--data.root", "corrupt", "--data.num_workers", "1"],
+         "cannot read image corrupt/train/a/2.png"),
     ],
 )
 def test_bad_input_is_one_line_and_nonzero(args, message, tmp_path):
+    (tmp_path / "a_file").write_text("x")
+    _corrupt_image_folder(tmp_path / "corrupt")
     out = run(["fit", *FAST, *args], cwd=tmp_path, check=False)
-    assert out.returncode != 0
-    assert message in out.stderr and "Traceback" not in out.stderr
-    assert not (tmp_path / "checkpoints" / "default" / "last.ckpt").exists()
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 2
+    assert lines[-1].startswith("error: ") and message in lines[-1], lines[-3:]
+    assert "Traceback" not in out.stderr and "usage:" not in out.stderr
+    assert not list(tmp_path.rglob("last.ckpt"))
+    assert not list(tmp_path.rglob("version_*"))  # a failed run leaves no empty log folder
+
+
+def test_diverging_loss_is_warned(tmp_path):
+    out = run(["fit", *FAST, "--trainer.max_epochs", "1", "--model.condition_weight", "1e9"], cwd=tmp_path)
+    assert "diverging loss" in out.stderr
 
 
 def test_corrupt_and_incompatible_checkpoints(tmp_path):
     run(["fit", *FAST, "--trainer.max_epochs", "1"], cwd=tmp_path)
-    ckpt = tmp_path / "checkpoints/default/last.ckpt"
+    ckpt = tmp_path / RUN0 / "checkpoints/last.ckpt"
     original = ckpt.read_bytes()
     truncated = tmp_path / "truncated.ckpt"
     truncated.write_bytes(original[: len(original) // 2])
@@ -139,7 +249,7 @@ def test_corrupt_and_incompatible_checkpoints(tmp_path):
     state["state_dict"][key] = torch.zeros(3)
     bad = tmp_path / "bad.ckpt"
     torch.save(state, bad)
-    out = run(["fit", *FAST, "--ckpt_path", str(bad)], cwd=tmp_path, check=False)
+    out = run(["fit", *FAST, "--trainer.max_epochs", "1", "--ckpt_path", str(bad)], cwd=tmp_path, check=False)
     last = out.stderr.strip().splitlines()[-1]
     assert out.returncode != 0 and f"does not fit this config: {key} is (3,)" in last
     assert ckpt.read_bytes() == original
@@ -147,16 +257,30 @@ def test_corrupt_and_incompatible_checkpoints(tmp_path):
 
 def test_ddp_two_processes_on_cpu_matches_single_process(tmp_path):
     run(["fit", *FAST, "--trainer.max_epochs", "1"], cwd=tmp_path)
-    ckpt = str(tmp_path / "checkpoints/default/last.ckpt")
-    full_val = ["--trainer.limit_val_batches", "1.0", "--model.robust_batches", "2"]
+    ckpt = str(tmp_path / RUN0 / "checkpoints/last.ckpt")
+    # every validation image attacked, without random start: the figures must match exactly
+    pgd = '[{"name": "pgd", "eps": 0.1, "step_size": 0.05, "steps": 2, "random_start": false}]'
+    full_val = ["--trainer.limit_val_batches", "1.0", "--model.robust_batches", "null",
+                "--model.val_attacks", pgd]
     run(["validate", *FAST, *full_val, "--ckpt_path", ckpt], cwd=tmp_path)
-    single = json.loads(max(tmp_path.glob("logs/default/version_*/validate_report.json")).read_text())
+    single = json.loads((tmp_path / RUN0 / "validate_report.json").read_text())
+    (tmp_path / RUN0 / "validate_report.json").unlink()
     ddp = ["--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu"]
-    run(["fit", *FAST, *ddp, "--trainer.max_epochs", "1", "--model.adv_training", "pgd",
-         "--model.adv_steps", "2", "--checkpoint.dirpath", "checkpoints/ddp"], cwd=tmp_path)
-    for report in tmp_path.glob("logs/default/version_*/validate_report.json"):
-        report.unlink()
     run(["validate", *FAST, *full_val, *ddp, "--ckpt_path", ckpt], cwd=tmp_path)
-    multi = json.loads(next(tmp_path.glob("logs/default/version_*/validate_report.json")).read_text())
-    # DistributedSampler pads 180 validation images to 2 x 90: identical here; allow one image
-    assert abs(single["metrics"]["val/acc"] - multi["metrics"]["val/acc"]) <= 1 / 180 + 1e-6
+    multi = json.loads((tmp_path / RUN0 / "validate_report.json").read_text())
+    # DistributedSampler splits the 180 validation images into 2 x 90: identical; allow one image
+    for key in ("val/acc", "val/robust_acc/pgd_linf", "val/robust_acc/worst"):
+        assert abs(single["metrics"][key] - multi["metrics"][key]) <= 1 / 180 + 1e-6, key
+    assert single["metrics"]["val/robust_acc/pgd_linf"] < single["metrics"]["val/acc"]
+    # a DDP fit with PGD adversarial training: one run folder, one summary, and its last
+    # validation figures equal a single-process validation of the checkpoint it wrote
+    out = run(["fit", *FAST, *full_val, *ddp, "--trainer.max_epochs", "2", "--model.adv_training", "pgd",
+               "--model.adv_steps", "2"], cwd=tmp_path)
+    assert sorted(p.name for p in (tmp_path / "logs/default").iterdir()) == ["version_0", "version_1"]
+    assert (out.stdout + out.stderr).count("separable layers (stored") == 1
+    fitted = out.stdout.split("final validation: ")[1]
+    last = tmp_path / "logs/default/version_1/checkpoints/last.ckpt"
+    assert torch.load(last, weights_only=False)["global_step"] == 6  # 3 batches a rank, 2 epochs
+    run(["validate", *FAST, *full_val, "--ckpt_path", str(last)], cwd=tmp_path)
+    check = json.loads((tmp_path / "logs/default/version_1/validate_report.json").read_text())["metrics"]
+    assert f"acc {check['val/acc']:.4f}, robust_acc/worst {check['val/robust_acc/worst']:.4f}" in fitted

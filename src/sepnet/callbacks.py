@@ -290,7 +290,7 @@ class RunWatch(L.Callback):
             self._warn(trainer, message)
         self.best_first = max(self.best_first or 0.0, robust[labels[0]])
         if "worst" in robust:
-            pl_module.log("val/robust_gap", robust[labels[0]] - robust["worst"])
+            pl_module.log("val/robust_gap", robust[labels[0]] - robust["worst"], sync_dist=True)
 
     def state_dict(self) -> dict:
         return {"best_first": self.best_first, "first_loss": self.first_loss}

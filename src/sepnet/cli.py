@@ -28,6 +28,9 @@ from sepnet.module import ImageClassifier
 log = logging.getLogger("sepnet")
 
 LINKED = ("num_classes", "image_shape", "mean", "std")
+# model hyperparameters that only say how validation attacks the model: a flag wins over the
+# checkpoint's value (any other flag that contradicts the checkpoint is refused)
+EVALUATION_KEYS = ("val_attacks", "robust_batches", "robust_every_n_epochs", "fast_attacks")
 # hyperparameters of older checkpoints that no longer exist, and where their job went
 REMOVED = {"robust_test_batches": "test image counts are --report.images"}
 
@@ -163,10 +166,13 @@ class SepnetCLI(LightningCLI):
         parser = self._sepnet_parsers[list(self.subcommands()).index(subcommand)]
         defaults = _plain(parser.get_defaults().get("model"))
         given = _plain(self.config[subcommand].get("model"))
+        self._evaluation_overrides = {}
         for key, value in given.items():
             if key in LINKED or key not in hparams or value == defaults.get(key):
                 continue
-            if value != _plain(hparams[key]):
+            if key in EVALUATION_KEYS:
+                self._evaluation_overrides[key] = self.config[subcommand].model[key]
+            elif value != _plain(hparams[key]):
                 raise ValueError(f"--model.{key} {value} contradicts the checkpoint {ckpt} ({key}: "
                                  f"{_plain(hparams[key])}): expected no model flags with --ckpt_path "
                                  "(test attacks are --report.attacks; a new model needs a new run)")
@@ -194,6 +200,13 @@ class SepnetCLI(LightningCLI):
                                  f"checkpoint, expected {tuple(value.shape)}")
 
     # ------------------------------------------------------------------ hooks
+    def before_instantiate_classes(self) -> None:
+        """Lightning has merged the checkpoint's hyperparameters: evaluation flags win again."""
+        model = self.config[self.subcommand].model if self.subcommand else None
+        for key, value in getattr(self, "_evaluation_overrides", {}).items():
+            log.info("--model.%s given: used instead of the checkpoint's value", key)
+            model[key] = value
+
     def before_fit(self) -> None:
         self._check_checkpoint_shapes()
         if self.trainer.loggers:
@@ -206,6 +219,7 @@ class SepnetCLI(LightningCLI):
         self._check_checkpoint_shapes()
 
     def after_fit(self) -> None:
+        log_dir = self.trainer.log_dir  # a collective call under DDP: every rank makes it
         if not self.trainer.is_global_zero:
             return
         metrics = self.trainer.callback_metrics
@@ -214,9 +228,8 @@ class SepnetCLI(LightningCLI):
         counts = parameter_counts(self.model)
         figures.append(f"{counts.nonzero:,} non-zero parameters ({counts.nonzero_compression:.1f}x)")
         print("final validation: " + ", ".join(figures))
-        if self.trainer.log_dir and self.trainer.loggers:
-            print(f"TensorBoard logs: {self.trainer.log_dir}  "
-                  f"(tensorboard --logdir {Path(self.trainer.log_dir).parent})")
+        if log_dir and self.trainer.loggers:
+            print(f"TensorBoard logs: {log_dir}  (tensorboard --logdir {Path(log_dir).parent})")
         ckpt = self.trainer.checkpoint_callback
         if ckpt is not None and not self.trainer.fast_dev_run:
             print(f"checkpoints: last {ckpt.last_model_path or '-'}; best {ckpt.best_model_path or '-'}")

@@ -32,6 +32,7 @@ from torch.nn.utils import prune
 from sepnet.attacks import AttackSpec
 from sepnet.constraints import fc_parameter_counts, layer_condition_number, parameter_counts, separable_layers
 from sepnet.data import ImageFolderDataModule
+from sepnet.evaluation import correct, honesty_checks, robust_masks
 from sepnet.layers import SeparableLinear
 from sepnet.module import ImageClassifier
 
@@ -71,13 +72,20 @@ for family in FAMILIES.values():  # ablations at the middle level
     for level in "abc":  # pruning baselines at each separable level's budget
         family[f"pruned_{level}"] = f"prune dense layer by layer to the budgets of sep_{level}"
 
-EVAL = {
-    "pgd20": AttackSpec(name="pgd", eps=EPS, step_size=2 / 255, steps=20),
-    # reduced AutoAttack for the CPU: APGD-CE and APGD-DLR (100 steps, 1 restart), Square 1000 queries
-    "aa_apgd_ce": AttackSpec(name="apgd_ce", eps=EPS, step_size=2 / 255, steps=100),
-    "aa_apgd_dlr": AttackSpec(name="apgd_dlr", eps=EPS, step_size=2 / 255, steps=100),
-    "aa_square": AttackSpec(name="square", eps=EPS, step_size=2 / 255, steps=1000),
-}
+def eval_specs(eps: float) -> dict[str, AttackSpec]:
+    """PGD-20 and the reduced AutoAttack for the CPU (APGD-CE and APGD-DLR with 100 steps and 1
+    restart, Square with 1000 queries); steps of eps / 4."""
+    step = eps / 4
+    return {
+        "pgd20": AttackSpec(name="pgd", eps=eps, step_size=step, steps=20),
+        "aa_apgd_ce": AttackSpec(name="apgd_ce", eps=eps, step_size=step, steps=100),
+        "aa_apgd_dlr": AttackSpec(name="apgd_dlr", eps=eps, step_size=step, steps=100),
+        "aa_square": AttackSpec(name="square", eps=eps, step_size=step, steps=1000),
+    }
+
+
+EVAL = eval_specs(EPS)
+AA = ("aa_apgd_ce", "aa_apgd_dlr", "aa_square")
 
 
 def exact_kappa(layer) -> float:
@@ -118,46 +126,42 @@ def train(model: ImageClassifier, epochs: int, batch_size: int) -> tuple[float, 
     return time.perf_counter() - start, kappa
 
 
-def evaluate(net: nn.Module, attacker, pgd_images: int, aa_images: int) -> dict:
+def evaluate(net: nn.Module, attacker, pgd_images: int, aa_images: int, honesty_images: int = 256,
+             eps: float = EPS) -> dict:
+    """sepnet.evaluation on the test set: clean accuracy on all 10k images, PGD-20 on the first
+    `pgd_images`, then the reduced AutoAttack on the PGD survivors among the first `aa_images`
+    (worst_acc: an image counts if it survives all four), and the honesty checks."""
     dm = datamodule(500)
     dm.setup()
-    net.eval()
     hits, xs, ys = [], [], []  # the test loader's fixed shuffle makes its prefix a random sample
-    subset = max(pgd_images, aa_images)
-    with torch.no_grad():
-        for x, y in dm.test_dataloader():
-            hits.append(net(x).argmax(1) == y)
-            if sum(len(t) for t in ys) < subset:
-                xs.append(x), ys.append(y)
-    x, y, hit = torch.cat(xs), torch.cat(ys), torch.cat(hits)
-    out = {"clean_acc": hit.float().mean().item()}
-    clean_ok = hit[:len(y)]  # misclassified clean images count as broken without being attacked
-
-    def robust(spec, n, alive=None):
-        # like AutoAttack, each attack only runs on the samples that survived the previous ones
-        todo = torch.arange(n) if alive is None else alive.nonzero().flatten()
-        hit = torch.zeros(n, dtype=torch.bool)
-        for chunk in todo.split(250):
-            adv = attacker.generate(x[chunk], y[chunk], spec)
-            with torch.no_grad():
-                hit[chunk] = net(adv).argmax(1) == y[chunk]
-        return hit
-
-    out["pgd20_acc"] = robust(EVAL["pgd20"], pgd_images, clean_ok[:pgd_images]).float().mean().item()
-    alive = clean_ok[:aa_images]
-    for key in ("aa_apgd_ce", "aa_apgd_dlr", "aa_square"):  # a sample counts if it survives all
-        alive = robust(EVAL[key], aa_images, alive)
-    out["autoattack_acc"] = alive.float().mean().item()
+    subset = max(pgd_images, aa_images, honesty_images)
+    for x, y in dm.test_dataloader():
+        hits.append(correct(net, x, y))
+        if sum(len(t) for t in ys) < subset:
+            xs.append(x), ys.append(y)
+    x, y = torch.cat(xs), torch.cat(ys)
+    out = {"clean_acc": torch.cat(hits).float().mean().item()}
+    specs = eval_specs(eps)
+    pgd = robust_masks(net, attacker, x[:pgd_images], y[:pgd_images], [specs["pgd20"]])["pgd_linf"]
+    out["pgd20_acc"] = pgd.float().mean().item()
+    alive = torch.ones(aa_images, dtype=torch.bool)
+    alive[:min(pgd_images, aa_images)] = pgd[:aa_images]
+    aa = robust_masks(net, attacker, x[:aa_images], y[:aa_images], [specs[k] for k in AA], alive=alive)
+    out["worst_acc"] = aa["worst"].float().mean().item()
+    if honesty_images:
+        checks = honesty_checks(net, attacker, x[:honesty_images], y[:honesty_images], specs["pgd20"])
+        out["honesty"] = {"accuracy": checks["accuracy"], "warnings": checks["warnings"]}
     return out
 
 
-def prune_from_dense(family: str, dense_state: dict, reference: nn.Module) -> ImageClassifier:
+def prune_from_dense(family: str, dense_state: dict, reference: nn.Module, adv: str = "fgsm",
+                     eps: float = EPS) -> ImageClassifier:
     """The family's dense model, pruned by weight magnitude layer by layer so that each of its
     Linear layers keeps as many non-zero parameters (weights and bias) as the matching FC layer
     (separable, or a dense classifier) of the `reference` stores, at least one per output unit.
     Global magnitude pruning was tried first and removed the whole MLP classifier at 582x (its
     weights are smaller than the hidden layers'): a broken baseline."""
-    model = ImageClassifier(**FAMILIES[family]["dense"], **common_kwargs(family))
+    model = ImageClassifier(**FAMILIES[family]["dense"], **common_kwargs(family, adv, eps))
     model.net.load_state_dict(dense_state)
     linears = [m for m in model.net.modules() if isinstance(m, nn.Linear)]
     budgets = [sum(p.numel() for p in m.parameters()) for m in reference.modules()
@@ -177,9 +181,14 @@ OPTIMIZERS = {  # the separable MLP does not train with SGD at 0.05 (chance afte
 }
 
 
-def common_kwargs(family: str) -> dict:
+# fast FGSM with random start, step 1.25 eps (Wong et al.); N-FGSM: noise 2 eps, step eps, no
+# clipping to the ball (de Jorge et al.), the remedy for fast FGSM's catastrophic overfitting
+ADV_STEP = {"fgsm": 1.25, "nfgsm": 1.0}  # x eps
+
+
+def common_kwargs(family: str, adv: str = "fgsm", eps: float = EPS) -> dict:
     return dict(num_classes=10, image_shape=(3, 32, 32), mean=CIFAR_MEAN, std=CIFAR_STD,
-                scheduler="cosine", adv_training="fgsm", adv_eps=EPS, adv_step_size=10 / 255,
+                scheduler="cosine", adv_training=adv, adv_eps=eps, adv_step_size=ADV_STEP[adv] * eps,
                 robust_batches=0, **OPTIMIZERS[family])
 
 
@@ -187,12 +196,12 @@ def run(family: str, variant: str, args) -> dict:
     torch.manual_seed(args.seed)  # pruned models always start from the seed-0 dense run
     dense_path = Path(args.results).with_name(f"{family}_dense.pt")
     if variant.startswith("pruned_"):
-        ref = ImageClassifier(**FAMILIES[family][f"sep_{variant[-1]}"], **common_kwargs(family))
+        ref = ImageClassifier(**FAMILIES[family][f"sep_{variant[-1]}"], **common_kwargs(family, args.adv, args.eps255 / 255))
         if not dense_path.is_file():
             raise FileNotFoundError(f"{dense_path}: no dense {family} weights; run --only dense first")
-        model = prune_from_dense(family, torch.load(dense_path), ref.net)
+        model = prune_from_dense(family, torch.load(dense_path), ref.net, args.adv, args.eps255 / 255)
     else:
-        model = ImageClassifier(**FAMILIES[family][variant], **common_kwargs(family))
+        model = ImageClassifier(**FAMILIES[family][variant], **common_kwargs(family, args.adv, args.eps255 / 255))
     epochs = args.epochs  # pruned models are fine-tuned as long as the others are trained
     seconds, kappa = train(model, epochs, args.batch)
     if variant.startswith("pruned_"):
@@ -207,12 +216,14 @@ def run(family: str, variant: str, args) -> dict:
     record = {
         "family": family, "variant": variant, "epochs": epochs, "train_seconds": seconds,
         "pgd_images": args.pgd_images, "aa_images": args.aa_images, "batch": args.batch, "seed": args.seed,
+        "adv": args.adv, "eps255": args.eps255,
         "params_stored": whole.stored, "params_nonzero": whole.nonzero, "params_dense": whole.dense,
         "fc_stored": fc.stored, "fc_nonzero": fc.nonzero, "fc_dense": fc.dense,
         "fc_compression": fc.dense / max(fc.nonzero, 1),
         "final_layer_kappa": layer_kappa, "log10_kappa_per_epoch": kappa.history,
         "log10_kappa_layers_per_epoch": kappa.per_layer,
-        **evaluate(model.net, model.attacker, args.pgd_images, args.aa_images),
+        **evaluate(model.net, model.attacker, args.pgd_images, args.aa_images, args.honesty_images,
+                   args.eps255 / 255),
     }
     results = Path(args.results)
     results.parent.mkdir(parents=True, exist_ok=True)
@@ -220,6 +231,12 @@ def run(family: str, variant: str, args) -> dict:
         f.write(json.dumps(record) + "\n")
     print(json.dumps(record))
     return record
+
+
+def _key(record: dict) -> tuple:
+    """A run's identity: records before N-FGSM and the worst case were all fast-FGSM runs."""
+    return (record["family"], record["variant"], record["epochs"], record.get("seed", 0),
+            record.get("adv", "fgsm"), record.get("eps255", 8.0))
 
 
 def report(results: Path) -> None:
@@ -231,27 +248,35 @@ def report(results: Path) -> None:
     latest = {}
     for line in results.read_text().splitlines():
         r = json.loads(line)
+        if r.get("adv", "fgsm") != "fgsm" or r.get("eps255", 8.0) != 8.0:
+            r["variant"] = f"{r['variant']}+{r.get('adv', 'fgsm')}@{r.get('eps255', 8.0):g}/255"
+        # records before the worst case hold the reduced AutoAttack alone (marked *)
+        r["worst"] = r.get("worst_acc", r.get("autoattack_acc"))
+        r["flags"] = ("*" if "worst_acc" not in r else "") + \
+            (f" {len(r['honesty']['warnings'])} warning(s)" if r.get("honesty", {}).get("warnings") else "")
         latest[(r["family"], r["variant"], r["epochs"], r.get("seed", 0))] = r  # latest run wins
     runs: dict[tuple, dict] = {}  # seeds averaged; spread = half the range over seeds
     for (family, variant, epochs, _), r in sorted(latest.items()):
         group = [x for (f, v, e, _), x in latest.items() if (f, v, e) == (family, variant, epochs)]
         runs[(family, variant, epochs)] = {
             **r, "seeds": len(group),
-            **{k: sum(x[k] for x in group) / len(group) for k in ("clean_acc", "pgd20_acc", "autoattack_acc")},
+            **{k: sum(x[k] for x in group) / len(group) for k in ("clean_acc", "pgd20_acc", "worst")},
             **{f"{k}_spread": (max(x[k] for x in group) - min(x[k] for x in group)) / 2
-               for k in ("clean_acc", "pgd20_acc", "autoattack_acc")}}
+               for k in ("clean_acc", "pgd20_acc", "worst")}}
 
     def cell(r, key):
         return f"{r[key]:.3f}" + (f" ±{r[key + '_spread']:.3f}" if r["seeds"] > 1 else "")
 
     print("| family | variant | epochs | seeds | FC stored | FC non-zero | FC compression | model stored | "
-          "model non-zero | clean | PGD-20 | AutoAttack (reduced) | train min | final layer kappa |")
-    print("|---" * 14 + "|")
+          "model non-zero | clean | PGD-20 | worst case | train min | final layer kappa | flags |")
+    print("|---" * 15 + "|")
     for (family, variant, epochs), r in sorted(runs.items()):
         kappa = ", ".join(f"{k:.3g}" for k in r["final_layer_kappa"]) or "-"
         print(f"| {family} | {variant} | {epochs} | {r['seeds']} | {r['fc_stored']:,} | {r['fc_nonzero']:,} | "
-              f"{r['fc_compression']:.1f}x | {r['params_stored']:,} | {r['params_nonzero']:,} | {cell(r, 'clean_acc')} | {cell(r, 'pgd20_acc')} | {cell(r, 'autoattack_acc')} | "
-              f"{r['train_seconds'] / 60:.1f} | {kappa} |")
+              f"{r['fc_compression']:.1f}x | {r['params_stored']:,} | {r['params_nonzero']:,} | {cell(r, 'clean_acc')} | {cell(r, 'pgd20_acc')} | {cell(r, 'worst')} | "
+              f"{r['train_seconds'] / 60:.1f} | {kappa} | {r['flags'] or '-'} |")
+    print("\nworst case: per image over PGD-20, APGD-CE, APGD-DLR and Square (1,000 queries); * = an "
+          "older record with the reduced AutoAttack alone (PGD-20 not included)")
     # the plots compare runs of the dense baseline's length
     main_epochs = {f: e for (f, v, e) in runs if v == "dense"}
     records = {(f, v): r for (f, v, e), r in runs.items() if e == main_epochs.get(f, e)}
@@ -259,7 +284,7 @@ def report(results: Path) -> None:
     colors = {"mlp": "tab:blue", "vgg": "tab:red"}
     for family, color in colors.items():
         fam = {v: r for (f, v), r in records.items() if f == family}
-        for ax, key in ((axes[0], "pgd20_acc"), (axes[1], "autoattack_acc")):
+        for ax, key in ((axes[0], "pgd20_acc"), (axes[1], "worst")):
             for prefix, style, name in (("sep_", "-o", "separable"), ("pruned_", "--x", "magnitude pruning")):
                 pts = sorted((fam[f"{prefix}{lv}"]["fc_nonzero"], fam[f"{prefix}{lv}"][key])
                              for lv in "abc" if f"{prefix}{lv}" in fam)
@@ -277,7 +302,7 @@ def report(results: Path) -> None:
             if r.get("log10_kappa_layers_per_epoch") and not v.startswith("pruned_"):
                 axes[2].plot(range(1, len(r["log10_kappa_per_epoch"]) + 1), r["log10_kappa_per_epoch"],
                              marker=".", color=color, alpha=0.4 + 0.6 * (v == "sep_b"), label=f"{family} {v}")
-    for ax, name in ((axes[0], "PGD-20"), (axes[1], "reduced AutoAttack")):
+    for ax, name in ((axes[0], "PGD-20"), (axes[1], "worst case (PGD-20 + reduced AutoAttack)")):
         ax.set(xscale="log", xlabel="FC non-zero parameters", ylabel=f"{name} accuracy (Linf 8/255)",
                title=f"FC parameters vs {name} accuracy")
     axes[2].set(xlabel="epoch", ylabel="mean log10 kappa of separable layers (exact)",
@@ -296,6 +321,9 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--adv", choices=sorted(ADV_STEP), default="fgsm", help="adversarial training")
+    parser.add_argument("--eps255", type=float, default=8.0, help="Linf eps of training and attacks, x/255")
+    parser.add_argument("--honesty-images", type=int, default=256)
     parser.add_argument("--pgd-images", type=int, default=2000)
     parser.add_argument("--aa-images", type=int, default=1000)
     parser.add_argument("--report", action="store_true")
@@ -310,7 +338,13 @@ def main() -> None:
     unknown = set(variants) - set(FAMILIES[args.family])
     if unknown:
         parser.error(f"unknown variants {sorted(unknown)}; expected some of {sorted(FAMILIES[args.family])}")
+    done = {_key(json.loads(line)) for line in Path(args.results).read_text().splitlines()} \
+        if Path(args.results).is_file() else set()
     for variant in variants:
+        key = (args.family, variant, args.epochs, args.seed, args.adv, args.eps255)
+        if key in done:
+            print(f"skipped (in {args.results}): {key}")
+            continue
         run(args.family, variant, args)
 
 

@@ -144,6 +144,7 @@ def test_project_linf_and_l2():
         (dict(restarts=0), "restarts must be >= 1, got 0"),
         (dict(step_size=0), "step_size must be > 0, got 0"),
         (dict(name="cw_linf", norm="l2"), "cw_linf is an Linf attack"),
+        (dict(eps=8), "attack eps 8 is above 1: eps is in pixel units"),
     ],
 )
 def test_invalid_attack_settings(kwargs, match):
@@ -169,8 +170,24 @@ def test_adversarial_training_increases_robust_accuracy(digits):
     dm, x, y = digits
     spec = AttackSpec(name="pgd", eps=EPS, step_size=0.025, steps=10)
     robust = {}
-    for mode in ("none", "pgd", "trades"):
+    for mode in ("none", "pgd", "trades", "nfgsm"):
         net = _train(mode, dm)
         robust[mode] = _acc(net, Attacker(net, (1, 8, 8), 10).generate(x, y, spec), y)
     assert robust["pgd"] > robust["none"] + 0.05, robust
     assert robust["trades"] > robust["none"] + 0.05, robust
+    assert robust["nfgsm"] > robust["none"] + 0.05, robust
+
+
+def test_nfgsm_is_a_noisy_unclipped_step_and_training_only(trained, digits):
+    _, x, y = digits
+    spec = AttackSpec(name="nfgsm", eps=EPS, step_size=EPS)
+    torch.manual_seed(0)
+    adv = Attacker(trained, (1, 8, 8), 10).generate(x, y, spec)
+    delta = (adv - x).abs()
+    assert adv.min() >= 0 and adv.max() <= 1
+    assert delta.max() <= 3 * EPS + 1e-6 and delta.max() > 1.5 * EPS  # noise 2 eps + step eps
+    assert _acc(trained, adv, y) < _acc(trained, x, y) - 0.1
+    with pytest.raises(ValueError, match="nfgsm is a training attack"):
+        ImageClassifier(val_attacks=[{"name": "nfgsm"}])
+    with pytest.raises(ValueError, match="nfgsm is an Linf attack"):
+        AttackSpec(name="nfgsm", norm="l2")

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import write_image_folder
-from sepnet.cli import SepnetCLI
+from sepnet.cli import SepnetCLI, main
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
@@ -218,14 +218,17 @@ def _corrupt_image_folder(root: Path) -> Path:
          "cannot read image corrupt/train/a/2.png"),
     ],
 )
-def test_bad_input_is_one_line_and_nonzero(args, message, tmp_path):
+def test_bad_input_is_one_line_and_nonzero(args, message, tmp_path, monkeypatch, capfd):
     (tmp_path / "a_file").write_text("x")
     _corrupt_image_folder(tmp_path / "corrupt")
-    out = run(["fit", *FAST, *args], cwd=tmp_path, check=False)
-    lines = out.stderr.strip().splitlines()
-    assert out.returncode == 2
+    monkeypatch.chdir(tmp_path)  # in this process: the same main() as run.py, without the imports
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", *FAST, *args])
+    err = capfd.readouterr().err
+    lines = err.strip().splitlines()
+    assert exit_info.value.code == 2
     assert lines[-1].startswith("error: ") and message in lines[-1], lines[-3:]
-    assert "Traceback" not in out.stderr and "usage:" not in out.stderr
+    assert "Traceback" not in err and "usage:" not in err
     assert not list(tmp_path.rglob("last.ckpt"))
     assert not list(tmp_path.rglob("version_*"))  # a failed run leaves no empty log folder
 

@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from conftest import write_cifar10, write_cifar100, write_image_folder, write_svhn
+from sepnet.attacks import AttackSpec
 from sepnet.data import (
     CIFAR10DataModule,
     CIFAR100DataModule,
@@ -133,5 +134,15 @@ def test_fast_dev_run_on_every_datamodule(kind, tmp_path):
     trainer = L.Trainer(fast_dev_run=True, accelerator="cpu", inference_mode=False, logger=False,
                         enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(model, dm)
+    # what the loaders hand the model: float pixels in [0, 1] of the declared shape, valid labels
+    x, y = next(iter(dm.test_dataloader()))
+    assert x.dtype == torch.float32 and tuple(x.shape[1:]) == tuple(dm.image_shape)
+    assert 0 <= x.min() and x.max() <= 1 and x.std() > 0
+    assert y.dtype == torch.long and 0 <= y.min() and y.max() < dm.num_classes
+    model.configure_test_suite([AttackSpec(steps=1)], images=4)
     trainer.test(model, dm)
-    assert 0 <= trainer.callback_metrics["test/acc"] <= 1
+    metrics = trainer.callback_metrics
+    with torch.no_grad():  # the logged clean accuracy is the model's on that first batch
+        expected = (model.eval()(x).argmax(1) == y).float().mean()
+    assert torch.isclose(metrics["test/acc"], expected)
+    assert 0 <= metrics["test/robust_acc/worst"] <= metrics["test/robust_acc/pgd_linf"] <= 1

@@ -41,7 +41,16 @@ def test_export_checkpoint_and_errors(tmp_path, capsys):
     trainer.strategy.connect(model)
     trainer.save_checkpoint(tmp_path / "m.ckpt")
     paths = export_checkpoint(str(tmp_path / "m.ckpt"), str(tmp_path / "out"))
-    assert all(p.is_file() for p in paths.values())
+    # both files give the checkpoint's logits
+    x = torch.rand(3, 3, 32, 32)
+    with torch.no_grad():
+        expected = model.net(x)
+        torch.testing.assert_close(torch.jit.load(str(paths["torchscript"]))(x), expected, rtol=1e-5, atol=1e-5)
+        fresh = _model().net
+        for p in fresh.parameters():
+            p.data.zero_()
+        fresh.load_state_dict(dense_state_dict(torch.load(paths["sparse_state_dict"])))
+        torch.testing.assert_close(fresh.eval()(x), expected)
     with pytest.raises(SystemExit) as err:
         main([str(tmp_path / "missing.ckpt"), str(tmp_path / "out2")])
     assert err.value.code == 2 and "missing.ckpt does not exist" in capsys.readouterr().err

@@ -173,3 +173,28 @@ def test_interrupted_checkpoint_write_leaves_the_old_file(tmp_path, monkeypatch)
     with pytest.raises(OSError, match="disk full"):
         trainer.save_checkpoint(path)
     assert path.read_bytes() == original
+
+
+def test_checkpoint_monitor_is_the_worst_case_whatever_the_attacks(tmp_path):
+    """The CLI's checkpoint monitors val/robust_acc/worst, which every validation logs, also
+    when the first attack is not PGD-Linf (before: a hard-coded pgd_linf name that such a run
+    never logged)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from sepnet.cli import SepnetCLI
+    from sepnet.data import VisionDataModule
+
+    cli = SepnetCLI(ImageClassifier, VisionDataModule, subclass_mode_data=True, run=False,
+                    save_config_callback=None,
+                    args=["--trainer.logger", "false", "--data", "sepnet.data.DigitsDataModule"])
+    assert cli.trainer.checkpoint_callback.monitor == "val/robust_acc/worst"
+    torch.manual_seed(0)
+    model = ImageClassifier(backbone="mlp", backbone_kwargs={"hidden_shapes": [[4, 4, 8]]},
+                            val_attacks=[{"name": "apgd_ce", "steps": 2}], robust_batches=1)
+    best = ModelCheckpoint(dirpath=tmp_path, monitor=cli.trainer.checkpoint_callback.monitor, mode="max")
+    trainer = L.Trainer(max_epochs=1, limit_train_batches=1, limit_val_batches=1, accelerator="cpu",
+                        inference_mode=False, logger=False, enable_progress_bar=False, callbacks=[best])
+    trainer.fit(model, TinyData())
+    metrics = trainer.callback_metrics
+    assert best.best_model_score == metrics["val/robust_acc/worst"] == metrics["val/robust_acc/apgd_ce_linf"]
+    assert best.best_model_path

@@ -85,11 +85,13 @@ def test_attack_stays_in_ball_and_leaves_no_trace(name, trained, digits):
 
 @pytest.mark.parametrize("name", ["autoattack", "autoattack_standard"])
 def test_autoattack_variants_run(name, trained, digits):
+    # a large eps: APGD-CE breaks every image, so the later attacks (Square's 5,000 queries x 5
+    # restarts) have nothing left to attack; at eps 0.1 one robust image costs minutes
     _, x, y = digits
-    x, y = x[:8], y[:8]
-    adv = Attacker(trained, (1, 8, 8), 10).generate(x, y, AttackSpec(name=name, eps=EPS, step_size=0.025))
-    assert (adv - x).abs().max() <= EPS + 1e-6
-    assert _acc(trained, adv, y) <= _acc(trained, x, y)
+    x, y, eps = x[:4], y[:4], 0.3
+    adv = Attacker(trained, (1, 8, 8), 10).generate(x, y, AttackSpec(name=name, eps=eps, step_size=0.05))
+    assert (adv - x).abs().max() <= eps + 1e-6
+    assert _acc(trained, adv, y) < _acc(trained, x, y)
 
 
 def test_pgd_agrees_with_plain_pytorch_and_stock_art(trained, digits):

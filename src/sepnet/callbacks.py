@@ -1,4 +1,5 @@
-"""Checkpoints, constraint monitors (TensorBoard), the test report and the run watch."""
+"""The last-checkpoint callback, constraint monitors (TensorBoard), the test report and the
+run watch."""
 
 from __future__ import annotations
 
@@ -28,45 +29,14 @@ from sepnet.evaluation import honesty_checks, masking_warnings, unique_labels
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ConstraintMonitor", "EvalReport", "RunWatch", "BestAndLastCheckpoint"]
+__all__ = ["ConstraintMonitor", "EvalReport", "RunWatch", "last_checkpoint"]
 
 
-class BestAndLastCheckpoint(ModelCheckpoint):
-    """ModelCheckpoint that keeps the best files by the monitored metric *and* refreshes
-    last.ckpt after every validation, so `fit --ckpt_path last` resumes from the latest epoch.
-
-    Lightning 2.6 writes last.ckpt only when a top-k file was written at the same step; this
-    subclass writes it also when the monitored metric did not improve (Lightning's writes are
-    atomic: serialized in memory, then committed through an fsspec transaction). On SIGTERM it
-    writes a resumable last.ckpt.
-    """
-
-    def on_train_epoch_end(self, trainer, pl_module) -> None:
-        super().on_train_epoch_end(trainer, pl_module)
-        if self._should_save_on_train_epoch_end(trainer):
-            self._save_last_if_skipped(trainer)
-
-    def on_validation_end(self, trainer, pl_module) -> None:
-        super().on_validation_end(trainer, pl_module)
-        if not self._should_save_on_train_epoch_end(trainer):
-            self._save_last_if_skipped(trainer)
-
-    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
-        """Cluster preemption (SIGTERM): save a resumable last.ckpt; `run.py` then exits 143.
-        A run stopped by an error before its first step leaves no empty log folder behind."""
-        if isinstance(exception, SIGTERMException) and self.dirpath:
-            trainer.save_checkpoint(str(Path(self.dirpath) / f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}"))
-        elif trainer.global_step == 0 and trainer.ckpt_path is None and trainer.is_global_zero:
-            folder = Path(trainer.log_dir or "")
-            if trainer.loggers and folder.is_dir() and not any(folder.rglob("*.ckpt")):
-                shutil.rmtree(folder, ignore_errors=True)
-                if folder.parent.is_dir() and not any(folder.parent.iterdir()):
-                    folder.parent.rmdir()
-
-    def _save_last_if_skipped(self, trainer) -> None:
-        # nothing was written at this step (else the skip check is true): write last.ckpt
-        if self.save_last and not self._should_skip_saving_checkpoint(trainer):
-            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+def last_checkpoint(dirpath: str | None = None) -> ModelCheckpoint:
+    """Lightning's own way to keep the latest state: no monitor, one file named last.ckpt,
+    overwritten after every epoch (the `checkpoint` section keeps the best one beside it)."""
+    return ModelCheckpoint(dirpath=dirpath, filename="last", monitor=None, save_top_k=1,
+                           enable_version_counter=False)
 
 
 class ConstraintMonitor(L.Callback):
@@ -291,6 +261,19 @@ class RunWatch(L.Callback):
         self.best_first = max(self.best_first or 0.0, robust[labels[0]])
         if "worst" in robust:
             pl_module.log("val/robust_gap", robust[labels[0]] - robust["worst"], sync_dist=True)
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        """Cluster preemption (SIGTERM): save a resumable last.ckpt beside the others; `run.py`
+        then exits 143. A run stopped by an error before its first step leaves no log folder."""
+        folders = [c.dirpath for c in trainer.checkpoint_callbacks if getattr(c, "dirpath", None)]
+        if isinstance(exception, SIGTERMException) and folders:
+            trainer.save_checkpoint(str(Path(folders[0]) / "last.ckpt"))
+        elif trainer.global_step == 0 and trainer.ckpt_path is None and trainer.is_global_zero:
+            folder = Path(trainer.log_dir or "")
+            if trainer.loggers and folder.is_dir() and not any(folder.rglob("*.ckpt")):
+                shutil.rmtree(folder, ignore_errors=True)
+                if folder.parent.is_dir() and not any(folder.parent.iterdir()):
+                    folder.parent.rmdir()
 
     def state_dict(self) -> dict:
         return {"best_first": self.best_first, "first_loss": self.first_loss}

@@ -16,11 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from sepnet.callbacks import BestAndLastCheckpoint, ConstraintMonitor, EvalReport, RunWatch
+from sepnet.callbacks import ConstraintMonitor, EvalReport, RunWatch, last_checkpoint
 from sepnet.constraints import parameter_counts
 from sepnet.data import VisionDataModule
 from sepnet.module import ImageClassifier
@@ -58,7 +58,7 @@ class SepnetCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         for key in LINKED:
             parser.link_arguments(f"data.{key}", f"model.{key}", apply_on="instantiate")
-        parser.add_lightning_class_args(BestAndLastCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")  # the best; last.ckpt beside it
         parser.add_lightning_class_args(ConstraintMonitor, "monitor")
         parser.add_lightning_class_args(EvalReport, "report")
         parser.add_lightning_class_args(RunWatch, "watch")
@@ -67,7 +67,7 @@ class SepnetCLI(LightningCLI):
             "checkpoint.filename": "best-{epoch:03d}",
             "checkpoint.monitor": "val/robust_acc/worst",
             "checkpoint.mode": "max",
-            "checkpoint.save_last": True,
+            "checkpoint.save_top_k": 1,
             "checkpoint.auto_insert_metric_name": False,
         })
         # the subcommand parsers are built in the order of subcommands(); their defaults (class
@@ -209,6 +209,8 @@ class SepnetCLI(LightningCLI):
 
     def before_fit(self) -> None:
         self._check_checkpoint_shapes()
+        if self.trainer.checkpoint_callback is not None:
+            self.trainer.callbacks.append(last_checkpoint(self.trainer.checkpoint_callback.dirpath))
         if self.trainer.loggers:
             self.trainer.callbacks.append(LearningRateMonitor(logging_interval="epoch"))
 
@@ -230,9 +232,10 @@ class SepnetCLI(LightningCLI):
         print("final validation: " + ", ".join(figures))
         if log_dir and self.trainer.loggers:
             print(f"TensorBoard logs: {log_dir}  (tensorboard --logdir {Path(log_dir).parent})")
-        ckpt = self.trainer.checkpoint_callback
-        if ckpt is not None and not self.trainer.fast_dev_run:
-            print(f"checkpoints: last {ckpt.last_model_path or '-'}; best {ckpt.best_model_path or '-'}")
+        best = self.trainer.checkpoint_callback
+        last = [c.best_model_path for c in self.trainer.checkpoint_callbacks if c.monitor is None]
+        if best is not None and not self.trainer.fast_dev_run:
+            print(f"checkpoints: last {last[0] if last else '-'}; best {best.best_model_path or '-'}")
 
 
 def _one_line(err: BaseException) -> str:

@@ -89,17 +89,23 @@ def main() -> None:
         print(f"{r['form']:8} {r['rel_mse']:9.4f} {r['factor_kappa']:18.2f} {r['layer_kappa']:12.2f} "
               f"{r['factor_norm']:12.3f}")
     print("\n2. cost of constraint_penalties (all factors, amgm + l1) per training step, batch 128")
-    try:
-        from sepnet.backbones import build_cifar_models
-    except ImportError:
-        build_cifar_models = None
-    if build_cifar_models is None:
-        model = nn.Sequential(nn.Conv2d(3, 64, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2),
-                              SeparableLinear((64, 2, 2), (8, 8, 8)), nn.Flatten(), nn.Linear(512, 10))
-        penalty_overhead("small CNN + separable head", model, torch.rand(128, 3, 32, 32))
-    else:
-        for name, model in build_cifar_models().items():
-            penalty_overhead(name, model, torch.rand(128, 3, 32, 32))
+    for name, model in cifar_models().items():
+        penalty_overhead(name, model, torch.rand(128, 3, 32, 32))
+
+
+def cifar_models() -> dict[str, nn.Module]:
+    """CPU-sized CIFAR models: separable MLP and VGG-16 (width 1/4) with a separable head."""
+    from sepnet.backbones import build_backbone
+    from sepnet.heads import SeparableHead
+
+    models = {}
+    for name, kwargs in {"mlp": {}, "vgg16": {"width": 0.25}}.items():
+        b = build_backbone(name, (3, 32, 32), **kwargs)
+        head_kwargs = b.head_defaults.get("separable", {})
+        if name == "vgg16":
+            head_kwargs = {"hidden_shapes": [(4, 4, 8), (4, 4, 8)]}
+        models[f"{name} (separable)"] = nn.Sequential(b.module, SeparableHead(b.out_shape, 10, **head_kwargs))
+    return models
 
 
 if __name__ == "__main__":

@@ -25,13 +25,9 @@ CASES = {
 
 
 def separable_macs(in_shape, out_shape, rank):
-    from sepnet.layers import contraction_order
+    from sepnet.layers import contraction_cost, contraction_order
 
-    dims, total = list(in_shape), 0
-    for k in contraction_order(in_shape, out_shape):
-        total += math.prod(dims) * out_shape[k]
-        dims[k] = out_shape[k]
-    return rank * total
+    return rank * contraction_cost(in_shape, out_shape, contraction_order(in_shape, out_shape))
 
 
 def build(variant: str, in_shape, out_shape, budget: int):

@@ -123,6 +123,12 @@ def test_one_run_one_folder_and_last_means_the_newest_run(tmp_path):
     assert (runs / "version_0/config.yaml").read_text() == config0
     state = torch.load(runs / "version_1/checkpoints/last.ckpt", weights_only=False)
     assert state["epoch"] == 1 and not list(runs.glob("*/checkpoints/last-v*.ckpt"))
+    # testing a checkpoint of another experiment reports into that run's folder
+    run(["fit", *FAST, "--trainer.max_epochs", "1", "--trainer.logger.init_args.name", "other"], cwd=tmp_path)
+    other = tmp_path / "logs/other/version_0"
+    run(["test", *FAST, *TEST_FAST, "--report.honesty_images", "0", "--ckpt_path",
+         str(other / "checkpoints/last.ckpt")], cwd=tmp_path)
+    assert (other / "test_report.json").is_file() and not list(runs.rglob("test_report.json"))
 
 
 def test_last_with_nothing_to_resume(tmp_path):

@@ -54,7 +54,7 @@ def test_convert_full_rank_two_mode_is_exact():
 
 def test_convert_errors():
     model = nn.Sequential(nn.Linear(6, 4))
-    with pytest.raises(ValueError, match=r"multiply to 6 -> 6, expected 6 -> 4"):
+    with pytest.raises(ValueError, match=r"6 -> 6 layer, but the linear layer is 6 -> 4"):
         separable_(model, shapes={"0": ((2, 3), (2, 3))})
     with pytest.raises(ValueError, match=r"not matched"):
         separable_(model, shapes={"fc": ((2, 3), (2, 2))})

@@ -152,17 +152,3 @@ def build_backbone(name: str, image_shape: Sequence[int], **kwargs) -> Backbone:
     except _TooSmall as err:
         raise ValueError(f"backbone {name!r} cannot take images of shape {tuple(image_shape)}: "
                          f"expected larger images ({err})") from None
-
-
-def build_cifar_models() -> dict[str, nn.Module]:
-    """CPU-sized CIFAR models used by the benchmarks: separable MLP and VGG-16 (width 1/4)."""
-    from sepnet.heads import SeparableHead
-
-    models = {}
-    for name, kwargs in {"mlp": {}, "vgg16": {"width": 0.25}}.items():
-        b = build_backbone(name, (3, 32, 32), **kwargs)
-        head_kwargs = b.head_defaults.get("separable", {})
-        if name == "vgg16":
-            head_kwargs = {"hidden_shapes": [(4, 4, 8), (4, 4, 8)]}
-        models[f"{name} (separable)"] = nn.Sequential(b.module, SeparableHead(b.out_shape, 10, **head_kwargs))
-    return models

@@ -9,7 +9,7 @@ from typing import Iterator, Literal, Sequence
 
 from torch import nn
 
-from sepnet.layers import FlatSeparableLinear
+from sepnet.layers import FlatSeparableLinear, check_factor_shapes
 
 log = logging.getLogger(__name__)
 
@@ -93,12 +93,10 @@ def separable_(
     for name, linear in targets:
         in_shape, out_shape = shapes.get(name) or factor_shapes(linear.in_features, linear.out_features, modes)
         in_shape, out_shape = tuple(in_shape), tuple(out_shape)
-        if (math.prod(in_shape), math.prod(out_shape)) != (linear.in_features, linear.out_features):
-            raise ValueError(
-                f"factor shapes {in_shape} -> {out_shape} for {name!r} multiply to "
-                f"{math.prod(in_shape)} -> {math.prod(out_shape)}, expected "
-                f"{linear.in_features} -> {linear.out_features}"
-            )
+        try:
+            check_factor_shapes(linear, in_shape, out_shape)
+        except ValueError as err:
+            raise ValueError(f"{name!r}: {err}") from None
         if init == "from_linear":
             layer = FlatSeparableLinear.from_linear(linear, in_shape, out_shape, rank)
             log.info("%s: Kronecker approximation relative error %.4f", name, layer.approximation_error)

@@ -16,12 +16,14 @@ __all__ = ["DenseHead", "SeparableHead", "classifier_shape"]
 def classifier_shape(num_classes: int, modes: int) -> tuple[int, ...]:
     """num_classes split into `modes` balanced factors, padded with leading 1s when it has too
     few prime factors (10 classes over 3 modes -> (1, 2, 5))."""
-    for used in range(modes, 0, -1):
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    for used in range(modes, 1, -1):
         try:
             return (1,) * (modes - used) + balanced_factorization(num_classes, used)
         except ValueError:
             continue
-    raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    return (1,) * (modes - 1) + (num_classes,)
 
 
 class DenseHead(nn.Module):

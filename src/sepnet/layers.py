@@ -41,11 +41,7 @@ def contraction_order(in_shape: Sequence[int], out_shape: Sequence[int]) -> tupl
     n = len(in_shape)
 
     def cost(order: Sequence[int]) -> int:
-        dims, total = list(in_shape), 0
-        for k in order:
-            total += math.prod(dims) * out_shape[k]
-            dims[k] = out_shape[k]
-        return total
+        return contraction_cost(in_shape, out_shape, order)
 
     if n <= 6:
         return tuple(min(itertools.permutations(range(n)), key=cost))
@@ -54,6 +50,23 @@ def contraction_order(in_shape: Sequence[int], out_shape: Sequence[int]) -> tupl
         rest = [k for k in range(n) if k not in order]
         order.append(min(rest, key=lambda k: cost(order + [k])))
     return tuple(order)
+
+
+def contraction_cost(in_shape: Sequence[int], out_shape: Sequence[int], order: Sequence[int]) -> int:
+    """Multiply-adds per sample (one term) of the mode products applied in `order`."""
+    dims, total = list(in_shape), 0
+    for k in order:
+        total += math.prod(dims) * out_shape[k]
+        dims[k] = out_shape[k]
+    return total
+
+
+def check_factor_shapes(linear: nn.Linear, in_shape: Sequence[int], out_shape: Sequence[int]) -> None:
+    """Factor shapes must multiply to the linear layer's sizes."""
+    if (math.prod(in_shape), math.prod(out_shape)) != (linear.in_features, linear.out_features):
+        raise ValueError(f"factor shapes {tuple(in_shape)} -> {tuple(out_shape)} imply a "
+                         f"{math.prod(in_shape)} -> {math.prod(out_shape)} layer, but the linear "
+                         f"layer is {linear.in_features} -> {linear.out_features}")
 
 
 class _BatchedModeProduct(torch.autograd.Function):
@@ -134,6 +147,8 @@ class SeparableLinear(nn.Module):
         )
         self.bias = nn.Parameter(torch.empty(self.out_shape)) if bias else None
         self.order = contraction_order(self.in_shape, self.out_shape)
+        # set by from_linear: relative Frobenius error of the Kronecker approximation
+        self.approximation_error: float | None = None
         self.reset_parameters()
 
     @property
@@ -187,13 +202,7 @@ class SeparableLinear(nn.Module):
 
     def dense_weight(self) -> Tensor:
         """The implied dense matrix (prod(out_shape), prod(in_shape)), for C-order flattening."""
-        weight = None
-        for term in self.factors:
-            kron = term[0]
-            for factor in list(term)[1:]:
-                kron = torch.kron(kron, factor)
-            weight = kron if weight is None else weight + kron
-        return weight
+        return sum(_kron_all(list(term)) for term in self.factors)
 
     def stored_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -224,12 +233,7 @@ class SeparableLinear(nn.Module):
         The relative Frobenius error ||W - W_hat|| / ||W|| is kept in `layer.approximation_error`.
         """
         in_shape, out_shape = _as_shape(in_shape, "in_shape"), _as_shape(out_shape, "out_shape")
-        if (math.prod(in_shape), math.prod(out_shape)) != (linear.in_features, linear.out_features):
-            raise ValueError(
-                f"factor shapes {in_shape} -> {out_shape} imply a {math.prod(in_shape)} -> "
-                f"{math.prod(out_shape)} layer, but the linear layer is "
-                f"{linear.in_features} -> {linear.out_features}"
-            )
+        check_factor_shapes(linear, in_shape, out_shape)
         layer = cls(in_shape, out_shape, rank=rank, bias=linear.bias is not None)
         layer = layer.to(device=linear.weight.device, dtype=linear.weight.dtype)
         factors, error = nearest_kronecker(linear.weight.detach(), in_shape, out_shape, rank)

@@ -146,8 +146,8 @@ class ImageClassifier(L.LightningModule):
         milestones: tuple[int, ...] = (100, 150),
         gamma: float = 0.1,
         adv_training: Literal["none", "pgd", "fgsm", "nfgsm", "trades"] = "none",
-        adv_eps: float = 8 / 255,
-        adv_step_size: float = 2 / 255,
+        adv_eps: float = AttackSpec.eps,
+        adv_step_size: float = AttackSpec.step_size,
         adv_steps: int = 10,
         adv_norm: Literal["linf", "l2"] = "linf",
         adv_mix: float = 1.0,
@@ -176,7 +176,7 @@ class ImageClassifier(L.LightningModule):
             self.adv_spec = AttackSpec(name=name, norm=adv_norm, eps=adv_eps, step_size=adv_step_size,
                                        steps=adv_steps)
         self.attacker = Attacker(self.net, tuple(image_shape), num_classes, fast=fast_attacks)
-        default_val = [{}, {"name": "fgsm", "step_size": 8 / 255, "random_start": False}]
+        default_val = [{}, {"name": "fgsm", "step_size": AttackSpec.eps, "random_start": False}]
         self.val_attacks = [AttackSpec(**a) for a in (val_attacks or default_val)]
         for spec in self.val_attacks:
             if spec.name == "nfgsm":

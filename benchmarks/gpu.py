@@ -1,0 +1,282 @@
+"""The GPU path, measured in one command: CUDA + bf16 + channels-last training with adversarial
+training, the separable layer and the attacks on the card, and a first GPU-scale robust figure.
+
+    python benchmarks/gpu.py --out gpu.json          # on a lent H100/H200, about 7 minutes
+    python benchmarks/gpu.py --tiny --out tiny.json  # every path on the CPU in seconds (tested)
+
+Sections (each ratio is against a baseline measured in the same run, on the same device):
+1. environment: card, torch/CUDA versions, backend flags, free memory;
+2. layer: SeparableLinear vs nn.Linear at VGG-16's FC1 (512x7x7 -> 4096), forward + backward,
+   fp32 and bf16 autocast, batches 128 and 1024, CUDA-event timing after warm-up, and the
+   achieved fraction of the card's dense peak FLOP/s;
+3. training: full-width VGG-16 (CIFAR variant), dense vs separable head, on CIFAR-10 images
+   decoded once into device memory, channels-last: images/s and peak memory of a clean, a
+   fast-FGSM and a PGD-10 step, fp32 vs bf16-mixed; then the same model through `run.py fit`
+   for a fixed number of steps (Lightning's overhead on the card);
+4. run: `run.py fit` of the separable VGG-16 with fast-FGSM AT on the 20k training images for
+   `--fit-minutes`, then `run.py test` with the worst-case suite on 1,000 test images;
+5. attacks: on that model, sepnet's PGD-10 vs torchattacks vs ART's stock estimator on 1,024
+   images: accuracy agreement and time ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from sepnet.attacks import Attacker, AttackSpec
+from sepnet.layers import SeparableLinear
+from sepnet.module import ImageClassifier
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data" / "cifar10-jpeg"
+CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+# dense peak FLOP/s of the cards we are lent (NVIDIA data sheets, SXM): fp32 and bf16 tensor cores
+PEAK = {"H100": {"fp32": 67e12, "bf16": 989e12}, "H200": {"fp32": 67e12, "bf16": 989e12}}
+
+
+def timed(fn, device: torch.device, warmup: int, iters: int) -> float:
+    """Seconds per call: CUDA events on a GPU, perf_counter on the CPU."""
+    for _ in range(warmup):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(iters):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / 1000 / iters
+    begin = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    return (time.perf_counter() - begin) / iters
+
+
+def environment(device: torch.device) -> dict:
+    env = {"device": str(device), "torch": torch.__version__, "cuda": torch.version.cuda,
+           "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+           "tf32_matmul": torch.backends.cuda.matmul.allow_tf32, "cudnn_tf32": torch.backends.cudnn.allow_tf32,
+           "cudnn_benchmark": torch.backends.cudnn.benchmark}
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info()
+        env.update(card=torch.cuda.get_device_name(), free_gib=free / 2**30, total_gib=total / 2**30)
+    return env
+
+
+def peak_flops(device: torch.device, precision: str) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name()
+    return next((p[precision] for card, p in PEAK.items() if card in name), None)
+
+
+def layer_section(device: torch.device, tiny: bool) -> list[dict]:
+    in_shape, out_shape = ((8, 2, 2), (4, 4, 4)) if tiny else ((512, 7, 7), (16, 16, 16))
+    rows = []
+    for batch in ((4, 8) if tiny else (128, 1024)):
+        for precision in ("fp32", "bf16"):
+            row = {"batch": batch, "precision": precision}
+            for name, layer, shape in (
+                ("dense", nn.Linear(int(torch.tensor(in_shape).prod()), int(torch.tensor(out_shape).prod())),
+                 (batch, int(torch.tensor(in_shape).prod()))),
+                ("separable", SeparableLinear(in_shape, out_shape), (batch, *in_shape)),
+            ):
+                layer = layer.to(device)
+                x = torch.randn(*shape, device=device, requires_grad=True)
+
+                def step():
+                    with torch.autocast(device.type, torch.bfloat16, enabled=precision == "bf16"):
+                        layer(x).float().sum().backward()
+
+                seconds = timed(step, device, 2 if tiny else 10, 3 if tiny else 50)
+                row[f"{name}_ms"] = seconds * 1e3
+                if name == "dense":  # forward + backward: 3 GEMMs of 2*B*I*O flops
+                    flops = 3 * 2 * batch * layer.in_features * layer.out_features
+                    peak = peak_flops(device, precision)
+                    row["dense_peak_fraction"] = flops / seconds / peak if peak else None
+            row["separable_speedup"] = row["dense_ms"] / row["separable_ms"]
+            rows.append(row)
+    return rows
+
+
+def cifar_images(n: int, device: torch.device, data: Path) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """n training images decoded once into device memory (random pixels when the copy is absent)."""
+    if not (data / "train").is_dir():
+        g = torch.Generator().manual_seed(0)
+        return (torch.rand(n, 3, 32, 32, generator=g).to(device), torch.randint(0, 10, (n,), generator=g).to(device),
+                "random pixels (CIFAR-10 copy not found)")
+    from torchvision import datasets, transforms
+
+    ds = datasets.ImageFolder(str(data / "train"), transforms.ToTensor())
+    idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))[:n].tolist()
+    xs, ys = zip(*(ds[i] for i in idx))
+    return torch.stack(xs).to(device), torch.tensor(ys).to(device), f"{n} CIFAR-10 images in device memory"
+
+
+def vgg(head: str, tiny: bool) -> ImageClassifier:
+    torch.manual_seed(0)
+    return ImageClassifier(backbone="vgg16", backbone_kwargs={"width": 1 / 16 if tiny else 1.0}, head=head,
+                           mean=CIFAR_MEAN, std=CIFAR_STD, robust_batches=0)
+
+
+def training_section(device: torch.device, tiny: bool, data: Path) -> tuple[list[dict], str]:
+    batch = 8 if tiny else 256
+    x, y, source = cifar_images(batch * (2 if tiny else 8), device, data)
+    x = x.contiguous(memory_format=torch.channels_last)
+    specs = {"clean": None, "fgsm": AttackSpec(name="fgsm", step_size=10 / 255),
+             "pgd10": AttackSpec(name="pgd", steps=10)}
+    rows = []
+    for head in ("dense", "separable"):
+        model = vgg(head, tiny).to(device).to(memory_format=torch.channels_last)
+        net, attacker = model.net, Attacker(model.net, (3, 32, 32), 10)
+        opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
+        for kind, spec in specs.items():
+            for precision in ("fp32", "bf16"):
+                chunks = list(zip(x.split(batch), y.split(batch)))
+                state = {"i": 0}
+
+                def step():
+                    xb, yb = chunks[state["i"] % len(chunks)]
+                    state["i"] += 1
+                    with torch.autocast(device.type, torch.bfloat16, enabled=precision == "bf16"):
+                        if spec is not None:
+                            xb = attacker.generate(xb, yb, spec)
+                        loss = nn.functional.cross_entropy(net.train()(xb), yb)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats()
+                seconds = timed(step, device, 1 if tiny else 3, 2 if tiny else 10)
+                rows.append({"head": head, "step": kind, "precision": precision, "images_per_s": batch / seconds,
+                             "peak_mib": torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None})
+    return rows, source
+
+
+def run_cli(args: list[str], cwd: Path, timeout: float) -> tuple[float, str]:
+    begin = time.perf_counter()
+    out = subprocess.run([sys.executable, str(REPO / "run.py"), *args], cwd=cwd, text=True,
+                         capture_output=True, timeout=timeout)
+    if out.returncode != 0:
+        raise RuntimeError(f"run.py {args[0]} failed: {out.stderr.strip().splitlines()[-1:]}")
+    return time.perf_counter() - begin, out.stdout + out.stderr
+
+
+def cli_args(device: torch.device, tiny: bool, data: Path) -> list[str]:
+    if tiny:  # the offline default on the CPU
+        return ["--trainer.accelerator", "cpu", "--trainer.limit_val_batches", "1",
+                "--model.robust_batches", "1", "--trainer.enable_progress_bar", "false"]
+    data_args = ["--data", str(REPO / "conf/data/cifar10_jpeg.yaml"), "--data.init_args.root", str(data),
+                 "--data.init_args.num_workers", "8", "--data.init_args.pin_memory", "true"]
+    return [*data_args, "--trainer", str(REPO / "conf/trainer/gpu.yaml"), "--model.backbone", "vgg16",
+            "--model.backbone_kwargs", "{}", "--model.head", "separable", "--model.head_kwargs", "{}",
+            "--model.adv_training", "fgsm", "--model.adv_eps", str(8 / 255), "--model.adv_step_size",
+            str(10 / 255), "--model.lr", "0.05", "--model.optimizer", "sgd", "--model.weight_decay", "5e-4",
+            "--model.val_attacks", '[{"name": "pgd", "eps": 0.0314, "step_size": 0.0078, "steps": 10}, '
+            '{"name": "fgsm", "eps": 0.0314, "step_size": 0.0314, "random_start": false}]',
+            "--trainer.enable_progress_bar", "false", "--model.robust_batches", "2"]
+
+
+def lightning_section(device, tiny, data, work: Path, manual: list[dict]) -> dict:
+    """`run.py fit` for a fixed number of fast-FGSM steps (no validation): images/s against the
+    bare loop's bf16 fast-FGSM step of the same model (loader, logging, callbacks included)."""
+    steps, batch = (3, 64) if tiny else (200, 128)
+    seconds, _ = run_cli(["fit", *cli_args(device, tiny, data), "--trainer.max_steps", str(steps),
+                          "--trainer.limit_val_batches", "0", "--trainer.logger", "false",
+                          "--trainer.enable_checkpointing", "false"], work, 600)
+    bare = next(r["images_per_s"] for r in manual
+                if r["head"] == "separable" and r["step"] == "fgsm" and r["precision"] == "bf16")
+    images_per_s = steps * batch / seconds  # start-up included: a lower bound
+    return {"steps": steps, "batch": batch, "seconds": seconds, "images_per_s_incl_startup": images_per_s,
+            "bare_loop_images_per_s": bare, "ratio_to_bare_loop": images_per_s / bare}
+
+
+def real_run(device, tiny, data, work: Path, minutes: float, test_images: int) -> tuple[dict, Path]:
+    fit_args = ["fit", *cli_args(device, tiny, data), "--trainer.logger.init_args.name", "gpu"]
+    fit_args += (["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "3"] if tiny else
+                 ["--trainer.max_epochs", "1000", "--trainer.max_time", f"00:00:{int(minutes):02d}:00"])
+    fit_seconds, fit_out = run_cli(fit_args, work, 60 * minutes + 300)
+    ckpt = next((work / "logs/gpu").glob("version_*/checkpoints/last.ckpt"))
+    test_seconds, _ = run_cli(["test", *cli_args(device, tiny, data), "--trainer.logger.init_args.name", "gpu",
+                               "--report.images", str(test_images), "--ckpt_path", str(ckpt)], work, 900)
+    report = json.loads((ckpt.parents[1] / "test_report.json").read_text())
+    epochs = torch.load(ckpt, map_location="cpu", weights_only=False)["epoch"] + 1
+    return {"fit_seconds": fit_seconds, "epochs": epochs, "test_seconds": test_seconds,
+            "final_validation": fit_out.split("final validation: ")[-1].splitlines()[0],
+            "test": report["metrics"], "honesty_warnings": report.get("honesty", {}).get("warnings", [])}, ckpt
+
+
+def attack_section(device, ckpt: Path, tiny: bool, data: Path) -> dict:
+    import torchattacks
+
+    model = ImageClassifier.load_from_checkpoint(ckpt, map_location=device).to(device).eval()
+    n = 16 if tiny else 1024
+    x, y, _ = cifar_images(n, device, data) if not tiny else (None, None, None)
+    if tiny:
+        g = torch.Generator().manual_seed(0)
+        x = torch.rand(n, *model.hparams.image_shape, generator=g).to(device)
+        y = torch.randint(0, model.hparams.num_classes, (n,), generator=g).to(device)
+    eps, step = (0.1, 0.025) if tiny else (8 / 255, 2 / 255)
+    spec = AttackSpec(name="pgd", eps=eps, step_size=step, steps=10, random_start=False)
+    net, shape, classes = model.net, tuple(model.hparams.image_shape), model.hparams.num_classes
+    ta = torchattacks.PGD(net, eps=eps, alpha=step, steps=10, random_start=False)
+    ways = {"sepnet": lambda: Attacker(net, shape, classes).generate(x, y, spec),
+            "torchattacks": lambda: ta(x, y),
+            "art_stock": lambda: Attacker(net, shape, classes, fast=False).generate(x, y, spec)}
+    out = {}
+    for name, attack in ways.items():
+        adv = attack()
+        out[f"{name}_seconds"] = timed(attack, device, 0, 1)
+        with torch.no_grad():
+            out[f"{name}_acc"] = float((net(adv).argmax(1) == y).float().mean())
+    out["sepnet_vs_torchattacks_time"] = out["sepnet_seconds"] / out["torchattacks_seconds"]
+    out["sepnet_vs_art_stock_time"] = out["sepnet_seconds"] / out["art_stock_seconds"]
+    out["max_acc_difference"] = max(abs(out["sepnet_acc"] - out[f"{k}_acc"]) for k in ("torchattacks", "art_stock"))
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tiny", action="store_true", help="every path on the CPU in seconds")
+    parser.add_argument("--out", default="gpu.json", help="where the JSON object goes")
+    parser.add_argument("--data", default=str(DATA), help="the CIFAR-10 JPEG copy (ImageFolder layout)")
+    parser.add_argument("--fit-minutes", type=float, default=3.5)
+    parser.add_argument("--test-images", type=int, default=1000)
+    parser.add_argument("--work", default="gpu_run", help="folder for the run's logs and checkpoints")
+    args = parser.parse_args(argv)
+    device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
+    if not args.tiny and device.type != "cuda":
+        parser.error("no CUDA device: expected a GPU machine, or --tiny for the CPU check")
+    torch.backends.cudnn.benchmark = device.type == "cuda"
+    data, work = Path(args.data).resolve(), Path(args.work).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    result = {"environment": environment(device)}
+    result["layer"] = layer_section(device, args.tiny)
+    result["training"], result["training_data"] = training_section(device, args.tiny, data)
+    result["lightning"] = lightning_section(device, args.tiny, data, work, result["training"])
+    result["run"], ckpt = real_run(device, args.tiny, data, work, args.fit_minutes,
+                                   32 if args.tiny else args.test_images)
+    result["attacks"] = attack_section(device, ckpt, args.tiny, data)
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    print(json.dumps(result["environment"]))
+    for row in result["layer"]:
+        print("layer", json.dumps(row))
+    for row in result["training"]:
+        print("train", json.dumps(row))
+    for key in ("lightning", "run", "attacks"):
+        print(key, json.dumps(result[key]))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -192,8 +192,8 @@ def lightning_section(device, tiny, data, work: Path, manual: list[dict]) -> dic
     bare loop's bf16 fast-FGSM step of the same model (loader, logging, callbacks included)."""
     steps, batch = (3, 64) if tiny else (200, 128)
     seconds, _ = run_cli(["fit", *cli_args(device, tiny, data), "--trainer.max_steps", str(steps),
-                          "--trainer.limit_val_batches", "0", "--trainer.logger", "false",
-                          "--trainer.enable_checkpointing", "false"], work, 600)
+                          "--trainer.limit_val_batches", "0", "--trainer.logger.init_args.name", "steps"],
+                         work, 600)
     bare = next(r["images_per_s"] for r in manual
                 if r["head"] == "separable" and r["step"] == "fgsm" and r["precision"] == "bf16")
     images_per_s = steps * batch / seconds  # start-up included: a lower bound
@@ -208,7 +208,8 @@ def real_run(device, tiny, data, work: Path, minutes: float, test_images: int) -
     fit_seconds, fit_out = run_cli(fit_args, work, 60 * minutes + 300)
     ckpt = next((work / "logs/gpu").glob("version_*/checkpoints/last.ckpt"))
     test_seconds, _ = run_cli(["test", *cli_args(device, tiny, data), "--trainer.logger.init_args.name", "gpu",
-                               "--report.images", str(test_images), "--ckpt_path", str(ckpt)], work, 900)
+                               "--report.images", str(test_images), "--ckpt_path", str(ckpt),
+                               "--report.honesty_images", str(min(256, test_images))], work, 900)
     report = json.loads((ckpt.parents[1] / "test_report.json").read_text())
     epochs = torch.load(ckpt, map_location="cpu", weights_only=False)["epoch"] + 1
     return {"fit_seconds": fit_seconds, "epochs": epochs, "test_seconds": test_seconds,

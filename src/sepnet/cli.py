@@ -125,9 +125,10 @@ class SepnetCLI(LightningCLI):
         if cfg.checkpoint.dirpath:
             return Path(cfg.checkpoint.dirpath)
         logger = cfg.trainer.get("logger")
+        root = Path(cfg.trainer.get("default_root_dir") or ".")
         if hasattr(logger, "init_args") and "save_dir" in logger.init_args:
             return Path(logger.init_args.save_dir) / (logger.init_args.get("name") or "")
-        return Path(cfg.trainer.get("default_root_dir") or ".") / "checkpoints"
+        return root / ("lightning_logs" if logger in (True, None) else "checkpoints")
 
     def _find_last(self, cfg) -> Path | None:
         """The newest run's last.ckpt: <experiment>/version_N/checkpoints/last.ckpt with the largest

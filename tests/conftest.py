@@ -6,7 +6,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import scipy.io
+import torch
 from PIL import Image
+
+# One intra-op thread: the suite's models are tiny, and OpenMP threads that spin on shared cores
+# (another job on the machine) made single tests 25x slower (6 s -> 150 s); subprocess tests
+# (the CLI's) keep torch's default.
+torch.set_num_threads(1)
 
 
 def _cifar_batch(n, labels_key, num_classes, seed):

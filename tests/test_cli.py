@@ -75,9 +75,14 @@ def test_default_fit_then_test_reports_the_worst_case(tmp_path):
     out = run(["fit", *FAST, "--trainer.max_epochs", "1"], cwd=tmp_path)
     assert "TensorBoard logs: logs/default/version_0" in out.stdout
     assert "final validation: acc " in out.stdout and "robust_acc/worst" in out.stdout
+    assert "Epoch 0:" not in out.stderr  # no progress bar when the output is not a terminal
     run0 = tmp_path / RUN0
     assert (run0 / "checkpoints/last.ckpt").is_file() and (run0 / "config.yaml").is_file()
     assert len(list((run0 / "checkpoints").glob("best-*.ckpt"))) == 1
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tags = EventAccumulator(str(run0)).Reload().Tags()["scalars"]
+    assert {"lr-AdamW", "val/robust_acc/worst", "val/robust_gap", "val/robust_acc/pgd_linf"} <= set(tags)
     out = run(["test", *FAST, *TEST_FAST, "--ckpt_path", "last"], cwd=tmp_path)
     report = json.loads((run0 / "test_report.json").read_text())
     m = report["metrics"]

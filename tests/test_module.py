@@ -198,3 +198,19 @@ def test_checkpoint_monitor_is_the_worst_case_whatever_the_attacks(tmp_path):
     metrics = trainer.callback_metrics
     assert best.best_model_score == metrics["val/robust_acc/worst"] == metrics["val/robust_acc/apgd_ce_linf"]
     assert best.best_model_path
+
+
+def test_network_is_built_without_lightning():
+    from sepnet.network import build_network
+
+    kwargs = dict(backbone="mlp", backbone_kwargs={"hidden_shapes": [[4, 4, 8]]}, head="separable")
+    torch.manual_seed(0)
+    net = build_network(10, (3, 32, 32), (0.5,) * 3, (0.25,) * 3, **kwargs)
+    torch.manual_seed(0)
+    model = ImageClassifier(num_classes=10, image_shape=(3, 32, 32), mean=(0.5,) * 3, std=(0.25,) * 3, **kwargs)
+    assert not isinstance(net, L.LightningModule)
+    assert net.state_dict().keys() == model.net.state_dict().keys()
+    x = torch.rand(2, 3, 32, 32)
+    torch.testing.assert_close(net.eval()(x), model.net.eval()(x))
+    with pytest.raises(ValueError, match="unknown head 'tiny'"):
+        build_network(head="tiny")

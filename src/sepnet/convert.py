@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import fnmatch
 import logging
-import math
 from typing import Iterator, Literal, Sequence
 
 from torch import nn

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from sepnet.convert import balanced_factorization
 from sepnet.layers import SeparableLinear
 
-__all__ = ["DenseHead", "SeparableHead", "classifier_shape"]
+__all__ = ["DenseHead", "SeparableHead", "HEADS", "classifier_shape"]
 
 
 def classifier_shape(num_classes: int, modes: int) -> tuple[int, ...]:
@@ -96,3 +96,6 @@ class SeparableHead(nn.Module):
 
     def forward(self, features: Tensor) -> Tensor:
         return self.layers(features)
+
+
+HEADS: dict[str, type[nn.Module]] = {"dense": DenseHead, "separable": SeparableHead}

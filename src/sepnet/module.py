@@ -4,26 +4,21 @@ from __future__ import annotations
 
 import logging
 import random
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 import lightning as L
 import numpy as np
 import torch
 import torchmetrics
-from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor, nn
 
 from sepnet.attacks import Attacker, AttackSpec, eval_mode
-from sepnet.backbones import build_backbone
 from sepnet.constraints import constraint_penalties, parameter_counts, proximal_step_, separable_layers
 from sepnet.evaluation import reduced_autoattack, robust_masks, unique_labels
-from sepnet.heads import DenseHead, SeparableHead
+from sepnet.network import build_network
 
 log = logging.getLogger(__name__)
-
-HEADS = {"dense": DenseHead, "separable": SeparableHead}
-
 
 def _collect_rng_states() -> dict:
     """torch, CUDA, numpy and Python RNG states in types that `torch.load(weights_only=True)`
@@ -44,29 +39,6 @@ def _set_rng_states(states: dict) -> None:
     kind, keys, pos, has_gauss, gauss = states["numpy"]
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     random.setstate(states["python"])
-
-
-class Normalize(nn.Module):
-    """(x - mean) / std per channel: the model's first layer, so attacks work on [0, 1] pixels."""
-
-    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
-        super().__init__()
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1))
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(-1, 1, 1))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return (x - self.mean) / self.std
-
-
-class Network(nn.Module):
-    """The plain model: normalize, backbone, head. Pixels in [0, 1] in, logits out."""
-
-    def __init__(self, normalize: Normalize, backbone: nn.Module, head: nn.Module) -> None:
-        super().__init__()
-        self.normalize, self.backbone, self.head = normalize, backbone, head
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.head(self.backbone(self.normalize(x)))
 
 
 class ImageClassifier(L.LightningModule):
@@ -163,13 +135,9 @@ class ImageClassifier(L.LightningModule):
                 raise ValueError(f"{name} must be >= 0, got {locals()[name]}")
         if not 0 <= adv_mix <= 1:
             raise ValueError(f"adv_mix must be in [0, 1], got {adv_mix}")
-        if head not in HEADS:
-            raise ValueError(f"unknown head {head!r}; expected one of {sorted(HEADS)}")
         self.save_hyperparameters()
-        built = build_backbone(backbone, image_shape, **(backbone_kwargs or {}))
-        head_args = {**built.head_defaults.get(head, {}), **(head_kwargs or {})}
-        self.net = Network(Normalize(mean, std), built.module,
-                           HEADS[head](built.out_shape, num_classes, **head_args))
+        self.net = build_network(num_classes, image_shape, mean, std, backbone, backbone_kwargs,
+                                 head, head_kwargs)
         self.adv_spec = None
         if adv_training != "none":
             name = adv_training if adv_training in ("fgsm", "nfgsm") else "pgd"
@@ -349,9 +317,6 @@ class ImageClassifier(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        # lets `fit --ckpt_path` continue the same TensorBoard run (see sepnet.cli)
-        if isinstance(self.logger, TensorBoardLogger):
-            checkpoint["logger_version"] = self.logger.version
         checkpoint["rng_states"] = _collect_rng_states()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:

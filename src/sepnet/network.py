@@ -1,0 +1,51 @@
+"""The plain network: normalize -> backbone -> head, pixels in [0, 1] in, logits out. Built
+without Lightning, so export, the benchmarks and a user's own loop get the same model that
+`ImageClassifier` trains."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from sepnet.backbones import build_backbone
+from sepnet.heads import HEADS
+
+__all__ = ["Normalize", "Network", "build_network"]
+
+
+class Normalize(nn.Module):
+    """(x - mean) / std per channel: the model's first layer, so attacks work on [0, 1] pixels."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(-1, 1, 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return (x - self.mean) / self.std
+
+
+class Network(nn.Module):
+    """The plain model: normalize, backbone, head. Pixels in [0, 1] in, logits out."""
+
+    def __init__(self, normalize: Normalize, backbone: nn.Module, head: nn.Module) -> None:
+        super().__init__()
+        self.normalize, self.backbone, self.head = normalize, backbone, head
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.backbone(self.normalize(x)))
+
+
+def build_network(num_classes: int = 10, image_shape: Sequence[int] = (3, 32, 32),
+                  mean: Sequence[float] = (0.5, 0.5, 0.5), std: Sequence[float] = (0.5, 0.5, 0.5),
+                  backbone: str = "mlp", backbone_kwargs: dict[str, Any] | None = None,
+                  head: str = "separable", head_kwargs: dict[str, Any] | None = None) -> Network:
+    """A backbone of sepnet.backbones.BACKBONES with a head of sepnet.heads.HEADS; the head's
+    options go over the backbone's defaults for that head."""
+    if head not in HEADS:
+        raise ValueError(f"unknown head {head!r}; expected one of {sorted(HEADS)}")
+    built = build_backbone(backbone, image_shape, **(backbone_kwargs or {}))
+    head_args = {**built.head_defaults.get(head, {}), **(head_kwargs or {})}
+    return Network(Normalize(mean, std), built.module, HEADS[head](built.out_shape, num_classes, **head_args))

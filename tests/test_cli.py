@@ -298,3 +298,16 @@ def test_ddp_two_processes_on_cpu_matches_single_process(tmp_path):
     run(["validate", *FAST, *full_val, "--ckpt_path", str(last)], cwd=tmp_path)
     check = json.loads((tmp_path / "logs/default/version_1/validate_report.json").read_text())["metrics"]
     assert f"acc {check['val/acc']:.4f}, robust_acc/worst {check['val/robust_acc/worst']:.4f}" in fitted
+
+
+def test_a_fixed_checkpoint_folder_is_never_shared_by_two_runs(tmp_path, monkeypatch, capfd):
+    monkeypatch.chdir(tmp_path)
+    fixed = ["--checkpoint.dirpath", "ckpts", "--trainer.max_epochs", "1"]
+    main(["fit", *FAST, *fixed])
+    assert (tmp_path / "ckpts/last.ckpt").is_file()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", *FAST, *fixed])
+    last = capfd.readouterr().err.strip().splitlines()[-1]
+    assert exit_info.value.code == 2 and "ckpts already holds last.ckpt of another run" in last
+    assert sorted(p.name for p in (tmp_path / "ckpts").iterdir())[-1] == "last.ckpt"
+    assert not list((tmp_path / "ckpts").glob("last-v*.ckpt"))

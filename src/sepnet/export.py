@@ -1,7 +1,7 @@
 """Export a trained classifier for deployment: TorchScript, and a state dict whose mostly-zero
 tensors are stored sparsely.
 
-    python -m sepnet.export checkpoints/default/last.ckpt exports/default
+    python -m sepnet.export logs/default/version_0/checkpoints/last.ckpt exports/default
 """
 
 from __future__ import annotations

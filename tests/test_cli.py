@@ -311,3 +311,12 @@ def test_a_fixed_checkpoint_folder_is_never_shared_by_two_runs(tmp_path, monkeyp
     assert exit_info.value.code == 2 and "ckpts already holds last.ckpt of another run" in last
     assert sorted(p.name for p in (tmp_path / "ckpts").iterdir())[-1] == "last.ckpt"
     assert not list((tmp_path / "ckpts").glob("last-v*.ckpt"))
+
+
+def test_robust_evaluation_every_other_epoch_keeps_the_best_checkpoint(tmp_path, monkeypatch):
+    # the monitored worst case exists only on attacked epochs: the best is judged on those alone
+    monkeypatch.chdir(tmp_path)
+    main(["fit", *FAST, "--trainer.max_epochs", "3", "--model.robust_every_n_epochs", "2"])
+    folder = tmp_path / RUN0 / "checkpoints"
+    assert sorted(p.name for p in folder.iterdir()) == ["best-001.ckpt", "last.ckpt"]
+    assert torch.load(folder / "last.ckpt", weights_only=False)["epoch"] == 2

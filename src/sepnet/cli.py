@@ -202,11 +202,17 @@ class SepnetCLI(LightningCLI):
 
     # ------------------------------------------------------------------ hooks
     def before_instantiate_classes(self) -> None:
-        """Lightning has merged the checkpoint's hyperparameters: evaluation flags win again."""
-        model = self.config[self.subcommand].model if self.subcommand else None
+        """Lightning has merged the checkpoint's hyperparameters: evaluation flags win again, and
+        the best checkpoint is judged only on epochs that run the robust evaluation."""
+        if not self.subcommand:
+            return
+        cfg = self.config[self.subcommand]
         for key, value in getattr(self, "_evaluation_overrides", {}).items():
             log.info("--model.%s given: used instead of the checkpoint's value", key)
-            model[key] = value
+            cfg.model[key] = value
+        every = cfg.model.get("robust_every_n_epochs") or 1
+        if cfg.checkpoint.get("every_n_epochs") in (None, 1) and str(cfg.checkpoint.monitor).startswith("val/robust_acc"):
+            cfg.checkpoint.every_n_epochs = every
 
     def before_fit(self) -> None:
         self._check_checkpoint_shapes()

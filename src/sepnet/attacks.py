@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from sepnet.modes import eval_mode
 
 __all__ = ["AttackSpec", "attack_guard", "eval_mode", "FastClassifier", "Attacker", "ATTACKS",
-           "TRAINING_ATTACKS", "project"]
+           "TRAINING_ATTACKS", "project", "adversarial_batch", "trades_loss"]
 
 _NORMS = {"linf": np.inf, "l2": 2}
 
@@ -331,3 +331,25 @@ class Attacker:
         # minimum-perturbation attacks (DeepFool, CW) are unbounded: score them inside the ball;
         # for the others this only removes float rounding at the boundary
         return project(torch.as_tensor(adv, device=x.device).to(x.dtype), x.detach(), spec.eps, spec.norm)
+
+
+# --------------------------------------------------------------------------- training losses
+def adversarial_batch(attacker: Attacker, spec: AttackSpec, x: Tensor, y: Tensor, mix: float = 1.0) -> Tensor:
+    """The batch with its first round(mix * len) images replaced by adversarial ones (PGD-AT,
+    fast FGSM, N-FGSM)."""
+    n_adv = round(mix * x.shape[0])
+    if n_adv == 0:
+        return x
+    return torch.cat([attacker.generate(x[:n_adv], y[:n_adv], spec), x[n_adv:]])
+
+
+def trades_loss(net: nn.Module, attacker: Attacker, spec: AttackSpec, x: Tensor, y: Tensor,
+                beta: float) -> tuple[Tensor, Tensor, Tensor]:
+    """TRADES: x_adv maximizes KL(p(x) || p(x_adv)) (p(x) from the eval-mode model, as the attack
+    runs in eval mode); returns (clean logits, CE(f(x), y) + beta KL(p(x) || p(x_adv)), the KL)."""
+    with torch.no_grad(), eval_mode(net):
+        clean_probs = net(x).softmax(-1)
+    x_adv = attacker.generate(x, y, spec, soft_targets=clean_probs)
+    logits = net(x)
+    kl = nn.functional.kl_div(net(x_adv).log_softmax(-1), logits.softmax(-1), reduction="batchmean")
+    return logits, nn.functional.cross_entropy(logits, y) + beta * kl, kl

@@ -13,7 +13,7 @@ import torchmetrics
 from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor, nn
 
-from sepnet.attacks import Attacker, AttackSpec, eval_mode
+from sepnet.attacks import Attacker, AttackSpec, adversarial_batch, trades_loss
 from sepnet.constraints import constraint_penalties, parameter_counts, proximal_step_, separable_layers
 from sepnet.evaluation import reduced_autoattack, robust_masks, unique_labels
 from sepnet.network import build_network
@@ -177,12 +177,14 @@ class ImageClassifier(L.LightningModule):
 
     def training_step(self, batch, batch_idx: int) -> Tensor:
         x, y = batch
-        if self.hparams.adv_training == "trades":
-            logits, task = self._trades_loss(x, y)
+        hp = self.hparams
+        if hp.adv_training == "trades":
+            logits, task, kl = trades_loss(self.net, self.attacker, self.adv_spec, x, y, hp.trades_beta)
+            if self._logging_step():
+                self.log("train/loss_trades_kl", kl)
         else:
-            if self.adv_spec is not None and self.hparams.adv_mix > 0:
-                n_adv = round(self.hparams.adv_mix * x.shape[0])
-                x = torch.cat([self.attacker.generate(x[:n_adv], y[:n_adv], self.adv_spec), x[n_adv:]])
+            if self.adv_spec is not None:
+                x = adversarial_batch(self.attacker, self.adv_spec, x, y, hp.adv_mix)
             logits = self(x)
             task = nn.functional.cross_entropy(logits, y)
         penalty, parts = self.constraint_loss()
@@ -203,18 +205,6 @@ class ImageClassifier(L.LightningModule):
         if trainer is None:
             return True
         return (trainer.global_step + 1) % max(1, trainer.log_every_n_steps) == 0 or trainer.fast_dev_run
-
-    def _trades_loss(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        """TRADES: x_adv maximizes KL(p(x) || p(x_adv)) (p(x) from the eval-mode model, as the
-        attack runs in eval mode); loss = CE(f(x), y) + beta KL(p(x) || p(x_adv))."""
-        with torch.no_grad(), eval_mode(self.net):
-            clean_probs = self.net(x).softmax(-1)
-        x_adv = self.attacker.generate(x, y, self.adv_spec, soft_targets=clean_probs)
-        logits = self(x)
-        robust = nn.functional.kl_div(self(x_adv).log_softmax(-1), logits.softmax(-1), reduction="batchmean")
-        if self._logging_step():
-            self.log("train/loss_trades_kl", robust)
-        return logits, nn.functional.cross_entropy(logits, y) + self.hparams.trades_beta * robust
 
     def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
         """The optimizer step, then the proximal sparsity step with the LR that step used."""

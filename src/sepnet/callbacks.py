@@ -16,7 +16,6 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from sepnet.attacks import TRAINING_ATTACKS, AttackSpec
 from sepnet.constraints import (
     condition_number,
     layer_condition_number,
@@ -25,7 +24,7 @@ from sepnet.constraints import (
     singular_values,
     sparsity,
 )
-from sepnet.evaluation import honesty_checks, masking_warnings, unique_labels
+from sepnet.evaluation import evaluation_attacks, honesty_checks, masking_warnings, unique_labels
 
 log = logging.getLogger(__name__)
 
@@ -124,11 +123,7 @@ class EvalReport(L.Callback):
         if images < 0 or honesty_images < 0 or square_queries < 1:
             raise ValueError(f"report: images and honesty_images must be >= 0 and square_queries >= 1, "
                              f"got {images}, {honesty_images} and {square_queries}")
-        self.attacks = None if attacks is None else [AttackSpec(**a) for a in attacks]
-        for spec in self.attacks or []:
-            if spec.name in TRAINING_ATTACKS:
-                raise ValueError(f"report.attacks: {spec.name} is a training attack (its examples "
-                                 "leave the eps ball); expected an evaluation attack")
+        self.attacks = None if attacks is None else evaluation_attacks(attacks, "report.attacks")
         self.images, self.cascade = images, cascade
         self.square_queries, self.honesty_images = square_queries, honesty_images
 

@@ -13,10 +13,21 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from sepnet.attacks import Attacker, AttackSpec, eval_mode
+from sepnet.attacks import TRAINING_ATTACKS, Attacker, AttackSpec, eval_mode
 
-__all__ = ["reduced_autoattack", "unique_labels", "correct", "robust_masks", "accuracies",
+__all__ = ["evaluation_attacks", "reduced_autoattack", "unique_labels", "correct", "robust_masks", "accuracies",
            "honesty_checks", "masking_warnings"]
+
+
+def evaluation_attacks(specs: Sequence[dict], where: str) -> list[AttackSpec]:
+    """AttackSpecs that may score a model: a training-only attack (N-FGSM, whose examples leave
+    the eps ball) is a one-line error naming `where` it was given."""
+    attacks = [AttackSpec(**spec) for spec in specs]
+    for spec in attacks:
+        if spec.name in TRAINING_ATTACKS:
+            raise ValueError(f"{where}: {spec.name} is a training attack (its examples leave the eps "
+                             "ball); expected an evaluation attack")
+    return attacks
 
 
 def reduced_autoattack(spec: AttackSpec, square_queries: int = 1000, apgd_steps: int = 100) -> list[AttackSpec]:
@@ -46,7 +57,7 @@ def correct(net: nn.Module, x: Tensor, y: Tensor, batch_size: int = 500) -> Tens
 
 def robust_masks(net: nn.Module, attacker: Attacker, x: Tensor, y: Tensor,
                  attacks: Sequence[AttackSpec], cascade: bool = True, alive: Tensor | None = None,
-                 batch_size: int = 250) -> dict[str, Tensor]:
+                 clean: Tensor | None = None, batch_size: int = 250) -> dict[str, Tensor]:
     """Per image, whether it is still classified correctly: "clean", then one entry per attack
     (`unique_labels`), then "worst" (it survived every attack).
 
@@ -54,8 +65,9 @@ def robust_masks(net: nn.Module, attacker: Attacker, x: Tensor, y: Tensor,
         accuracy after it *and every attack before it* (AutoAttack's way, cheapest); False runs
         every attack on all clean-correct images, so each entry is that attack alone.
     alive: images already broken elsewhere (False) are not attacked and count as broken.
+    clean: the eval-mode clean predictions' correctness, when the caller has it already.
     """
-    clean = correct(net, x, y)
+    clean = correct(net, x, y) if clean is None else clean
     start = clean if alive is None else clean & alive.to(clean.device)
     masks, worst = {"clean": clean}, start.clone()
     for label, spec in zip(unique_labels(attacks), attacks):

@@ -15,10 +15,11 @@ from torch import Tensor, nn
 
 from sepnet.attacks import Attacker, AttackSpec, adversarial_batch, trades_loss
 from sepnet.constraints import constraint_penalties, parameter_counts, proximal_step_, separable_layers
-from sepnet.evaluation import reduced_autoattack, robust_masks, unique_labels
+from sepnet.evaluation import evaluation_attacks, reduced_autoattack, robust_masks, unique_labels
 from sepnet.network import build_network
 
 log = logging.getLogger(__name__)
+
 
 def _collect_rng_states() -> dict:
     """torch, CUDA, numpy and Python RNG states in types that `torch.load(weights_only=True)`
@@ -84,7 +85,7 @@ class ImageClassifier(L.LightningModule):
             (name, norm, eps, step_size, steps, random_start); each runs on every clean-correct
             image of the subset, and val/robust_acc/worst is the per-image worst case over them
             (the checkpoint monitor). Default: PGD-10 and FGSM, Linf 8/255 (FGSM beating PGD is
-            a sign of gradient masking, see sepnet.callbacks.MaskingWatch).
+            a sign of gradient masking, see sepnet.callbacks.RunWatch).
         robust_batches: validation batches attacked (the first ones of the unshuffled loader,
             so the same images every time); None attacks all of them.
         robust_every_n_epochs: attack at validation every this many epochs.
@@ -145,11 +146,7 @@ class ImageClassifier(L.LightningModule):
                                        steps=adv_steps)
         self.attacker = Attacker(self.net, tuple(image_shape), num_classes, fast=fast_attacks)
         default_val = [{}, {"name": "fgsm", "step_size": AttackSpec.eps, "random_start": False}]
-        self.val_attacks = [AttackSpec(**a) for a in (val_attacks or default_val)]
-        for spec in self.val_attacks:
-            if spec.name == "nfgsm":
-                raise ValueError("val_attacks: nfgsm is a training attack (its examples leave the "
-                                 "eps ball); expected one of the evaluation attacks")
+        self.val_attacks = evaluation_attacks(val_attacks or default_val, "val_attacks")
         if robust_every_n_epochs < 1:
             raise ValueError(f"robust_every_n_epochs must be >= 1, got {robust_every_n_epochs}")
         self.metrics = nn.ModuleDict({
@@ -228,7 +225,8 @@ class ImageClassifier(L.LightningModule):
         # masking check); test: AutoAttack's cascade, each attack on the survivors
         attacks, cascade = ((self.val_attacks, False) if stage == "val"
                             else (self.test_attacks, self.test_cascade))
-        masks = robust_masks(self.net, self.attacker, x[:n], y[:n], attacks, cascade=cascade)
+        clean = (logits[:n].argmax(-1) == y[:n]).detach()  # eval mode already: no second forward
+        masks = robust_masks(self.net, self.attacker, x[:n], y[:n], attacks, cascade=cascade, clean=clean)
         for label, mask in masks.items():
             if label != "clean":
                 metric = self.robust_metrics[f"{stage}_{label}"]

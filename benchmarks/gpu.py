@@ -16,7 +16,17 @@ Sections (each ratio is against a baseline measured in the same run, on the same
 4. run: `run.py fit` of the separable VGG-16 with fast-FGSM AT on the 20k training images for
    `--fit-minutes`, then `run.py test` with the worst-case suite on 1,000 test images;
 5. attacks: on that model, sepnet's PGD-10 vs torchattacks vs ART's stock estimator on 1,024
-   images: accuracy agreement and time ratios.
+   test images: accuracy agreement and time ratios.
+A section that fails is recorded under "errors" and the next one runs; the JSON is rewritten
+after every section, so a run stopped at its limit keeps what it measured.
+
+On a lent machine (no internet there; its image has torch, Lightning, timm, torchmetrics, not
+ART, torchattacks or jsonargparse): download those wheels into an ignored `.whl/` (`pip download
+--no-deps --only-binary=:all: --python-version 3.12 ...` for adversarial-robustness-toolbox,
+torchattacks, jsonargparse, docstring_parser, typeshed_client at requirements.txt's versions),
+pack the CIFAR-10 copy with `tar czf .gpudata/cifar10-jpeg.tgz -C ../shared/data cifar10-jpeg`
+(10 MB), carry both, install with `pip install --no-index --no-deps --target /tmp/site .whl/*`,
+unpack to /tmp and pass `--data /tmp/cifar10-jpeg`.
 """
 
 from __future__ import annotations
@@ -108,18 +118,18 @@ def layer_section(device: torch.device, tiny: bool) -> list[dict]:
     return rows
 
 
-def cifar_images(n: int, device: torch.device, data: Path) -> tuple[torch.Tensor, torch.Tensor, str]:
-    """n training images decoded once into device memory (random pixels when the copy is absent)."""
-    if not (data / "train").is_dir():
+def cifar_images(n: int, device: torch.device, data: Path, split: str = "train") -> tuple[torch.Tensor, torch.Tensor, str]:
+    """n images of `split` decoded once into device memory (random pixels when the copy is absent)."""
+    if not (data / split).is_dir():
         g = torch.Generator().manual_seed(0)
         return (torch.rand(n, 3, 32, 32, generator=g).to(device), torch.randint(0, 10, (n,), generator=g).to(device),
                 "random pixels (CIFAR-10 copy not found)")
     from torchvision import datasets, transforms
 
-    ds = datasets.ImageFolder(str(data / "train"), transforms.ToTensor())
+    ds = datasets.ImageFolder(str(data / split), transforms.ToTensor())
     idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))[:n].tolist()
     xs, ys = zip(*(ds[i] for i in idx))
-    return torch.stack(xs).to(device), torch.tensor(ys).to(device), f"{n} CIFAR-10 images in device memory"
+    return torch.stack(xs).to(device), torch.tensor(ys).to(device), f"{n} CIFAR-10 {split} images in device memory"
 
 
 def vgg(head: str, tiny: bool) -> ImageClassifier:
@@ -167,6 +177,8 @@ def run_cli(args: list[str], cwd: Path, timeout: float) -> tuple[float, str]:
     begin = time.perf_counter()
     out = subprocess.run([sys.executable, str(REPO / "run.py"), *args], cwd=cwd, text=True,
                          capture_output=True, timeout=timeout)
+    name = args[args.index("--trainer.logger.init_args.name") + 1] if "--trainer.logger.init_args.name" in args else ""
+    (cwd / f"{args[0]}_{name}.log").write_text(out.stdout + out.stderr)  # the whole output, kept for reading
     if out.returncode != 0:
         raise RuntimeError(f"run.py {args[0]} failed: {out.stderr.strip().splitlines()[-1:]}")
     return time.perf_counter() - begin, out.stdout + out.stderr
@@ -222,7 +234,7 @@ def attack_section(device, ckpt: Path, tiny: bool, data: Path) -> dict:
 
     model = ImageClassifier.load_from_checkpoint(ckpt, map_location=device).to(device).eval()
     n = 16 if tiny else 1024
-    x, y, _ = cifar_images(n, device, data) if not tiny else (None, None, None)
+    x, y, _ = cifar_images(n, device, data, "test") if not tiny else (None, None, None)
     if tiny:
         g = torch.Generator().manual_seed(0)
         x = torch.rand(n, *model.hparams.image_shape, generator=g).to(device)
@@ -249,7 +261,7 @@ def attack_section(device, ckpt: Path, tiny: bool, data: Path) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="every path on the CPU in seconds")
-    parser.add_argument("--out", default="gpu.json", help="where the JSON object goes")
+    parser.add_argument("--out", default="gpu.json", help="where the JSON object goes (rewritten after each section)")
     parser.add_argument("--data", default=str(DATA), help="the CIFAR-10 JPEG copy (ImageFolder layout)")
     parser.add_argument("--fit-minutes", type=float, default=3.5)
     parser.add_argument("--test-images", type=int, default=1000)
@@ -259,23 +271,47 @@ def main(argv: list[str] | None = None) -> dict:
     if not args.tiny and device.type != "cuda":
         parser.error("no CUDA device: expected a GPU machine, or --tiny for the CPU check")
     torch.backends.cudnn.benchmark = device.type == "cuda"
-    data, work = Path(args.data).resolve(), Path(args.work).resolve()
+    data, work, out = Path(args.data).resolve(), Path(args.work).resolve(), Path(args.out)
     work.mkdir(parents=True, exist_ok=True)
-    result = {"environment": environment(device)}
-    result["layer"] = layer_section(device, args.tiny)
-    result["training"], result["training_data"] = training_section(device, args.tiny, data)
-    result["lightning"] = lightning_section(device, args.tiny, data, work, result["training"])
-    result["run"], ckpt = real_run(device, args.tiny, data, work, args.fit_minutes,
-                                   32 if args.tiny else args.test_images)
-    result["attacks"] = attack_section(device, ckpt, args.tiny, data)
-    Path(args.out).write_text(json.dumps(result, indent=2))
+    result: dict = {"environment": environment(device), "errors": {}, "section_seconds": {}}
+    begin = time.perf_counter()
+
+    def section(name: str, fn):
+        """One section; a failure is recorded and the next section still runs (device time is
+        scarce: one broken path must not cost the others' figures). The JSON is rewritten after
+        each section, so a run stopped at its time limit keeps what it measured."""
+        start = time.perf_counter()
+        print(f"[{start - begin:6.1f}s] {name} ...", flush=True)
+        try:
+            value = fn()
+        except Exception as err:  # noqa: BLE001 - recorded, reported, and the run goes on
+            result["errors"][name] = f"{type(err).__name__}: {err}"
+            print(f"[{time.perf_counter() - begin:6.1f}s] {name} FAILED: {result['errors'][name]}", flush=True)
+            value = None
+        result["section_seconds"][name] = time.perf_counter() - start
+        out.write_text(json.dumps(result, indent=2, default=str))
+        return value
+
+    result["layer"] = section("layer", lambda: layer_section(device, args.tiny))
+    training = section("training", lambda: training_section(device, args.tiny, data))
+    result["training"], result["training_data"] = training if training else (None, None)
+    out.write_text(json.dumps(result, indent=2, default=str))
+    if result["training"]:
+        result["lightning"] = section("lightning",
+                                      lambda: lightning_section(device, args.tiny, data, work, result["training"]))
+    run = section("run", lambda: real_run(device, args.tiny, data, work, args.fit_minutes,
+                                          32 if args.tiny else args.test_images))
+    result["run"], ckpt = run if run else (None, None)
+    if ckpt is not None:
+        result["attacks"] = section("attacks", lambda: attack_section(device, ckpt, args.tiny, data))
+    out.write_text(json.dumps(result, indent=2, default=str))
     print(json.dumps(result["environment"]))
-    for row in result["layer"]:
+    for row in result.get("layer") or []:
         print("layer", json.dumps(row))
-    for row in result["training"]:
+    for row in result.get("training") or []:
         print("train", json.dumps(row))
-    for key in ("lightning", "run", "attacks"):
-        print(key, json.dumps(result[key]))
+    for key in ("lightning", "run", "attacks", "errors", "section_seconds"):
+        print(key, json.dumps(result.get(key)))
     return result
 
 

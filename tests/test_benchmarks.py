@@ -12,6 +12,7 @@ def test_gpu_script_tiny_runs_every_section(tmp_path, monkeypatch):
     spec.loader.exec_module(gpu)
     monkeypatch.chdir(tmp_path)
     result = gpu.main(["--tiny", "--out", str(tmp_path / "tiny.json"), "--work", str(tmp_path / "work")])
+    assert result["errors"] == {}, result["errors"]
     assert (tmp_path / "tiny.json").is_file() and result["environment"]["device"] == "cpu"
     assert {(r["batch"], r["precision"]) for r in result["layer"]} == {(4, "fp32"), (4, "bf16"), (8, "fp32"), (8, "bf16")}
     assert all(r["dense_ms"] > 0 and r["separable_ms"] > 0 for r in result["layer"])

@@ -186,7 +186,7 @@ def run_cli(args: list[str], cwd: Path, timeout: float) -> tuple[float, str]:
 
 def cli_args(device: torch.device, tiny: bool, data: Path) -> list[str]:
     if tiny:  # the offline default on the CPU
-        return ["--trainer.accelerator", "cpu", "--trainer.limit_val_batches", "1",
+        return ["--trainer.accelerator", "cpu", "--trainer.precision", "bf16-mixed", "--trainer.limit_val_batches", "1",
                 "--model.robust_batches", "1", "--trainer.enable_progress_bar", "false"]
     data_args = ["--data", str(REPO / "conf/data/cifar10_jpeg.yaml"), "--data.init_args.root", str(data),
                  "--data.init_args.num_workers", "8", "--data.init_args.pin_memory", "true"]
@@ -266,7 +266,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--fit-minutes", type=float, default=3.5)
     parser.add_argument("--test-images", type=int, default=1000)
     parser.add_argument("--work", default="gpu_run", help="folder for the run's logs and checkpoints")
+    parser.add_argument("--sections", default="layer,training,lightning,run,attacks",
+                        help="comma-separated sections to run (a rerun of the ones that failed)")
     args = parser.parse_args(argv)
+    wanted = set(args.sections.split(","))
     device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
     if not args.tiny and device.type != "cuda":
         parser.error("no CUDA device: expected a GPU machine, or --tiny for the CPU check")
@@ -280,6 +283,8 @@ def main(argv: list[str] | None = None) -> dict:
         """One section; a failure is recorded and the next section still runs (device time is
         scarce: one broken path must not cost the others' figures). The JSON is rewritten after
         each section, so a run stopped at its time limit keeps what it measured."""
+        if name not in wanted:
+            return None
         start = time.perf_counter()
         print(f"[{start - begin:6.1f}s] {name} ...", flush=True)
         try:

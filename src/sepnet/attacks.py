@@ -135,12 +135,13 @@ class FastClassifier(PyTorchClassifier):
         with torch.enable_grad():
             loss = self._loss_value(self._model._model(x_t), y_t)
             (grad,) = torch.autograd.grad(loss, x_t)
-        return grad.cpu().numpy() if as_numpy else grad
+        return grad.float().cpu().numpy() if as_numpy else grad
 
     def logits(self, x: Tensor, batch_size: int = 256) -> Tensor:
         """Model outputs for a device tensor, in chunks, without gradients."""
         with torch.no_grad():
-            return torch.cat([self._model._model(self._layout(chunk)) for chunk in x.float().split(batch_size)])
+            # float32 whatever autocast computed (bf16 logits cannot become numpy arrays)
+            return torch.cat([self._model._model(self._layout(chunk)).float() for chunk in x.float().split(batch_size)])
 
     def predict(self, x, batch_size: int = 256, training_mode: bool = False, **kwargs):
         out = self.logits(torch.as_tensor(x, device=self._device), batch_size)

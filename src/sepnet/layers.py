@@ -79,20 +79,30 @@ class _BatchedModeProduct(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, factor: Tensor, x: Tensor) -> Tensor:
+        # Under autocast both operands take the autocast dtype here, and the backward works in
+        # that dtype too (it runs outside autocast): saving the uncast tensors would pair a bf16
+        # gradient with an fp32 operand. Gradients go back in each input's own dtype.
+        device = x.device.type
+        dtype = (torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device)
+                 else torch.promote_types(factor.dtype, x.dtype))
+        ctx.dtypes = factor.dtype, x.dtype
+        factor, x = factor.to(dtype), x.to(dtype)
         ctx.save_for_backward(factor, x)
         return torch.bmm(factor.expand(x.shape[0], *factor.shape), x)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         factor, x = ctx.saved_tensors
+        grad = grad.to(x.dtype)
         grad_factor = grad_x = None
         if ctx.needs_input_grad[0]:
             if x.shape[0] * factor.numel() <= x.numel():
                 grad_factor = torch.bmm(grad, x.mT).sum(0)
             else:
                 grad_factor = torch.tensordot(grad, x, dims=([0, 2], [0, 2]))
+            grad_factor = grad_factor.to(ctx.dtypes[0])
         if ctx.needs_input_grad[1]:
-            grad_x = torch.bmm(factor.mT.expand(x.shape[0], *factor.mT.shape), grad)
+            grad_x = torch.bmm(factor.mT.expand(x.shape[0], *factor.mT.shape), grad).to(ctx.dtypes[1])
         return grad_factor, grad_x
 
 

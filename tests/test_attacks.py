@@ -83,6 +83,20 @@ def test_attack_stays_in_ball_and_leaves_no_trace(name, trained, digits):
     assert _acc(model, adv, y) <= _acc(model, x, y) + 1e-6
 
 
+@pytest.mark.parametrize("name", list(SPECS))
+def test_attacks_run_under_bf16_autocast(name, digits):
+    # bf16-mixed training and testing: a final nn.Linear gives bf16 logits, which ART turns
+    # into numpy arrays (its APGD builds its own estimators from the model) -- numpy has no bf16
+    _, x, y = digits
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10)).eval()
+    with torch.autocast("cpu", torch.bfloat16):
+        assert model(x[:2]).dtype == torch.bfloat16
+        spec = AttackSpec(name=name, eps=EPS, **{"step_size": 0.025, **SPECS[name]})
+        adv = Attacker(model, (1, 8, 8), 10).generate(x[:16], y[:16], spec)
+    assert adv.dtype == x.dtype and (adv - x[:16]).abs().max() <= EPS + 1e-6
+
+
 @pytest.mark.parametrize("name", ["autoattack", "autoattack_standard"])
 def test_autoattack_variants_run(name, trained, digits):
     # a large eps: APGD-CE breaks every image, so the later attacks (Square's 5,000 queries x 5

@@ -102,6 +102,19 @@ def attack_guard(model: nn.Module) -> Iterator[None]:
                 b.copy_(value)
 
 
+class FloatLogits(nn.Module):
+    """The model with float32 outputs, whatever autocast computed: ART turns logits into numpy
+    arrays (its APGD builds its own stock estimators from `estimator.model`), and numpy has no
+    bfloat16. Holds no state of its own; modes and buffers are the wrapped model's."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x).float()
+
+
 class FastClassifier(PyTorchClassifier):
     """ART estimator with input-only gradients that stay on the device.
 
@@ -140,8 +153,7 @@ class FastClassifier(PyTorchClassifier):
     def logits(self, x: Tensor, batch_size: int = 256) -> Tensor:
         """Model outputs for a device tensor, in chunks, without gradients."""
         with torch.no_grad():
-            # float32 whatever autocast computed (bf16 logits cannot become numpy arrays)
-            return torch.cat([self._model._model(self._layout(chunk)).float() for chunk in x.float().split(batch_size)])
+            return torch.cat([self._model._model(self._layout(chunk)) for chunk in x.float().split(batch_size)])
 
     def predict(self, x, batch_size: int = 256, training_mode: bool = False, **kwargs):
         out = self.logits(torch.as_tensor(x, device=self._device), batch_size)
@@ -302,7 +314,7 @@ class Attacker:
             cls = FastClassifier if (self.fast or soft_labels) else PyTorchClassifier
             extra = {"soft_labels": soft_labels} if cls is FastClassifier else {}
             self._estimators[key] = cls(
-                model=self.model, loss=nn.CrossEntropyLoss(), input_shape=self.input_shape,
+                model=FloatLogits(self.model), loss=nn.CrossEntropyLoss(), input_shape=self.input_shape,
                 nb_classes=self.num_classes, clip_values=(0.0, 1.0),
                 device_type="gpu" if device.type == "cuda" else "cpu", **extra)
         return self._estimators[key]

@@ -213,10 +213,17 @@ def lightning_section(device, tiny, data, work: Path, manual: list[dict]) -> dic
             "bare_loop_images_per_s": bare, "ratio_to_bare_loop": images_per_s / bare}
 
 
+def max_time(minutes: float) -> str:
+    """Lightning's DD:HH:MM:SS for a number of minutes (fractions kept: 1.5 is 00:00:01:30)."""
+    hours, seconds = divmod(round(minutes * 60), 3600)
+    days, hours = divmod(hours, 24)
+    return f"{days:02d}:{hours:02d}:{seconds // 60:02d}:{seconds % 60:02d}"
+
+
 def real_run(device, tiny, data, work: Path, minutes: float, test_images: int) -> tuple[dict, Path]:
     fit_args = ["fit", *cli_args(device, tiny, data), "--trainer.logger.init_args.name", "gpu"]
     fit_args += (["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "3"] if tiny else
-                 ["--trainer.max_epochs", "1000", "--trainer.max_time", f"00:00:{int(minutes):02d}:00"])
+                 ["--trainer.max_epochs", "1000", "--trainer.max_time", max_time(minutes)])
     fit_seconds, fit_out = run_cli(fit_args, work, 60 * minutes + 300)
     ckpt = next((work / "logs/gpu").glob("version_*/checkpoints/last.ckpt"))
     test_seconds, _ = run_cli(["test", *cli_args(device, tiny, data), "--trainer.logger.init_args.name", "gpu",

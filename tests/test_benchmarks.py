@@ -13,6 +13,7 @@ def test_gpu_script_tiny_runs_every_section(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     result = gpu.main(["--tiny", "--out", str(tmp_path / "tiny.json"), "--work", str(tmp_path / "work")])
     assert result["errors"] == {}, result["errors"]
+    assert gpu.max_time(1.5) == "00:00:01:30" and gpu.max_time(90) == "00:01:30:00"
     assert (tmp_path / "tiny.json").is_file() and result["environment"]["device"] == "cpu"
     assert {(r["batch"], r["precision"]) for r in result["layer"]} == {(4, "fp32"), (4, "bf16"), (8, "fp32"), (8, "bf16")}
     assert all(r["dense_ms"] > 0 and r["separable_ms"] > 0 for r in result["layer"])

@@ -63,10 +63,10 @@ def main() -> None:
           f"{'ms @1':>7} {'ms @64':>8}")
     with tempfile.TemporaryDirectory() as tmp:
         for family, (dense_kwargs, sep_kwargs) in FAMILIES.items():
-            separable = ImageClassifier(**sep_kwargs).eval()
-            pruned = ImageClassifier(**dense_kwargs).eval()
+            separable = ImageClassifier(network=sep_kwargs).eval()
+            pruned = ImageClassifier(network=dense_kwargs).eval()
             prune_fc(pruned.net, fc_nonzero(separable.net))
-            rows = [("separable", separable), ("dense", ImageClassifier(**dense_kwargs).eval()),
+            rows = [("separable", separable), ("dense", ImageClassifier(network=dense_kwargs).eval()),
                     ("dense, FC pruned", pruned)]
             for kind, model in rows:
                 label = f"{family} {kind}"

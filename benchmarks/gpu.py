@@ -134,8 +134,8 @@ def cifar_images(n: int, device: torch.device, data: Path, split: str = "train")
 
 def vgg(head: str, tiny: bool) -> ImageClassifier:
     torch.manual_seed(0)
-    return ImageClassifier(backbone="vgg16", backbone_kwargs={"width": 1 / 16 if tiny else 1.0}, head=head,
-                           mean=CIFAR_MEAN, std=CIFAR_STD, robust_batches=0)
+    return ImageClassifier(network={"backbone": "vgg16", "backbone_kwargs": {"width": 1 / 16 if tiny else 1.0},
+                                    "head": head}, mean=CIFAR_MEAN, std=CIFAR_STD, validation={"batches": 0})
 
 
 def training_section(device: torch.device, tiny: bool, data: Path) -> tuple[list[dict], str]:
@@ -187,16 +187,17 @@ def run_cli(args: list[str], cwd: Path, timeout: float) -> tuple[float, str]:
 def cli_args(device: torch.device, tiny: bool, data: Path) -> list[str]:
     if tiny:  # the offline default on the CPU
         return ["--trainer.accelerator", "cpu", "--trainer.precision", "bf16-mixed", "--trainer.limit_val_batches", "1",
-                "--model.robust_batches", "1", "--trainer.enable_progress_bar", "false"]
+                "--model.validation.batches", "1", "--trainer.enable_progress_bar", "false"]
     data_args = ["--data", str(REPO / "conf/data/cifar10_jpeg.yaml"), "--data.init_args.root", str(data),
                  "--data.init_args.num_workers", "8", "--data.init_args.pin_memory", "true"]
-    return [*data_args, "--trainer", str(REPO / "conf/trainer/gpu.yaml"), "--model.backbone", "vgg16",
-            "--model.backbone_kwargs", "{}", "--model.head", "separable", "--model.head_kwargs", "{}",
-            "--model.adv_training", "fgsm", "--model.adv_eps", str(8 / 255), "--model.adv_step_size",
-            str(10 / 255), "--model.lr", "0.05", "--model.optimizer", "sgd", "--model.weight_decay", "5e-4",
-            "--model.val_attacks", '[{"name": "pgd", "eps": 0.0314, "step_size": 0.0078, "steps": 10}, '
+    return [*data_args, "--trainer", str(REPO / "conf/trainer/gpu.yaml"), "--model.network.backbone", "vgg16",
+            "--model.network.backbone_kwargs", "{}", "--model.network.head", "separable",
+            "--model.network.head_kwargs", "{}", "--model.adversarial.loss", "at",
+            "--model.adversarial.attack", f'{{"name": "fgsm", "eps": {8 / 255}, "step_size": {10 / 255}}}',
+            "--model.optimization.lr", "0.05", "--model.optimization.optimizer", "sgd",
+            "--model.optimization.weight_decay", "5e-4", "--model.validation.attacks", '[{"name": "pgd", "eps": 0.0314, "step_size": 0.0078, "steps": 10}, '
             '{"name": "fgsm", "eps": 0.0314, "step_size": 0.0314, "random_start": false}]',
-            "--trainer.enable_progress_bar", "false", "--model.robust_batches", "2"]
+            "--trainer.enable_progress_bar", "false", "--model.validation.batches", "2"]
 
 
 def lightning_section(device, tiny, data, work: Path, manual: list[dict]) -> dict:

@@ -50,25 +50,27 @@ VGG = dict(backbone="vgg16", backbone_kwargs={"width": 0.25})
 # and 200x (11.5x, 84x, 226x) as in the claims; a head scaled by 1/4 as well stops at ~58x
 VGG_DENSE_HEAD = {"hidden": [512, 512], "dropout": 0.5}
 VGG_HEAD = {"hidden_shapes": [[8, 8, 8], [8, 8, 8]], "dropout": 0.5}
+# each variant: the model's `network` and `constraint` sections (sepnet.module.ImageClassifier)
 FAMILIES = {
     "mlp": {
-        "dense": dict(backbone="mlp", backbone_kwargs={**MLP["backbone_kwargs"], "dense": True}, head="dense"),
-        "sep_a": dict(MLP, head="separable", backbone_kwargs={**MLP["backbone_kwargs"], "rank": 16}, **CONSTRAINT),
-        "sep_b": dict(MLP, head="separable", backbone_kwargs={**MLP["backbone_kwargs"], "rank": 8}, **CONSTRAINT),
-        "sep_c": dict(MLP, head="separable", backbone_kwargs={**MLP["backbone_kwargs"], "rank": 1}, **CONSTRAINT),
+        "dense": {"network": dict(backbone="mlp", backbone_kwargs={**MLP["backbone_kwargs"], "dense": True},
+                                  head="dense")},
+        **{f"sep_{level}": {"network": dict(MLP, head="separable", backbone_kwargs={**MLP["backbone_kwargs"], "rank": r}),
+                            "constraint": CONSTRAINT} for level, r in (("a", 16), ("b", 8), ("c", 1))},
     },
     "vgg": {
-        "dense": dict(VGG, head="dense", head_kwargs=VGG_DENSE_HEAD),
-        "sep_a": dict(VGG, head="separable", head_kwargs={**VGG_HEAD, "rank": 32}, **CONSTRAINT),
-        "sep_b": dict(VGG, head="separable", head_kwargs={**VGG_HEAD, "rank": 4, "separable_classifier": True}, **CONSTRAINT),
-        "sep_c": dict(VGG, head="separable", head_kwargs={**VGG_HEAD, "rank": 1, "separable_classifier": True}, **CONSTRAINT),
+        "dense": {"network": dict(VGG, head="dense", head_kwargs=VGG_DENSE_HEAD)},
+        "sep_a": {"network": dict(VGG, head="separable", head_kwargs={**VGG_HEAD, "rank": 32}), "constraint": CONSTRAINT},
+        **{f"sep_{level}": {"network": dict(VGG, head="separable", head_kwargs={**VGG_HEAD, "rank": r,
+                                                                                 "separable_classifier": True}),
+                            "constraint": CONSTRAINT} for level, r in (("b", 4), ("c", 1))},
     },
 }
 for family in FAMILIES.values():  # ablations at the middle level
-    base = {k: v for k, v in family["sep_b"].items() if k not in CONSTRAINT}
-    family["sep_b_none"] = dict(base)
-    family["sep_b_sparsity"] = dict(base, sparsity_weight=1e-4, proximal=True)
-    family["sep_b_cond"] = dict(base, condition_weight=1e-3)
+    network = family["sep_b"]["network"]
+    family["sep_b_none"] = {"network": network}
+    family["sep_b_sparsity"] = {"network": network, "constraint": dict(sparsity_weight=1e-4, proximal=True)}
+    family["sep_b_cond"] = {"network": network, "constraint": dict(condition_weight=1e-3)}
     for level in "abc":  # pruning baselines at each separable level's budget
         family[f"pruned_{level}"] = f"prune dense layer by layer to the budgets of sep_{level}"
 
@@ -176,8 +178,8 @@ def prune_from_dense(family: str, dense_state: dict, reference: nn.Module, adv: 
 
 
 OPTIMIZERS = {  # the separable MLP does not train with SGD at 0.05 (chance after an epoch)
-    "mlp": dict(optimizer="adamw", lr=1e-3, weight_decay=0.0),
-    "vgg": dict(optimizer="sgd", lr=0.05, momentum=0.9, weight_decay=5e-4),
+    "mlp": dict(optimizer="adamw", lr=1e-3, weight_decay=0.0, scheduler="cosine"),
+    "vgg": dict(optimizer="sgd", lr=0.05, momentum=0.9, weight_decay=5e-4, scheduler="cosine"),
 }
 
 
@@ -188,8 +190,8 @@ ADV_STEP = {"fgsm": 1.25, "nfgsm": 1.0}  # x eps
 
 def common_kwargs(family: str, adv: str = "fgsm", eps: float = EPS) -> dict:
     return dict(num_classes=10, image_shape=(3, 32, 32), mean=CIFAR_MEAN, std=CIFAR_STD,
-                scheduler="cosine", adv_training=adv, adv_eps=eps, adv_step_size=ADV_STEP[adv] * eps,
-                robust_batches=0, **OPTIMIZERS[family])
+                adversarial={"loss": "at", "attack": {"name": adv, "eps": eps, "step_size": ADV_STEP[adv] * eps}},
+                validation={"batches": 0}, optimization=OPTIMIZERS[family])
 
 
 def run(family: str, variant: str, args) -> dict:

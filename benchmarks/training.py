@@ -29,12 +29,13 @@ from sepnet.constraints import constraint_penalties
 from sepnet.module import ImageClassifier
 
 ROOT = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg"
-MODELS = {
+MODELS = {  # network sections
     "mlp": dict(backbone="mlp", head="separable"),
     "vgg16 (width 1/4)": dict(backbone="vgg16", backbone_kwargs={"width": 0.25}, head="separable",
                               head_kwargs={"hidden_shapes": [[4, 4, 8], [4, 4, 8]]}),
 }
-HP = dict(condition_weight=1e-3, sparsity_weight=1e-5, optimizer="sgd", lr=0.01, scheduler="none")
+CONSTRAINT = dict(condition_weight=1e-3, sparsity_weight=1e-5)
+OPTIMIZATION = dict(optimizer="sgd", lr=0.01, scheduler="none")
 
 
 class EpochTimer(L.Callback):
@@ -50,14 +51,14 @@ class EpochTimer(L.Callback):
 
 def plain_epochs(model: ImageClassifier, loader: DataLoader, repeats: int) -> float:
     net = model.net.train()
-    opt = torch.optim.SGD(net.parameters(), lr=HP["lr"], momentum=0.9, nesterov=True, weight_decay=5e-4)
+    opt = torch.optim.SGD(net.parameters(), lr=OPTIMIZATION["lr"], momentum=0.9, nesterov=True, weight_decay=5e-4)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         for x, y in loader:
             loss = nn.functional.cross_entropy(net(x), y)
             parts = constraint_penalties(net)
-            loss = loss + HP["condition_weight"] * parts["cond"] + HP["sparsity_weight"] * parts["sparsity"]
+            loss = loss + CONSTRAINT["condition_weight"] * parts["cond"] + CONSTRAINT["sparsity_weight"] * parts["sparsity"]
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -95,7 +96,7 @@ def main() -> None:
         results = []
         for kind in ("plain", "lightning", "monitor"):
             torch.manual_seed(0)
-            model = ImageClassifier(**kwargs, **HP)
+            model = ImageClassifier(network=kwargs, constraint=CONSTRAINT, optimization=OPTIMIZATION)
             loader = DataLoader(data, batch_size=args.batch, shuffle=True,
                                 generator=torch.Generator().manual_seed(0))
             if kind == "plain":

@@ -168,13 +168,14 @@ def test_invalid_attack_settings(kwargs, match):
         AttackSpec(**kwargs)
 
 
-def _train(adv_training: str, dm, epochs=15):
+def _train(loss: str, attack: str, dm, epochs=15):
     torch.manual_seed(0)
+    adversarial = {"loss": loss, "attack": {"name": attack, "eps": EPS, "step_size": 0.025, "steps": 5}}
     model = ImageClassifier(num_classes=10, image_shape=(1, 8, 8), mean=(0.3,), std=(0.38,),
-                            backbone="mlp", backbone_kwargs={"hidden_shapes": [[4, 8, 8]]},
-                            optimizer="adamw", lr=3e-3, weight_decay=0.0, adv_training=adv_training,
-                            adv_eps=EPS, adv_step_size=0.025, adv_steps=5, robust_batches=0,
-                            val_attacks=[{"eps": EPS, "step_size": 0.025, "steps": 5}])
+                            network={"backbone": "mlp", "backbone_kwargs": {"hidden_shapes": [[4, 8, 8]]}},
+                            optimization={"optimizer": "adamw", "lr": 3e-3, "weight_decay": 0.0},
+                            adversarial=adversarial,
+                            validation={"attacks": [{"eps": EPS, "step_size": 0.025, "steps": 5}], "batches": 0})
     trainer = L.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, inference_mode=False,
                         limit_val_batches=0, accumulate_grad_batches=2)
@@ -186,8 +187,9 @@ def test_adversarial_training_increases_robust_accuracy(digits):
     dm, x, y = digits
     spec = AttackSpec(name="pgd", eps=EPS, step_size=0.025, steps=10)
     robust = {}
-    for mode in ("none", "pgd", "trades", "nfgsm"):
-        net = _train(mode, dm)
+    for mode, loss, attack in (("none", "none", "pgd"), ("pgd", "at", "pgd"), ("trades", "trades", "pgd"),
+                               ("nfgsm", "at", "nfgsm")):
+        net = _train(loss, attack, dm)
         robust[mode] = _acc(net, Attacker(net, (1, 8, 8), 10).generate(x, y, spec), y)
     assert robust["pgd"] > robust["none"] + 0.05, robust
     assert robust["trades"] > robust["none"] + 0.05, robust
@@ -204,6 +206,6 @@ def test_nfgsm_is_a_noisy_unclipped_step_and_training_only(trained, digits):
     assert delta.max() <= 3 * EPS + 1e-6 and delta.max() > 1.5 * EPS  # noise 2 eps + step eps
     assert _acc(trained, adv, y) < _acc(trained, x, y) - 0.1
     with pytest.raises(ValueError, match="nfgsm is a training attack"):
-        ImageClassifier(val_attacks=[{"name": "nfgsm"}])
+        ImageClassifier(validation={"attacks": [{"name": "nfgsm"}]})
     with pytest.raises(ValueError, match="nfgsm is an Linf attack"):
         AttackSpec(name="nfgsm", norm="l2")

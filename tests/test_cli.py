@@ -14,9 +14,9 @@ from sepnet.cli import SepnetCLI, main
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
 # small and quick: 1 hidden layer, 2 PGD steps, few batches
-FAST = ["--model.backbone_kwargs", '{"hidden_shapes": [[4, 8, 8]]}',
-        "--model.val_attacks", '[{"name": "pgd", "eps": 0.1, "step_size": 0.05, "steps": 2}]',
-        "--model.robust_batches", "1", "--trainer.limit_train_batches", "3",
+FAST = ["--model.network.backbone_kwargs", '{"hidden_shapes": [[4, 8, 8]]}',
+        "--model.validation.attacks", '[{"name": "pgd", "eps": 0.1, "step_size": 0.05, "steps": 2}]',
+        "--model.validation.batches", "1", "--trainer.limit_train_batches", "3",
         "--trainer.limit_val_batches", "2", "--trainer.enable_model_summary", "false",
         "--monitor.every_n_steps", "1"]
 
@@ -110,9 +110,9 @@ def test_test_runs_the_attacks_asked_for_not_the_checkpoints(tmp_path):
     robust = sorted(k for k in report["metrics"] if "/robust_acc/" in k)
     assert robust == ["test/robust_acc/fgsm_linf", "test/robust_acc/worst"]
     # a model flag that contradicts the checkpoint is refused, not silently dropped
-    out = run(["test", *FAST, "--model.lr", "0.5", "--ckpt_path", "last"], cwd=tmp_path, check=False)
+    out = run(["test", *FAST, "--model.optimization.lr", "0.5", "--ckpt_path", "last"], cwd=tmp_path, check=False)
     last = out.stderr.strip().splitlines()[-1]
-    assert out.returncode == 2 and "--model.lr 0.5 contradicts the checkpoint" in last
+    assert out.returncode == 2 and "--model.optimization.lr 0.5 contradicts the checkpoint" in last
 
 
 def test_one_run_one_folder_and_last_means_the_newest_run(tmp_path):
@@ -209,20 +209,24 @@ def _corrupt_image_folder(root: Path) -> Path:
 @pytest.mark.parametrize(
     "args,message",
     [
-        (["--model.backbone", "alexnet"], "unknown backbone 'alexnet'"),
-        (["--model.condition_weight", "-1"], "condition_weight must be >= 0, got -1.0"),
-        (["--model.val_attacks", '[{"eps": -0.1}]'], "eps must be a finite number >= 0, got -0.1"),
-        (["--model.head", "separable", "--model.head_kwargs", '{"hidden_shapes": [[3, 3]]}'],
+        (["--model.network.backbone", "alexnet"], "unknown backbone 'alexnet'"),
+        (["--model.constraint.condition_weight", "-1"], "condition_weight must be >= 0, got -1.0"),
+        (["--model.validation.attacks", '[{"eps": -0.1}]'], "eps must be a finite number >= 0, got -0.1"),
+        (["--model.network.head", "separable", "--model.network.head_kwargs", '{"hidden_shapes": [[3, 3]]}'],
          "hidden shape [3, 3] must have 3 modes"),
         (["--data", "sepnet.data.ImageFolderDataModule", "--data.root", "missing_folder"],
          "no train folder under missing_folder"),
         (["--ckpt_path", "nowhere.ckpt"], "checkpoint nowhere.ckpt does not exist"),
-        (["--model.val_attacks", '[{"eps": 8}]'], "attack eps 8 is above 1: eps is in pixel units"),
+        (["--model.validation.attacks", '[{"eps": 8}]'], "attack eps 8 is above 1: eps is in pixel units"),
+        (["--model.adversarial.attack.name", "bogus"], "unknown attack 'bogus'"),
+        (["--model.adversarial.loss", "trades", "--model.adversarial.attack.name", "nfgsm"],
+         "cannot maximize TRADES' KL"),
+        (["--model.adv_eps", "0.1"], "model.adv_eps is now model.adversarial.attack.eps"),
         (["--nonsense", "3"], "unrecognized arguments: --nonsense 3"),
         (["--data.init_args.batch_size", "0"], "batch_size must be >= 1, got 0"),
         (["--trainer.max_epochs", "-5"], "`max_epochs` must be a non-negative integer or -1. You passed in -5"),
         (["--checkpoint.dirpath", "a_file/ckpts"], "--checkpoint.dirpath a_file/ckpts: a_file is a file"),
-        (["--model.backbone", "vgg16", "--model.backbone_kwargs", "{}"],
+        (["--model.network.backbone", "vgg16", "--model.network.backbone_kwargs", "{}"],
          "backbone 'vgg16' cannot take images of shape (1, 8, 8): expected larger images"),
         (["--trainer", str(CONF / "trainer/ddp.yaml")], "No supported gpu backend found!"),
         (["--data", "sepnet.data.ImageFolderDataModule", "--data.root", "corrupt", "--data.num_workers", "1"],
@@ -245,7 +249,7 @@ def test_bad_input_is_one_line_and_nonzero(args, message, tmp_path, monkeypatch,
 
 
 def test_diverging_loss_is_warned(tmp_path):
-    out = run(["fit", *FAST, "--trainer.max_epochs", "1", "--model.condition_weight", "1e9"], cwd=tmp_path)
+    out = run(["fit", *FAST, "--trainer.max_epochs", "1", "--model.constraint.condition_weight", "1e9"], cwd=tmp_path)
     assert "diverging loss" in out.stderr
 
 
@@ -266,6 +270,15 @@ def test_corrupt_and_incompatible_checkpoints(tmp_path):
     out = run(["fit", *FAST, "--trainer.max_epochs", "1", "--ckpt_path", str(bad)], cwd=tmp_path, check=False)
     last = out.stderr.strip().splitlines()[-1]
     assert out.returncode != 0 and f"does not fit this config: {key} is (3,)" in last
+    # a checkpoint of the flat-hyperparameter era: the error names the new key
+    state = torch.load(ckpt, weights_only=False)
+    hparams = state["hyper_parameters"]
+    hparams["adv_eps"] = hparams.pop("adversarial")["attack"]["eps"]
+    old = tmp_path / "old.ckpt"
+    torch.save(state, old)
+    out = run(["test", *FAST, "--ckpt_path", str(old)], cwd=tmp_path, check=False)
+    last = out.stderr.strip().splitlines()[-1]
+    assert out.returncode == 2 and "adv_eps is now model.adversarial.attack.eps" in last, last
     assert ckpt.read_bytes() == original
 
 
@@ -274,8 +287,8 @@ def test_ddp_two_processes_on_cpu_matches_single_process(tmp_path):
     ckpt = str(tmp_path / RUN0 / "checkpoints/last.ckpt")
     # every validation image attacked, without random start: the figures must match exactly
     pgd = '[{"name": "pgd", "eps": 0.1, "step_size": 0.05, "steps": 2, "random_start": false}]'
-    full_val = ["--trainer.limit_val_batches", "1.0", "--model.robust_batches", "null",
-                "--model.val_attacks", pgd]
+    full_val = ["--trainer.limit_val_batches", "1.0", "--model.validation.batches", "null",
+                "--model.validation.attacks", pgd]
     run(["validate", *FAST, *full_val, "--ckpt_path", ckpt], cwd=tmp_path)
     single = json.loads((tmp_path / RUN0 / "validate_report.json").read_text())
     (tmp_path / RUN0 / "validate_report.json").unlink()
@@ -288,8 +301,8 @@ def test_ddp_two_processes_on_cpu_matches_single_process(tmp_path):
     assert single["metrics"]["val/robust_acc/pgd_linf"] < single["metrics"]["val/acc"]
     # a DDP fit with PGD adversarial training: one run folder, one summary, and its last
     # validation figures equal a single-process validation of the checkpoint it wrote
-    out = run(["fit", *FAST, *full_val, *ddp, "--trainer.max_epochs", "2", "--model.adv_training", "pgd",
-               "--model.adv_steps", "2"], cwd=tmp_path)
+    out = run(["fit", *FAST, *full_val, *ddp, "--trainer.max_epochs", "2", "--model.adversarial.loss", "at",
+               "--model.adversarial.attack.steps", "2"], cwd=tmp_path)
     assert sorted(p.name for p in (tmp_path / "logs/default").iterdir()) == ["version_0", "version_1"]
     assert (out.stdout + out.stderr).count("separable layers (stored") == 1
     fitted = out.stdout.split("final validation: ")[1]
@@ -316,7 +329,7 @@ def test_a_fixed_checkpoint_folder_is_never_shared_by_two_runs(tmp_path, monkeyp
 def test_robust_evaluation_every_other_epoch_keeps_the_best_checkpoint(tmp_path, monkeypatch):
     # the monitored worst case exists only on attacked epochs: the best is judged on those alone
     monkeypatch.chdir(tmp_path)
-    main(["fit", *FAST, "--trainer.max_epochs", "3", "--model.robust_every_n_epochs", "2"])
+    main(["fit", *FAST, "--trainer.max_epochs", "3", "--model.validation.every_n_epochs", "2"])
     folder = tmp_path / RUN0 / "checkpoints"
     assert sorted(p.name for p in folder.iterdir()) == ["best-001.ckpt", "last.ckpt"]
     assert torch.load(folder / "last.ckpt", weights_only=False)["epoch"] == 2

@@ -129,8 +129,9 @@ def test_fast_dev_run_on_every_datamodule(kind, tmp_path):
         (tmp_path / "imagenet" / "test").rename(tmp_path / "imagenet" / "val")
         dm = ImageNetDataModule(root=str(tmp_path), image_size=32, val_fraction=0.3, **common)
     model = ImageClassifier(num_classes=dm.num_classes, image_shape=dm.image_shape, mean=dm.mean,
-                            std=dm.std, backbone="mlp", backbone_kwargs={"hidden_shapes": [[2, 4, 4]]},
-                            adv_training="fgsm", val_attacks=[{"steps": 1}], robust_batches=1)
+                            std=dm.std, network={"backbone": "mlp", "backbone_kwargs": {"hidden_shapes": [[2, 4, 4]]}},
+                            adversarial={"loss": "at", "attack": {"name": "fgsm"}},
+                            validation={"attacks": [{"steps": 1}], "batches": 1})
     trainer = L.Trainer(fast_dev_run=True, accelerator="cpu", inference_mode=False, logger=False,
                         enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(model, dm)

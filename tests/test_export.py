@@ -8,8 +8,8 @@ from sepnet.module import ImageClassifier
 
 def _model():
     torch.manual_seed(0)
-    return ImageClassifier(backbone="vgg16", backbone_kwargs={"width": 1 / 16}, head="separable",
-                           head_kwargs={"hidden_shapes": [[4, 4, 4]]}).eval()
+    return ImageClassifier(network={"backbone": "vgg16", "backbone_kwargs": {"width": 1 / 16}, "head": "separable",
+                                    "head_kwargs": {"hidden_shapes": [[4, 4, 4]]}}).eval()
 
 
 def test_torchscript_matches_for_any_batch(tmp_path):

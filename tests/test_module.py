@@ -35,6 +35,7 @@ def _fit(model, shape=(3, 32, 32), **trainer_kwargs):
     return trainer
 
 
+MLP = {"backbone": "mlp", "backbone_kwargs": {"hidden_shapes": [[4, 4, 8]]}}
 CASES = {
     "mlp-separable": dict(backbone="mlp", head="separable", backbone_kwargs={"hidden_shapes": [[4, 4, 8]]}),
     "mlp-dense": dict(backbone="mlp", head="dense", backbone_kwargs={"hidden_shapes": [[4, 4, 8]]}),
@@ -53,8 +54,8 @@ CASES = {
 @pytest.mark.parametrize("case", list(CASES))
 def test_fast_dev_run_every_backbone_and_head(case):
     torch.manual_seed(0)
-    model = ImageClassifier(**CASES[case], condition_weight=1e-3, sparsity_weight=1e-5,
-                            val_attacks=PGD_FAST, robust_batches=1)
+    model = ImageClassifier(network=CASES[case], constraint={"condition_weight": 1e-3, "sparsity_weight": 1e-5},
+                            validation={"attacks": PGD_FAST, "batches": 1})
     before = {k: v.clone() for k, v in model.state_dict().items()}
     _fit(model)
     changed = any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
@@ -65,8 +66,8 @@ def test_fast_dev_run_every_backbone_and_head(case):
 
 
 def test_vgg_imagenet_head_shapes():
-    model = ImageClassifier(backbone="vgg16", backbone_kwargs={"variant": "imagenet", "width": 1 / 16},
-                            head="separable", image_shape=(3, 64, 64), num_classes=1000)
+    model = ImageClassifier(network={"backbone": "vgg16", "backbone_kwargs": {"variant": "imagenet", "width": 1 / 16},
+                                     "head": "separable"}, image_shape=(3, 64, 64), num_classes=1000)
     layers = dict(separable_layers(model.net))
     first = layers["head.layers.0"]
     assert first.in_shape == (32, 7, 7) and first.out_shape == (16, 16, 16)
@@ -74,8 +75,8 @@ def test_vgg_imagenet_head_shapes():
 
 
 def test_vgg_width_scales_convolutions_not_heads():
-    dense = ImageClassifier(backbone="vgg16", backbone_kwargs={"width": 0.25}, head="dense")
-    separable = ImageClassifier(backbone="vgg16", backbone_kwargs={"width": 0.25}, head="separable")
+    dense = ImageClassifier(network={"backbone": "vgg16", "backbone_kwargs": {"width": 0.25}, "head": "dense"})
+    separable = ImageClassifier(network={"backbone": "vgg16", "backbone_kwargs": {"width": 0.25}, "head": "separable"})
     widths = [m.out_features for m in dense.net.modules() if isinstance(m, torch.nn.Linear)]
     shapes = [layer.out_shape for _, layer in separable_layers(separable.net)]
     assert widths[:-1] == [math.prod(s) for s in shapes] == [512, 512]
@@ -85,9 +86,9 @@ def test_vgg_width_scales_convolutions_not_heads():
 
 def test_adversarial_training_and_proximal_zeros():
     torch.manual_seed(0)
-    model = ImageClassifier(backbone="mlp", backbone_kwargs={"hidden_shapes": [[4, 4, 8]]},
-                            adv_training="pgd", adv_steps=2, adv_step_size=4 / 255,
-                            sparsity_weight=1.0, proximal=True, lr=0.05, val_attacks=PGD_FAST)
+    model = ImageClassifier(network=MLP, adversarial={"loss": "at", "attack": {"steps": 2, "step_size": 4 / 255}},
+                            constraint={"sparsity_weight": 1.0, "proximal": True}, optimization={"lr": 0.05},
+                            validation={"attacks": PGD_FAST})
     calls = []
     original = model.attacker.generate
     model.attacker.generate = lambda x, y, spec: calls.append(spec) or original(x, y, spec)
@@ -99,7 +100,7 @@ def test_adversarial_training_and_proximal_zeros():
 
 def test_attack_guard_restores_mode_grads_and_batchnorm():
     torch.manual_seed(0)
-    model = ImageClassifier(backbone="vgg16", head="dense", backbone_kwargs={"width": 1 / 16})
+    model = ImageClassifier(network=CASES["vgg-dense"])
     model.train()
     model.net(torch.rand(4, 3, 32, 32)).sum().backward()
     grads = [p.grad.clone() for p in model.parameters()]
@@ -118,13 +119,13 @@ def test_attack_guard_restores_mode_grads_and_batchnorm():
 @pytest.mark.parametrize(
     "kwargs,match",
     [
-        (dict(sparsity_weight=-1.0), "sparsity_weight must be >= 0, got -1.0"),
-        (dict(backbone="alexnet"), "unknown backbone 'alexnet'"),
-        (dict(head="tiny"), "unknown head 'tiny'"),
-        (dict(val_attacks=[{"eps": -0.1}]), "eps must be a finite number >= 0, got -0.1"),
-        (dict(val_attacks=[{"steps": 0}]), "steps must be >= 1, got 0"),
-        (dict(val_attacks=[{"norm": "l7"}]), "unknown attack norm 'l7'"),
-        (dict(backbone="mlp", head="separable", head_kwargs={"hidden_shapes": [[4, 4]]}),
+        (dict(constraint={"sparsity_weight": -1.0}), "sparsity_weight must be >= 0, got -1.0"),
+        (dict(network={"backbone": "alexnet"}), "unknown backbone 'alexnet'"),
+        (dict(network={"head": "tiny"}), "unknown head 'tiny'"),
+        (dict(validation={"attacks": [{"eps": -0.1}]}), "eps must be a finite number >= 0, got -0.1"),
+        (dict(validation={"attacks": [{"steps": 0}]}), "steps must be >= 1, got 0"),
+        (dict(validation={"attacks": [{"norm": "l7"}]}), "unknown attack norm 'l7'"),
+        (dict(network={"backbone": "mlp", "head": "separable", "head_kwargs": {"hidden_shapes": [[4, 4]]}}),
          r"hidden shape \[4, 4\] must have 3 modes"),
     ],
 )
@@ -134,8 +135,7 @@ def test_bad_model_config(kwargs, match):
 
 
 def test_load_from_checkpoint_without_arguments(tmp_path):
-    model = ImageClassifier(backbone="mlp", backbone_kwargs={"hidden_shapes": [[4, 4, 8]]},
-                            val_attacks=PGD_FAST)
+    model = ImageClassifier(network=MLP, validation={"attacks": PGD_FAST})
     trainer = L.Trainer(max_epochs=1, limit_train_batches=1, limit_val_batches=1, accelerator="cpu",
                         inference_mode=False, logger=False, enable_progress_bar=False,
                         default_root_dir=tmp_path)
@@ -151,14 +151,14 @@ def test_load_from_checkpoint_without_arguments(tmp_path):
 
 def test_bf16_autocast_training_with_adversarial_examples():
     torch.manual_seed(0)
-    model = ImageClassifier(**CASES["vgg-separable"], adv_training="pgd", adv_steps=2,
-                            condition_weight=1e-3, val_attacks=PGD_FAST, robust_batches=1)
+    model = ImageClassifier(network=CASES["vgg-separable"], adversarial={"loss": "at", "attack": {"steps": 2}},
+                            constraint={"condition_weight": 1e-3}, validation={"attacks": PGD_FAST, "batches": 1})
     trainer = _fit(model, precision="bf16-mixed", accumulate_grad_batches=2)
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
 def test_interrupted_checkpoint_write_leaves_the_old_file(tmp_path, monkeypatch):
-    model = ImageClassifier(backbone="mlp", backbone_kwargs={"hidden_shapes": [[4, 4, 8]]})
+    model = ImageClassifier(network=MLP)
     trainer = L.Trainer(logger=False, accelerator="cpu", enable_progress_bar=False)
     trainer.strategy.connect(model)
     path = tmp_path / "last.ckpt"
@@ -189,8 +189,7 @@ def test_checkpoint_monitor_is_the_worst_case_whatever_the_attacks(tmp_path):
                     args=["--trainer.logger", "false", "--data", "sepnet.data.DigitsDataModule"])
     assert cli.trainer.checkpoint_callback.monitor == "val/robust_acc/worst"
     torch.manual_seed(0)
-    model = ImageClassifier(backbone="mlp", backbone_kwargs={"hidden_shapes": [[4, 4, 8]]},
-                            val_attacks=[{"name": "apgd_ce", "steps": 2}], robust_batches=1)
+    model = ImageClassifier(network=MLP, validation={"attacks": [{"name": "apgd_ce", "steps": 2}], "batches": 1})
     best = ModelCheckpoint(dirpath=tmp_path, monitor=cli.trainer.checkpoint_callback.monitor, mode="max")
     trainer = L.Trainer(max_epochs=1, limit_train_batches=1, limit_val_batches=1, accelerator="cpu",
                         inference_mode=False, logger=False, enable_progress_bar=False, callbacks=[best])
@@ -207,10 +206,31 @@ def test_network_is_built_without_lightning():
     torch.manual_seed(0)
     net = build_network(10, (3, 32, 32), (0.5,) * 3, (0.25,) * 3, **kwargs)
     torch.manual_seed(0)
-    model = ImageClassifier(num_classes=10, image_shape=(3, 32, 32), mean=(0.5,) * 3, std=(0.25,) * 3, **kwargs)
+    model = ImageClassifier(num_classes=10, image_shape=(3, 32, 32), mean=(0.5,) * 3, std=(0.25,) * 3, network=kwargs)
     assert not isinstance(net, L.LightningModule)
     assert net.state_dict().keys() == model.net.state_dict().keys()
     x = torch.rand(2, 3, 32, 32)
     torch.testing.assert_close(net.eval()(x), model.net.eval()(x))
     with pytest.raises(ValueError, match="unknown head 'tiny'"):
         build_network(head="tiny")
+
+
+def test_sections_as_dataclasses_or_dicts_and_plain_hyperparameters(tmp_path):
+    from sepnet.attacks import AdversarialTraining
+    from sepnet.constraints import ConstraintConfig
+    from sepnet.network import NetworkConfig
+
+    as_dicts = ImageClassifier(network=MLP, constraint={"condition_weight": 1e-3},
+                               adversarial={"loss": "at", "attack": {"name": "fgsm", "step_size": 0.04}})
+    as_classes = ImageClassifier(network=NetworkConfig(**MLP), constraint=ConstraintConfig(condition_weight=1e-3),
+                                 adversarial=AdversarialTraining(loss="at", attack=AttackSpec(name="fgsm", step_size=0.04)))
+    assert dict(as_dicts.hparams) == dict(as_classes.hparams)
+    assert as_dicts.adversarial == as_classes.adversarial and as_dicts.adversarial.attack.step_size == 0.04
+    # plain types only: a checkpoint's hyperparameters load with weights_only=True
+    torch.save(dict(as_dicts.hparams), tmp_path / "h.pt")
+    loaded = torch.load(tmp_path / "h.pt", weights_only=True)
+    assert ImageClassifier(**loaded).adversarial == as_dicts.adversarial
+    with pytest.raises(TypeError, match="NetworkConfig: expected the dataclass or a dict"):
+        ImageClassifier(network="mlp")
+    with pytest.raises(ValueError, match="adversarial.mix must be in"):
+        ImageClassifier(adversarial={"mix": 1.5})

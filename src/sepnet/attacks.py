@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import asdict, dataclass
-from typing import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Iterator, Literal
 
 import numpy as np
 import torch
@@ -64,7 +64,7 @@ class AttackSpec:
         if not (isinstance(self.eps, (int, float)) and self.eps >= 0 and math.isfinite(self.eps)):
             raise ValueError(f"attack eps must be a finite number >= 0, got {self.eps}")
         if self.norm == "linf" and self.eps > 1:
-            raise ValueError(f"attack eps {self.eps} is above 1: eps is in pixel units (pixels in "
+            raise ValueError(f"attack eps {self.eps:g} is above 1: eps is in pixel units (pixels in "
                              "[0, 1]); for 8/255 write 0.0314")
         if not self.step_size > 0:
             raise ValueError(f"attack step_size must be > 0, got {self.step_size}")
@@ -366,3 +366,47 @@ def trades_loss(net: nn.Module, attacker: Attacker, spec: AttackSpec, x: Tensor,
     logits = net(x)
     kl = nn.functional.kl_div(net(x_adv).log_softmax(-1), logits.softmax(-1), reduction="batchmean")
     return logits, nn.functional.cross_entropy(logits, y) + beta * kl, kl
+
+
+@dataclass(frozen=True)
+class AdversarialTraining:
+    """The `model.adversarial` section: which examples the network trains on.
+
+    loss: "none" (clean training), "at" (cross-entropy on adversarial examples: PGD-AT with a
+        "pgd" attack, fast AT with "fgsm" (random start, step ~1.25 eps) or "nfgsm" (noise of 2
+        eps, step = eps, no clipping; resists catastrophic overfitting)) or "trades" (CE(clean)
+        + trades_beta KL(clean || adv), the attack maximizing that KL; "pgd" or "fgsm").
+    attack: the training attack, an AttackSpec (eps and step in pixel units).
+    mix: fraction of each batch replaced by adversarial examples ("at" only; 1 = all).
+    trades_beta: TRADES' weight of the robustness term.
+    """
+
+    loss: Literal["none", "at", "trades"] = "none"
+    attack: AttackSpec = field(default_factory=AttackSpec)
+    mix: float = 1.0
+    trades_beta: float = 6.0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.attack, dict):  # read back from a checkpoint's hyperparameters
+            object.__setattr__(self, "attack", AttackSpec(**self.attack))
+        if self.loss not in ("none", "at", "trades"):
+            raise ValueError(f"adversarial.loss {self.loss!r}: expected 'none', 'at' or 'trades'")
+        if not 0 <= self.mix <= 1:
+            raise ValueError(f"adversarial.mix must be in [0, 1], got {self.mix}")
+        if self.trades_beta < 0:
+            raise ValueError(f"adversarial.trades_beta must be >= 0, got {self.trades_beta}")
+        if self.loss == "trades" and self.attack.name not in ("pgd", "fgsm"):
+            raise ValueError(f"adversarial.attack {self.attack.name!r} cannot maximize TRADES' KL: "
+                             "expected 'pgd' or 'fgsm' with loss 'trades'")
+
+
+def adversarial_loss(net: nn.Module, attacker: Attacker, config: AdversarialTraining, x: Tensor,
+                     y: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+    """(logits of the trained-on batch, task loss, extra figures to log) for one training batch."""
+    if config.loss == "trades":
+        logits, task, kl = trades_loss(net, attacker, config.attack, x, y, config.trades_beta)
+        return logits, task, {"train/loss_trades_kl": kl}
+    if config.loss == "at":
+        x = adversarial_batch(attacker, config.attack, x, y, config.mix)
+    logits = net(x)
+    return logits, nn.functional.cross_entropy(logits, y), {}

@@ -8,6 +8,7 @@ A checkpoint's model hyperparameters define the model: flags that contradict the
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import re
@@ -28,11 +29,37 @@ from sepnet.module import ImageClassifier
 log = logging.getLogger("sepnet")
 
 LINKED = ("num_classes", "image_shape", "mean", "std")
-# model hyperparameters that only say how validation attacks the model: a flag wins over the
+# model settings that only say how validation attacks the model: a flag wins over the
 # checkpoint's value (any other flag that contradicts the checkpoint is refused)
-EVALUATION_KEYS = ("val_attacks", "robust_batches", "robust_every_n_epochs", "fast_attacks")
-# hyperparameters of older checkpoints that no longer exist, and where their job went
+EVALUATION_KEYS = ("validation", "fast_attacks")
+# hyperparameters of older checkpoints and configs that no longer exist, and where their job went
 REMOVED = {"robust_test_batches": "test image counts are --report.images"}
+_SECTIONS = {
+    "network": ("backbone", "backbone_kwargs", "head", "head_kwargs"),
+    "constraint": ("condition_weight", "condition_form", "sparsity_weight", "sparsity_form", "tl1_a", "proximal"),
+    "optimization": ("optimizer", "lr", "momentum", "nesterov", "weight_decay", "scheduler", "milestones", "gamma"),
+}
+RENAMED = {
+    **{key: f"{section}.{key}" for section, keys in _SECTIONS.items() for key in keys},
+    "adv_training": "adversarial.loss (at | trades) and adversarial.attack.name",
+    "adv_eps": "adversarial.attack.eps", "adv_step_size": "adversarial.attack.step_size",
+    "adv_steps": "adversarial.attack.steps", "adv_norm": "adversarial.attack.norm",
+    "adv_mix": "adversarial.mix", "trades_beta": "adversarial.trades_beta",
+    "val_attacks": "validation.attacks", "robust_batches": "validation.batches",
+    "robust_every_n_epochs": "validation.every_n_epochs",
+}
+
+
+def _flat(config: dict, prefix: str = "") -> dict:
+    """{"network.backbone": ...}: section fields as dotted keys; lists and the free-form
+    *_kwargs dicts stay whole values."""
+    out = {}
+    for key, value in config.items():
+        if isinstance(value, dict) and not key.endswith("_kwargs"):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 def _plain(value: Any) -> Any:
@@ -43,6 +70,8 @@ def _plain(value: Any) -> Any:
         return {k: _plain(v) for k, v in value.items()}
     if hasattr(value, "as_dict"):  # jsonargparse Namespace
         return _plain(value.as_dict())
+    if dataclasses.is_dataclass(value):
+        return _plain(dataclasses.asdict(value))
     return value
 
 
@@ -164,18 +193,24 @@ class SepnetCLI(LightningCLI):
                 raise ValueError(f"checkpoint {ckpt} has the removed hyperparameter {key} ({where}): "
                                  f"expected a checkpoint of this sepnet version; delete "
                                  f"hyper_parameters['{key}'] from it to load it")
+        old = [key for key in hparams if key in RENAMED]
+        if old:
+            raise ValueError(f"checkpoint {ckpt} predates the model config sections ({old[0]} is now "
+                             f"model.{RENAMED[old[0]]}): expected a checkpoint of this sepnet version; "
+                             "retrain, or move its hyper_parameters into the sections")
         parser = self._sepnet_parsers[list(self.subcommands()).index(subcommand)]
-        defaults = _plain(parser.get_defaults().get("model"))
-        given = _plain(self.config[subcommand].get("model"))
+        defaults = _flat(_plain(parser.get_defaults().get("model")))
+        given = _flat(_plain(self.config[subcommand].get("model")))
+        stored = _flat(_plain(hparams))
         self._evaluation_overrides = {}
         for key, value in given.items():
-            if key in LINKED or key not in hparams or value == defaults.get(key):
+            if key.split(".")[0] in LINKED or key not in stored or value == defaults.get(key):
                 continue
-            if key in EVALUATION_KEYS:
+            if key.split(".")[0] in EVALUATION_KEYS:
                 self._evaluation_overrides[key] = self.config[subcommand].model[key]
-            elif value != _plain(hparams[key]):
+            elif value != stored[key]:
                 raise ValueError(f"--model.{key} {value} contradicts the checkpoint {ckpt} ({key}: "
-                                 f"{_plain(hparams[key])}): expected no model flags with --ckpt_path "
+                                 f"{stored[key]}): expected no model flags with --ckpt_path "
                                  "(test attacks are --report.attacks; a new model needs a new run)")
 
     def _check_schedule(self, cfg, ckpt: str) -> None:
@@ -210,7 +245,7 @@ class SepnetCLI(LightningCLI):
         for key, value in getattr(self, "_evaluation_overrides", {}).items():
             log.info("--model.%s given: used instead of the checkpoint's value", key)
             cfg.model[key] = value
-        every = cfg.model.get("robust_every_n_epochs") or 1
+        every = cfg.model.get("validation.every_n_epochs") or 1
         if cfg.checkpoint.get("every_n_epochs") in (None, 1) and str(cfg.checkpoint.monitor).startswith("val/robust_acc"):
             cfg.checkpoint.every_n_epochs = every
 
@@ -250,6 +285,10 @@ def _one_line(err: BaseException) -> str:
     the first reason of a jsonargparse union error, else the message's first line."""
     text = str(err).strip() or type(err).__name__
     lines = [line.strip() for line in text.splitlines() if line.strip()]
+    old = next((m.group(1) for m in re.finditer(r"model\.(\w+)", text) if m.group(1) in RENAMED), None)
+    if old and ("not expected" in text or "unrecognized" in text):
+        return (f"model.{old} is now model.{RENAMED[old]} (the model config has sections: network, "
+                "constraint, adversarial, optimization, validation; see conf/)")
     if "Original Traceback" in text:
         return re.sub(r"^[\w.]+(Error|Exception): ", "", lines[-1])
     reasons = [line[2:] for line in lines[1:] if line.startswith("- ") and "NoneType" not in line]

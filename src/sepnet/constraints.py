@@ -303,3 +303,48 @@ def proximal_step_(
                 else:
                     raise ValueError(f"unknown sparsity penalty {form!r}; expected l1 or tl1")
                 factor.copy_(factor.sign() * (magnitude - threshold).clamp_min(0))
+
+
+@dataclass(frozen=True)
+class ConstraintConfig:
+    """The `model.constraint` section: the joint constraint on the separable factors.
+
+    condition_weight: weight of the condition-number penalty (0 switches it off).
+    condition_form: "amgm", "logdet" or "logcond" (see condition_penalty).
+    sparsity_weight: weight of the sparsity penalty (0 switches it off).
+    sparsity_form: "l1" or "tl1".
+    tl1_a: the transformed-L1 parameter a.
+    proximal: apply sparsity by soft-thresholding after each optimizer step (exact zeros)
+        instead of adding its subgradient to the loss.
+    """
+
+    condition_weight: float = 0.0
+    condition_form: ConditionForm = "amgm"
+    sparsity_weight: float = 0.0
+    sparsity_form: SparsityForm = "l1"
+    tl1_a: float = 1.0
+    proximal: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("condition_weight", "sparsity_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"constraint.{name} must be >= 0, got {getattr(self, name)}")
+
+
+def constraint_loss(model: nn.Module, config: ConstraintConfig) -> tuple[Tensor, dict[str, Tensor]]:
+    """(weighted penalty to add to the loss, its parts to log); zero and nothing when off."""
+    use_sparsity = config.sparsity_weight > 0 and not config.proximal
+    if config.condition_weight == 0 and not use_sparsity:
+        return next(model.parameters()).new_zeros(()), {}
+    parts = constraint_penalties(model, config.condition_form, config.sparsity_form, config.tl1_a,
+                                 include_sparsity=use_sparsity)
+    total = config.condition_weight * parts["cond"]
+    if use_sparsity:
+        total = total + config.sparsity_weight * parts["sparsity"]
+    return total, {"train/loss_cond": parts["cond"], "train/loss_sparsity": parts["sparsity"]}
+
+
+def proximal_constraint_(model: nn.Module, config: ConstraintConfig, lr: float) -> None:
+    """The proximal sparsity step after an optimizer step taken with `lr` (when configured)."""
+    if config.proximal and config.sparsity_weight > 0:
+        proximal_step_(model, lr * config.sparsity_weight, config.sparsity_form, config.tl1_a)

@@ -8,6 +8,7 @@ so the CLI's numbers and the benchmarks' come from the same code.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -15,19 +16,46 @@ from torch import Tensor, nn
 
 from sepnet.attacks import TRAINING_ATTACKS, Attacker, AttackSpec, eval_mode
 
-__all__ = ["evaluation_attacks", "reduced_autoattack", "unique_labels", "correct", "robust_masks", "accuracies",
+__all__ = ["ValidationConfig", "evaluation_attacks", "reduced_autoattack", "unique_labels", "correct", "robust_masks", "accuracies",
            "honesty_checks", "masking_warnings"]
 
 
-def evaluation_attacks(specs: Sequence[dict], where: str) -> list[AttackSpec]:
+def evaluation_attacks(specs: Sequence[dict | AttackSpec], where: str) -> list[AttackSpec]:
     """AttackSpecs that may score a model: a training-only attack (N-FGSM, whose examples leave
     the eps ball) is a one-line error naming `where` it was given."""
-    attacks = [AttackSpec(**spec) for spec in specs]
+    attacks = [spec if isinstance(spec, AttackSpec) else AttackSpec(**spec) for spec in specs]
     for spec in attacks:
         if spec.name in TRAINING_ATTACKS:
             raise ValueError(f"{where}: {spec.name} is a training attack (its examples leave the eps "
                              "ball); expected an evaluation attack")
     return attacks
+
+
+@dataclass(frozen=True)
+class ValidationConfig:
+    """The `model.validation` section: how validation attacks the model. Settings of the run,
+    not of the model: a flag given with a checkpoint wins over the checkpoint's value.
+
+    attacks: AttackSpecs; each runs on every clean-correct image of the attacked batches
+        (standalone figures, for the masking check), and val/robust_acc/worst -- the checkpoint
+        monitor -- is the per-image worst case over them. None: PGD-10 and FGSM, Linf 8/255
+        (FGSM beating PGD is a sign of gradient masking, see sepnet.callbacks.RunWatch).
+    batches: validation batches attacked (the first ones of the unshuffled loader, so the same
+        images every time); None attacks all of them.
+    every_n_epochs: attack at validation every this many epochs.
+    """
+
+    attacks: list[AttackSpec] | None = None
+    batches: int | None = 4
+    every_n_epochs: int = 1
+
+    def __post_init__(self) -> None:
+        default = [AttackSpec(), AttackSpec(name="fgsm", step_size=AttackSpec.eps, random_start=False)]
+        object.__setattr__(self, "attacks", evaluation_attacks(self.attacks or default, "validation.attacks"))
+        if self.batches is not None and self.batches < 0:
+            raise ValueError(f"validation.batches must be >= 0 or null, got {self.batches}")
+        if self.every_n_epochs < 1:
+            raise ValueError(f"validation.every_n_epochs must be >= 1, got {self.every_n_epochs}")
 
 
 def reduced_autoattack(spec: AttackSpec, square_queries: int = 1000, apgd_steps: int = 100) -> list[AttackSpec]:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import logging
 import random
-from typing import Any, Literal
+from dataclasses import asdict
+from typing import Any, TypeVar
 
 import lightning as L
 import numpy as np
@@ -13,12 +14,29 @@ import torchmetrics
 from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor, nn
 
-from sepnet.attacks import Attacker, AttackSpec, adversarial_batch, trades_loss
-from sepnet.constraints import constraint_penalties, parameter_counts, proximal_step_, separable_layers
-from sepnet.evaluation import evaluation_attacks, reduced_autoattack, robust_masks, unique_labels
-from sepnet.network import build_network
+from sepnet.attacks import AdversarialTraining, Attacker, AttackSpec, adversarial_loss
+from sepnet.constraints import (ConstraintConfig, constraint_loss, parameter_counts, proximal_constraint_,
+                                separable_layers)
+from sepnet.evaluation import ValidationConfig, reduced_autoattack, robust_masks, unique_labels
+from sepnet.network import NetworkConfig, build_network
+from sepnet.optimization import OptimizationConfig, build_optimization
 
 log = logging.getLogger(__name__)
+
+
+Section = TypeVar("Section")
+
+
+def _section(cls: type[Section], value: Section | dict[str, Any] | None) -> Section:
+    """A config section as its dataclass: given as one (the CLI), as a dict of its fields (a
+    checkpoint's hyperparameters, a user's own code) or None (the defaults)."""
+    if value is None:
+        return cls()
+    if isinstance(value, cls):
+        return value
+    if isinstance(value, dict):
+        return cls(**value)
+    raise TypeError(f"{cls.__name__}: expected the dataclass or a dict of its fields, got {type(value).__name__}")
 
 
 def _collect_rng_states() -> dict:
@@ -43,54 +61,22 @@ def _set_rng_states(states: dict) -> None:
 
 
 class ImageClassifier(L.LightningModule):
-    """Image classifier with separable layers, joint constraints and adversarial training.
+    """Image classifier with separable layers, joint constraints and adversarial training: the
+    network comes from sepnet.network; this class wires the losses, metrics and logging.
 
     Args:
-        num_classes: classes (linked from the datamodule).
-        image_shape: (C, H, W) of the input (linked from the datamodule).
-        mean: per-channel normalization mean (linked from the datamodule).
-        std: per-channel normalization std (linked from the datamodule).
-        backbone: "mlp", "vgg16", "vit" or "resnet34".
-        backbone_kwargs: options of the backbone builder (see sepnet.backbones).
-        head: "dense" or "separable".
-        head_kwargs: options of the head, over the backbone's defaults for that head.
-        condition_weight: weight of the condition-number penalty (0 switches it off).
-        condition_form: "amgm", "logdet" or "logcond" (see sepnet.constraints).
-        sparsity_weight: weight of the sparsity penalty (0 switches it off).
-        sparsity_form: "l1" or "tl1".
-        tl1_a: the transformed-L1 parameter a.
-        proximal: apply sparsity by soft-thresholding after each optimizer step (exact zeros)
-            instead of adding its subgradient to the loss.
-        optimizer: "sgd" or "adamw".
-        lr: learning rate.
-        momentum: SGD momentum.
-        nesterov: SGD Nesterov momentum.
-        weight_decay: weight decay.
-        scheduler: "none", "multistep", "cosine" or "onecycle" (stepped per epoch, except onecycle).
-        milestones: epochs at which multistep multiplies the LR by gamma.
-        gamma: multistep factor.
-        adv_training: "none", "pgd" (Madry PGD-AT), "fgsm" (fast FGSM with random start; use
-            adv_step_size ~ 1.25 adv_eps), "nfgsm" (N-FGSM: noise of 2 eps, step adv_step_size
-            = adv_eps, no clipping to the ball; resists catastrophic overfitting) or "trades"
-            (PGD on KL to the clean prediction, then CE(clean) + trades_beta KL(clean || adv)).
-        adv_eps: adversarial-training eps in pixel units.
-        adv_step_size: attack step in pixel units.
-        adv_steps: PGD iterations.
-        adv_norm: "linf" or "l2".
-        adv_mix: fraction of each batch replaced by adversarial examples (1 = all; PGD/FGSM).
-        trades_beta: TRADES' weight of the robustness term.
+        num_classes, image_shape, mean, std: linked from the datamodule (mean/std normalize
+            inside the network, so attacks see [0, 1] pixels).
+        network: backbone and head (sepnet.network.NetworkConfig).
+        constraint: the joint constraint on the factors (sepnet.constraints.ConstraintConfig).
+        adversarial: adversarial training (sepnet.attacks.AdversarialTraining).
+        optimization: optimizer and LR schedule (sepnet.optimization.OptimizationConfig).
+        validation: the validation attacks and how often they run (sepnet.evaluation.ValidationConfig).
         fast_attacks: ART attacks through sepnet's FastClassifier (input-only gradients on the
             device) instead of ART's stock PyTorchClassifier.
-        val_attacks: attacks for the validation robust metrics, each a dict of AttackSpec fields
-            (name, norm, eps, step_size, steps, random_start); each runs on every clean-correct
-            image of the subset, and val/robust_acc/worst is the per-image worst case over them
-            (the checkpoint monitor). Default: PGD-10 and FGSM, Linf 8/255 (FGSM beating PGD is
-            a sign of gradient masking, see sepnet.callbacks.RunWatch).
-        robust_batches: validation batches attacked (the first ones of the unshuffled loader,
-            so the same images every time); None attacks all of them.
-        robust_every_n_epochs: attack at validation every this many epochs.
 
-    The test attacks are not hyperparameters (a checkpoint must not decide how it is tested):
+    Each section is a dataclass or, read back from a checkpoint, a dict of its fields. The test
+    attacks are not hyperparameters (a checkpoint must not decide how it is tested):
     `configure_test_suite`, called by `run.py test` from its `report` section.
     """
 
@@ -100,55 +86,27 @@ class ImageClassifier(L.LightningModule):
         image_shape: tuple[int, int, int] = (3, 32, 32),
         mean: tuple[float, ...] = (0.5, 0.5, 0.5),
         std: tuple[float, ...] = (0.5, 0.5, 0.5),
-        backbone: str = "mlp",
-        backbone_kwargs: dict[str, Any] | None = None,
-        head: Literal["dense", "separable"] = "separable",
-        head_kwargs: dict[str, Any] | None = None,
-        condition_weight: float = 0.0,
-        condition_form: Literal["amgm", "logdet", "logcond"] = "amgm",
-        sparsity_weight: float = 0.0,
-        sparsity_form: Literal["l1", "tl1"] = "l1",
-        tl1_a: float = 1.0,
-        proximal: bool = False,
-        optimizer: Literal["sgd", "adamw"] = "sgd",
-        lr: float = 0.05,
-        momentum: float = 0.9,
-        nesterov: bool = True,
-        weight_decay: float = 5e-4,
-        scheduler: Literal["none", "multistep", "cosine", "onecycle"] = "cosine",
-        milestones: tuple[int, ...] = (100, 150),
-        gamma: float = 0.1,
-        adv_training: Literal["none", "pgd", "fgsm", "nfgsm", "trades"] = "none",
-        adv_eps: float = AttackSpec.eps,
-        adv_step_size: float = AttackSpec.step_size,
-        adv_steps: int = 10,
-        adv_norm: Literal["linf", "l2"] = "linf",
-        adv_mix: float = 1.0,
-        trades_beta: float = 6.0,
+        network: NetworkConfig = NetworkConfig(),
+        constraint: ConstraintConfig = ConstraintConfig(),
+        adversarial: AdversarialTraining = AdversarialTraining(),
+        optimization: OptimizationConfig = OptimizationConfig(),
+        validation: ValidationConfig = ValidationConfig(),
         fast_attacks: bool = True,
-        val_attacks: list[dict[str, Any]] | None = None,
-        robust_batches: int | None = 4,
-        robust_every_n_epochs: int = 1,
     ) -> None:
         super().__init__()
-        for name in ("condition_weight", "sparsity_weight", "weight_decay", "lr", "trades_beta"):
-            if locals()[name] < 0:
-                raise ValueError(f"{name} must be >= 0, got {locals()[name]}")
-        if not 0 <= adv_mix <= 1:
-            raise ValueError(f"adv_mix must be in [0, 1], got {adv_mix}")
-        self.save_hyperparameters()
-        self.net = build_network(num_classes, image_shape, mean, std, backbone, backbone_kwargs,
-                                 head, head_kwargs)
-        self.adv_spec = None
-        if adv_training != "none":
-            name = adv_training if adv_training in ("fgsm", "nfgsm") else "pgd"
-            self.adv_spec = AttackSpec(name=name, norm=adv_norm, eps=adv_eps, step_size=adv_step_size,
-                                       steps=adv_steps)
+        self.network_config = _section(NetworkConfig, network)
+        self.constraint = _section(ConstraintConfig, constraint)
+        self.adversarial = _section(AdversarialTraining, adversarial)
+        self.optimization = _section(OptimizationConfig, optimization)
+        self.validation = _section(ValidationConfig, validation)
+        # plain types only: checkpoints load with torch.load(weights_only=True)
+        self.save_hyperparameters({
+            "num_classes": num_classes, "image_shape": tuple(image_shape), "mean": tuple(mean),
+            "std": tuple(std), "network": asdict(self.network_config), "constraint": asdict(self.constraint),
+            "adversarial": asdict(self.adversarial), "optimization": asdict(self.optimization),
+            "validation": asdict(self.validation), "fast_attacks": fast_attacks})
+        self.net = build_network(num_classes, image_shape, mean, std, **asdict(self.network_config))
         self.attacker = Attacker(self.net, tuple(image_shape), num_classes, fast=fast_attacks)
-        default_val = [{}, {"name": "fgsm", "step_size": AttackSpec.eps, "random_start": False}]
-        self.val_attacks = evaluation_attacks(val_attacks or default_val, "val_attacks")
-        if robust_every_n_epochs < 1:
-            raise ValueError(f"robust_every_n_epochs must be >= 1, got {robust_every_n_epochs}")
         self.metrics = nn.ModuleDict({
             f"{stage}_acc": torchmetrics.classification.MulticlassAccuracy(num_classes, average="micro")
             for stage in ("train", "val", "test")
@@ -157,38 +115,22 @@ class ImageClassifier(L.LightningModule):
         self.test_attacks, self.test_images, self.test_cascade = [], 0, True
         self.configure_test_suite()
 
+    @property
+    def val_attacks(self) -> list[AttackSpec]:
+        return self.validation.attacks
+
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
 
     # ------------------------------------------------------------------ losses
-    def constraint_loss(self) -> tuple[Tensor, dict[str, Tensor]]:
-        hp = self.hparams
-        use_sparsity = hp.sparsity_weight > 0 and not hp.proximal
-        if hp.condition_weight == 0 and not use_sparsity:
-            return torch.zeros((), device=self.device), {}
-        parts = constraint_penalties(self.net, hp.condition_form, hp.sparsity_form, hp.tl1_a,
-                                     include_sparsity=use_sparsity)
-        total = hp.condition_weight * parts["cond"] + (hp.sparsity_weight * parts["sparsity"]
-                                                      if use_sparsity else 0.0)
-        return total, {"train/loss_cond": parts["cond"], "train/loss_sparsity": parts["sparsity"]}
-
     def training_step(self, batch, batch_idx: int) -> Tensor:
         x, y = batch
-        hp = self.hparams
-        if hp.adv_training == "trades":
-            logits, task, kl = trades_loss(self.net, self.attacker, self.adv_spec, x, y, hp.trades_beta)
-            if self._logging_step():
-                self.log("train/loss_trades_kl", kl)
-        else:
-            if self.adv_spec is not None:
-                x = adversarial_batch(self.attacker, self.adv_spec, x, y, hp.adv_mix)
-            logits = self(x)
-            task = nn.functional.cross_entropy(logits, y)
-        penalty, parts = self.constraint_loss()
+        logits, task, extra = adversarial_loss(self.net, self.attacker, self.adversarial, x, y)
+        penalty, parts = constraint_loss(self.net, self.constraint)
         loss = task + penalty
         self.metrics["train_acc"](logits, y)
         if self._logging_step():
-            self.log_dict({"train/loss": loss, "train/loss_task": task, **parts}, on_step=True,
+            self.log_dict({"train/loss": loss, "train/loss_task": task, **parts, **extra}, on_step=True,
                           on_epoch=False)
         self.log("train/acc", self.metrics["train_acc"], on_step=False, on_epoch=True)
         return loss
@@ -207,9 +149,7 @@ class ImageClassifier(L.LightningModule):
         """The optimizer step, then the proximal sparsity step with the LR that step used."""
         lr = optimizer.param_groups[0]["lr"]
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
-        hp = self.hparams
-        if hp.proximal and hp.sparsity_weight > 0:
-            proximal_step_(self.net, lr * hp.sparsity_weight, hp.sparsity_form, hp.tl1_a)
+        proximal_constraint_(self.net, self.constraint, lr)
 
     def _evaluate(self, batch, batch_idx: int, stage: str) -> None:
         """Shared validation/test step: clean metrics, then the attacks on a fixed subset."""
@@ -236,15 +176,14 @@ class ImageClassifier(L.LightningModule):
     def _images_to_attack(self, batch_idx: int, stage: str, batch_size: int) -> int:
         """How many images of this batch the attacks run on (a fixed prefix of the unshuffled
         loader, so the same images every time)."""
-        hp = self.hparams
         if stage == "test":
             per_rank = -(-self.test_images // max(1, self.trainer.world_size))
             n = max(0, min(batch_size, per_rank - self._test_attacked))
             self._test_attacked += n
             return n
-        if hp.robust_batches is not None and batch_idx >= hp.robust_batches:
+        if self.validation.batches is not None and batch_idx >= self.validation.batches:
             return 0
-        if not self.trainer.sanity_checking and (self.current_epoch + 1) % hp.robust_every_n_epochs:
+        if not self.trainer.sanity_checking and (self.current_epoch + 1) % self.validation.every_n_epochs:
             return 0
         return batch_size
 
@@ -285,24 +224,8 @@ class ImageClassifier(L.LightningModule):
 
     # ------------------------------------------------------------------ optimization
     def configure_optimizers(self):
-        hp = self.hparams
-        if hp.optimizer == "sgd":
-            opt = torch.optim.SGD(self.parameters(), lr=hp.lr, momentum=hp.momentum,
-                                  nesterov=hp.nesterov and hp.momentum > 0, weight_decay=hp.weight_decay)
-        else:
-            opt = torch.optim.AdamW(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
-        epochs = max(1, self.trainer.max_epochs or 1)
-        if hp.scheduler == "none":
-            return opt
-        if hp.scheduler == "onecycle":
-            sched = torch.optim.lr_scheduler.OneCycleLR(
-                opt, max_lr=hp.lr, total_steps=max(1, self.trainer.estimated_stepping_batches))
-            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
-        if hp.scheduler == "multistep":
-            sched = torch.optim.lr_scheduler.MultiStepLR(opt, list(hp.milestones), hp.gamma)
-        else:
-            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
+        return build_optimization(self.parameters(), self.optimization, self.trainer.max_epochs,
+                                  self.trainer.estimated_stepping_batches)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["rng_states"] = _collect_rng_states()

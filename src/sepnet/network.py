@@ -4,6 +4,7 @@ without Lightning, so export, the benchmarks and a user's own loop get the same 
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import torch
@@ -12,7 +13,20 @@ from torch import Tensor, nn
 from sepnet.backbones import build_backbone
 from sepnet.heads import HEADS
 
-__all__ = ["Normalize", "Network", "build_network"]
+__all__ = ["NetworkConfig", "Normalize", "Network", "build_network"]
+
+
+@dataclass(frozen=True)
+class NetworkConfig:
+    """The `model.network` section. backbone: a name of sepnet.backbones.BACKBONES ("mlp",
+    "vgg16", "vit", "resnet34"); backbone_kwargs: its builder's options; head: a name of
+    sepnet.heads.HEADS ("dense", "separable"); head_kwargs: the head's options, over the
+    backbone's defaults for that head."""
+
+    backbone: str = "mlp"
+    backbone_kwargs: dict[str, Any] = field(default_factory=dict)
+    head: str = "separable"
+    head_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
 class Normalize(nn.Module):

@@ -1,0 +1,92 @@
+"""Tensor-train layers: the core-by-core forward, TT-SVD, initialization, counts."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from sepnet.tt import TTLinear, tt_parameters, tt_ranks, tt_svd
+
+
+@pytest.mark.parametrize("in_modes,out_modes,rank", [((4, 3, 2), (2, 5, 3), 3), ((8, 8), (4, 16), 5),
+                                                     ((2, 3, 2, 2), (3, 2, 2, 2), [2, 4, 2])])
+def test_forward_equals_the_dense_weight_built_from_the_cores(in_modes, out_modes, rank):
+    torch.manual_seed(0)
+    layer = TTLinear(in_modes, out_modes, rank).double()
+    x = torch.randn(3, 5, math.prod(in_modes), dtype=torch.float64)  # leading dims kept
+    y = layer(x)
+    assert y.shape == (3, 5, math.prod(out_modes))
+    torch.testing.assert_close(y, x @ layer.dense_weight().t() + layer.bias, rtol=1e-12, atol=1e-12)
+
+
+def test_tt_svd_reconstructs_an_exact_low_tt_rank_matrix():
+    torch.manual_seed(0)
+    source = TTLinear((4, 3, 5), (3, 4, 2), rank=3).double()  # random cores: TT ranks (1, 3, 3, 1)
+    linear = nn.Linear(60, 24).double()
+    with torch.no_grad():
+        linear.weight.copy_(source.dense_weight())
+    layer, error = TTLinear.from_linear(linear, (4, 3, 5), (3, 4, 2), rank=3)
+    assert error < 1e-10
+    torch.testing.assert_close(layer.dense_weight(), linear.weight, rtol=0, atol=1e-10)
+    torch.testing.assert_close(layer.bias, linear.bias)
+    # rank 2 cannot: the error is real and reported
+    _, truncated = TTLinear.from_linear(linear, (4, 3, 5), (3, 4, 2), rank=2)
+    assert truncated > 1e-3
+
+
+def test_tt_svd_error_decreases_with_rank_and_full_rank_is_exact():
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 32).double()
+    errors = [TTLinear.from_linear(linear, (4, 4, 4), (2, 4, 4), rank=r)[1] for r in (1, 2, 4, 8, 16, 64)]
+    assert all(a >= b - 1e-12 for a, b in zip(errors, errors[1:])), errors
+    assert errors[0] > 0.5 and errors[-1] < 1e-10
+
+
+def test_initialization_has_the_variance_of_nn_linear():
+    # an entry sums prod(r) products of d core entries: without the 1 / prod(r) in the core
+    # variance (tensorly-torch's mistake) the entries would be prod(r) = 16x too large in variance
+    weights = []
+    for seed in range(16):
+        torch.manual_seed(seed)
+        weights.append(TTLinear((8, 8, 8), (4, 4, 8), rank=4).dense_weight().flatten())
+    variance = float(torch.cat(weights).var())
+    target = 1 / (3 * 512)  # nn.Linear: U(-1/sqrt(in), 1/sqrt(in))
+    assert abs(variance / target - 1) < 0.15, variance / target
+    linear = nn.Linear(512, 128)
+    assert abs(float(linear.weight.var()) / target - 1) < 0.1
+
+
+def test_parameter_counts_by_formula_and_ranks_capped():
+    layer = TTLinear((4, 8, 4), (4, 4, 8), rank=6)
+    assert layer.ranks == (1, 6, 6, 1)
+    assert layer.stored_parameters() == 1 * 4 * 4 * 6 + 6 * 8 * 4 * 6 + 6 * 4 * 8 * 1 + 128
+    assert layer.stored_parameters() == tt_parameters((4, 8, 4), (4, 4, 8), layer.ranks) + 128
+    assert layer.dense_parameters() == 128 * 128 + 128
+    # the first cut holds 2 x 3 = 6 values: a rank above that is capped
+    assert tt_ranks((2, 4), (3, 5), 50) == (1, 6, 1)
+    assert len(tt_svd(torch.randn(15, 8), (2, 4), (3, 5), 50)) == 2
+
+
+def test_gradients_reach_every_core():
+    torch.manual_seed(0)
+    layer = TTLinear((2, 3, 2), (3, 2, 2), rank=2).double()
+    x = torch.randn(4, 12, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, *cores: layer(x), (x, *layer.cores))
+
+
+@pytest.mark.parametrize("args,match", [
+    (((4, 4), (4,), 2), "same number"),
+    (((4, 4), (4, 4), [2, 2]), "expected 1 internal ranks"),
+    (((4, 4), (4, 4), 0), "TT ranks must be >= 1"),
+])
+def test_bad_construction(args, match):
+    with pytest.raises(ValueError, match=match):
+        TTLinear(*args)
+
+
+def test_from_linear_with_wrong_modes_names_both_sizes():
+    with pytest.raises(ValueError, match=r"imply a 16 -> 16 layer, but the linear layer is 12 -> 16"):
+        TTLinear.from_linear(nn.Linear(12, 16), (4, 4), (4, 4), 2)
+    with pytest.raises(ValueError, match="expects 16 input features"):
+        TTLinear((4, 4), (4, 4), 2)(torch.randn(2, 12))

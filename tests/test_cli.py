@@ -333,3 +333,41 @@ def test_robust_evaluation_every_other_epoch_keeps_the_best_checkpoint(tmp_path,
     folder = tmp_path / RUN0 / "checkpoints"
     assert sorted(p.name for p in folder.iterdir()) == ["best-001.ckpt", "last.ckpt"]
     assert torch.load(folder / "last.ckpt", weights_only=False)["epoch"] == 2
+
+
+@pytest.mark.parametrize("method,data", [
+    ('{"method": "tt", "targets": ["backbone.*"], "budget": 20}', "digits"),
+    ('{"method": "magnitude", "targets": ["*"], "budget": 10, "options": {"scope": "global"}}', "folder"),
+    ('{"method": "separable", "targets": ["head.*"], "options": {"rank": 2}}', "folder"),
+])
+def test_every_compressor_fits_resumes_tests_and_exports(method, data, tmp_path, monkeypatch, capfd):
+    from sepnet.export import export_checkpoint
+    from sepnet.module import ImageClassifier
+
+    monkeypatch.chdir(tmp_path)
+    args = [*FAST, "--model.network.backbone_kwargs", '{"hidden_shapes": [[4, 8, 8]], "dense": true}',
+            "--model.network.head", "dense", "--model.network.compression", f"[{method}]",
+            "--model.optimization.scheduler", "none"]
+    if data == "folder":
+        write_image_folder(tmp_path / "imgs", classes=("a", "b"), per_class=4, size=16)
+        args += ["--data", "sepnet.data.ImageFolderDataModule", "--data.root", "imgs", "--data.batch_size", "4",
+                 "--data.num_workers", "0"]
+    main(["fit", *args, "--trainer.max_epochs", "1"])
+    printed = capfd.readouterr()
+    assert "non-zero parameters" in printed.out
+    last = tmp_path / RUN0 / "checkpoints/last.ckpt"
+    first = torch.load(last, weights_only=True)
+    masks = {k: v for k, v in first["state_dict"].items() if k.endswith("weight_mask")}
+    assert bool(masks) == ("magnitude" in method)
+    main(["fit", *args, "--trainer.max_epochs", "2", "--ckpt_path", "last"])  # resume
+    resumed = torch.load(last, weights_only=True)
+    assert resumed["epoch"] == 1 and all(torch.equal(resumed["state_dict"][k], v) for k, v in masks.items())
+    main(["test", *args, *TEST_FAST, "--report.honesty_images", "0", "--ckpt_path", "last"])
+    report = json.loads((tmp_path / RUN0 / "test_report.json").read_text())
+    assert report["parameters"]["nonzero_compression"] > (1.0001 if "separable" in method else 2)
+    model = ImageClassifier.load_from_checkpoint(last, map_location="cpu").eval()
+    paths = export_checkpoint(str(last), str(tmp_path / "export"))
+    scripted = torch.jit.load(str(paths["torchscript"]))
+    x = torch.rand(3, *model.hparams.image_shape)
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(x), model(x), rtol=1e-5, atol=1e-6)

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from sepnet.layers import SeparableLinear
+from sepnet.tt import TTLinear
 
 ConditionForm = Literal["amgm", "logdet", "logcond"]
 SparsityForm = Literal["l1", "tl1"]
@@ -158,20 +159,40 @@ class ParameterCounts:
         return self.dense / max(self.nonzero, 1)
 
 
+def factorized_layers(module: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """Outermost layers that stand for a dense layer they do not store (SeparableLinear,
+    TTLinear, ...): those with a `dense_parameters()` method."""
+    inside: list[str] = []
+    for name, m in module.named_modules():
+        if callable(getattr(m, "dense_parameters", None)) and not any(name.startswith(f"{p}.") for p in inside):
+            inside.append(name)
+            yield name, m
+
+
 def parameter_counts(module: nn.Module) -> ParameterCounts:
     """Counts over every parameter of `module` (convs, norms, embeddings, heads included).
 
-    Each SeparableLinear counts as the nn.Linear it stands for in `dense`.
+    A factorized layer (SeparableLinear, TTLinear) counts as the nn.Linear it stands for in
+    `dense`; a pruned weight (a torch.nn.utils.prune mask) counts its unmasked entries as
+    non-zero, its full size as stored.
     """
     stored = nonzero = dense = 0
     seen: set[int] = set()
     with torch.no_grad():
-        for _, layer in separable_layers(module):
+        for _, layer in factorized_layers(module):
             params = list(layer.parameters())
             seen.update(id(p) for p in params)
             stored += sum(p.numel() for p in params)
             nonzero += sum(int(p.count_nonzero()) for p in params)
             dense += layer.dense_parameters()
+        for m in module.modules():
+            mask = getattr(m, "weight_mask", None)
+            orig = getattr(m, "weight_orig", None)
+            if isinstance(mask, Tensor) and isinstance(orig, nn.Parameter) and id(orig) not in seen:
+                seen.add(id(orig))
+                stored += orig.numel()
+                nonzero += int((orig * mask).count_nonzero())
+                dense += orig.numel()
         for p in module.parameters():
             if id(p) not in seen:
                 stored += p.numel()
@@ -181,8 +202,8 @@ def parameter_counts(module: nn.Module) -> ParameterCounts:
 
 
 def fc_parameter_counts(module: nn.Module) -> ParameterCounts:
-    """Counts over the fully-connected part only: every nn.Linear and SeparableLinear."""
-    parts = [parameter_counts(m) for m in module.modules() if isinstance(m, (nn.Linear, SeparableLinear))]
+    """Counts over the fully-connected part only: every nn.Linear, SeparableLinear and TTLinear."""
+    parts = [parameter_counts(m) for m in module.modules() if isinstance(m, (nn.Linear, SeparableLinear, TTLinear))]
     return ParameterCounts(sum(c.stored for c in parts), sum(c.nonzero for c in parts),
                            sum(c.dense for c in parts))
 

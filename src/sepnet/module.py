@@ -249,6 +249,10 @@ class ImageClassifier(L.LightningModule):
             lines.append(f"  {name}: {layer.in_shape} -> {layer.out_shape} rank {layer.rank}: "
                          f"{layer.stored_parameters():,} / {layer.dense_parameters():,} "
                          f"({layer.dense_parameters() / layer.stored_parameters():.1f}x)")
+        others = [line for line in self.net.compression_summary if ": separable " not in line]
+        if others:
+            lines.append("other compressors:")
+            lines += [f"  {line}" for line in others]
         c = parameter_counts(self.net)
         lines.append(f"  whole model: {c.stored:,} stored, {c.nonzero:,} non-zero, {c.dense:,} "
                      f"dense-equivalent ({c.compression:.1f}x)")

@@ -1,0 +1,209 @@
+"""The `network.compression` section: compressors applied to a built network, in order.
+
+Each entry names a method, the layers it acts on (globs on qualified module names of the
+network, e.g. "head.*" or "backbone.blocks.*.mlp.fc1") and either a budget (target compression
+of those layers' parameters, e.g. 10 for 10x fewer) or the method's own options:
+
+    compression:
+      - {method: tt, targets: ["head.*"], budget: 50}              # TT layers, ranks picked for 50x
+      - {method: separable, targets: ["head.*"], options: {rank: 2}}
+      - {method: magnitude, targets: ["*"], budget: 10, options: {scope: global}}
+
+Methods: "separable" (Kronecker sums, sepnet.layers), "tt" (tensor train, sepnet.tt),
+"magnitude" (unstructured magnitude pruning with torch.nn.utils.prune masks, layer by layer or
+global). Factorizations replace nn.Linear layers; pruning masks the weights of nn.Linear and
+nn.Conv2d layers. The masks are buffers, so checkpoints keep them and resume with them.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+from torch.nn.utils import prune
+
+from sepnet.convert import balanced_factorization, separable_
+from sepnet.tt import TTLinear, tt_parameters, tt_ranks
+
+log = logging.getLogger(__name__)
+
+__all__ = ["CompressionSpec", "COMPRESSORS", "compress_", "remove_pruning_", "pruned_layers"]
+
+
+@dataclass(frozen=True)
+class CompressionSpec:
+    """One compressor. method: a name of COMPRESSORS. targets / exclude: globs on qualified
+    module names. budget: target compression of the targeted layers (> 1), or None to use the
+    options alone. options: the method's own (see each method's docstring)."""
+
+    method: str
+    targets: list[str] = field(default_factory=lambda: ["*"])
+    exclude: list[str] = field(default_factory=list)
+    budget: float | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.method not in COMPRESSORS:
+            raise ValueError(f"unknown compression method {self.method!r}; expected one of {sorted(COMPRESSORS)}")
+        if self.budget is not None and not (math.isfinite(self.budget) and self.budget > 1):
+            raise ValueError(f"compression budget {self.budget} for {self.method}: expected a compression "
+                             "factor > 1 (10 = ten times fewer parameters)")
+
+
+def _matches(name: str, patterns: Sequence[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def _targets(net: nn.Module, spec: CompressionSpec, kinds: tuple[type, ...]) -> list[tuple[str, nn.Module]]:
+    found = [(name, m) for name, m in net.named_modules()
+             if type(m) in kinds and _matches(name, spec.targets) and not _matches(name, spec.exclude)]
+    masked = [name for name, m in found if hasattr(m, "weight_mask")]
+    if masked:
+        raise ValueError(f"compression {spec.method}: {masked[0]} is already pruned; expected pruning "
+                         "after the factorizations in the compression list")
+    if not found:
+        layers = [name for name, m in net.named_modules() if type(m) in kinds]
+        raise ValueError(f"compression {spec.method}: targets {spec.targets} match no "
+                         f"{'/'.join(k.__name__ for k in kinds)} layer; expected some of {layers[:8]}"
+                         f"{' ...' if len(layers) > 8 else ''}")
+    return found
+
+
+def _modes(n: int, modes: int) -> tuple[int, ...]:
+    """n split into `modes` balanced factors; where n has too few prime factors (10 into 3),
+    leading modes of size 1 fill up (1, 2, 5)."""
+    for used in range(modes, 0, -1):
+        try:
+            return (1,) * (modes - used) + balanced_factorization(n, used)
+        except ValueError:
+            continue
+    raise AssertionError("unreachable: one factor always works")
+
+
+def _replace(net: nn.Module, name: str, layer: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(net.get_submodule(parent), child, layer)
+
+
+def _dense(m: nn.Module) -> int:
+    return sum(p.numel() for p in m.parameters())
+
+
+def _largest_rank(cost: Callable[[int], int], allowed: int, spec: CompressionSpec, name: str, top: int) -> int:
+    """The largest rank whose parameter count stays within `allowed` (ranks grow the count)."""
+    if cost(1) > allowed:
+        raise ValueError(f"compression {spec.method} budget {spec.budget:g}x is unreachable for {name}: rank 1 "
+                         f"already stores {cost(1):,} parameters, {allowed:,} allowed")
+    low, high = 1, top
+    while low < high:
+        mid = (low + high + 1) // 2
+        low, high = (mid, high) if cost(mid) <= allowed else (low, mid - 1)
+    return low
+
+
+def tt_(net: nn.Module, spec: CompressionSpec) -> list[str]:
+    """nn.Linear -> TTLinear. options: modes (cores, default 3), rank (int), init ("random"
+    default, or "from_linear": TT-SVD of the current weights)."""
+    opts = {"modes": 3, "init": "random", **spec.options}
+    if opts["init"] not in ("random", "from_linear"):
+        raise ValueError(f"compression tt: init {opts['init']!r}; expected 'random' or 'from_linear'")
+    lines = []
+    for name, linear in _targets(net, spec, (nn.Linear,)):
+        in_modes, out_modes = _modes(linear.in_features, opts["modes"]), _modes(linear.out_features, opts["modes"])
+        bias = linear.out_features if linear.bias is not None else 0
+        if spec.budget is not None:
+            def cost(r):
+                return tt_parameters(in_modes, out_modes, tt_ranks(in_modes, out_modes, r)) + bias
+            rank = _largest_rank(cost, int(_dense(linear) / spec.budget), spec, name,
+                                 max(tt_ranks(in_modes, out_modes, 10**9)))
+        else:
+            rank = int(opts.get("rank", 8))
+        if opts["init"] == "from_linear":
+            layer, error = TTLinear.from_linear(linear, in_modes, out_modes, rank)
+            extra = f", TT-SVD error {error:.3f}"
+        else:
+            layer = TTLinear(in_modes, out_modes, rank, bias=linear.bias is not None).to(linear.weight.device)
+            extra = ""
+        _replace(net, name, layer)
+        lines.append(f"{name}: tt {in_modes} -> {out_modes} ranks {list(layer.ranks)}: "
+                     f"{layer.stored_parameters():,} / {layer.dense_parameters():,}{extra}")
+    return lines
+
+
+def separable_compress_(net: nn.Module, spec: CompressionSpec) -> list[str]:
+    """nn.Linear -> FlatSeparableLinear (Kronecker sums on the flat features). options: modes
+    (default 2), rank (int), init ("random" default, or "from_linear")."""
+    opts = {"modes": 2, "init": "random", **spec.options}
+    lines = []
+    for name, linear in _targets(net, spec, (nn.Linear,)):
+        in_shape, out_shape = _modes(linear.in_features, opts["modes"]), _modes(linear.out_features, opts["modes"])
+        bias = linear.out_features if linear.bias is not None else 0
+        per_term = sum(i * o for i, o in zip(in_shape, out_shape))
+        if spec.budget is not None:
+            rank = _largest_rank(lambda r: r * per_term + bias, int(_dense(linear) / spec.budget), spec, name,
+                                 linear.in_features * linear.out_features)
+        else:
+            rank = int(opts.get("rank", 1))
+        layer = separable_(net, include=[name], modes=opts["modes"], rank=rank, init=opts["init"],
+                           shapes={name: (in_shape, out_shape)})[name]
+        lines.append(f"{name}: separable {in_shape} -> {out_shape} rank {rank}: "
+                     f"{layer.stored_parameters():,} / {layer.dense_parameters():,}")
+    return lines
+
+
+def magnitude_(net: nn.Module, spec: CompressionSpec) -> list[str]:
+    """Unstructured magnitude pruning of nn.Linear / nn.Conv2d weights (biases kept). options:
+    scope ("layer": each layer keeps 1/budget of its weights, at least one per output unit;
+    "global": the smallest weights of all targets together), amount (fraction pruned, instead
+    of a budget). The masks stay through fine-tuning; `remove_pruning_` makes them permanent."""
+    opts = {"scope": "layer", **spec.options}
+    if opts["scope"] not in ("layer", "global"):
+        raise ValueError(f"compression magnitude: scope {opts['scope']!r}; expected 'layer' or 'global'")
+    if (spec.budget is None) == ("amount" not in opts):
+        raise ValueError("compression magnitude: expected a budget or options.amount (one of them)")
+    targets = _targets(net, spec, (nn.Linear, nn.Conv2d))
+    keep_fraction = 1 / spec.budget if spec.budget is not None else 1 - float(opts["amount"])
+    if not 0 < keep_fraction <= 1:
+        raise ValueError(f"compression magnitude: amount {opts['amount']} must be in [0, 1)")
+    if opts["scope"] == "global":
+        total = sum(m.weight.numel() for _, m in targets)
+        prune.global_unstructured([(m, "weight") for _, m in targets], pruning_method=prune.L1Unstructured,
+                                  amount=total - max(1, round(keep_fraction * total)))
+    else:
+        for _, m in targets:
+            keep = min(m.weight.numel(), max(round(keep_fraction * m.weight.numel()), m.weight.shape[0]))
+            prune.l1_unstructured(m, "weight", amount=m.weight.numel() - keep)
+    return [f"{name}: magnitude ({opts['scope']}) keeps {int(m.weight_mask.sum()):,} / {m.weight.numel():,} weights"
+            for name, m in targets]
+
+
+COMPRESSORS: dict[str, Callable[[nn.Module, CompressionSpec], list[str]]] = {
+    "separable": separable_compress_, "tt": tt_, "magnitude": magnitude_}
+
+
+def compress_(net: nn.Module, specs: Sequence[CompressionSpec | dict]) -> list[str]:
+    """Apply the compressors in order, in place; returns one summary line per layer changed."""
+    lines = []
+    for spec in specs:
+        spec = spec if isinstance(spec, CompressionSpec) else CompressionSpec(**spec)
+        lines += COMPRESSORS[spec.method](net, spec)
+    for line in lines:
+        log.debug("compression: %s", line)
+    return lines
+
+
+def pruned_layers(net: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Layers carrying a pruning mask on their weight."""
+    return [(name, m) for name, m in net.named_modules() if isinstance(getattr(m, "weight_mask", None), torch.Tensor)]
+
+
+def remove_pruning_(net: nn.Module) -> nn.Module:
+    """Make every pruning mask permanent (zeros in `weight`, no mask buffer): for export."""
+    for _, m in pruned_layers(net):
+        prune.remove(m, "weight")
+    return net

@@ -1,0 +1,104 @@
+"""The compression section: TT, separable and magnitude pruning applied to a built network."""
+
+import pytest
+import torch
+from torch import nn
+
+from sepnet.compress import CompressionSpec, compress_, pruned_layers, remove_pruning_
+from sepnet.constraints import fc_parameter_counts, parameter_counts
+from sepnet.layers import FlatSeparableLinear
+from sepnet.network import build_network
+from sepnet.tt import TTLinear
+
+DENSE_MLP = dict(num_classes=10, image_shape=(1, 8, 8), mean=(0.3,), std=(0.4,), backbone="mlp",
+                 backbone_kwargs={"hidden_shapes": [[4, 16, 16], [4, 16, 16]], "dense": True}, head="dense")
+
+
+def _net(compression=()):
+    torch.manual_seed(0)
+    return build_network(**DENSE_MLP, compression=list(compression))
+
+
+@pytest.mark.parametrize("method,kind", [("tt", TTLinear), ("separable", FlatSeparableLinear)])
+def test_factorizations_meet_their_budget_and_keep_the_dense_equivalent(method, kind):
+    dense = parameter_counts(_net())
+    net = _net([{"method": method, "targets": ["backbone.*"], "budget": 20}])
+    layers = [m for m in net.modules() if isinstance(m, kind)]
+    assert len(layers) == 2
+    for layer in layers:  # each layer within its budget, and not far below it
+        assert 20 <= layer.dense_parameters() / layer.stored_parameters() < 60
+    counts = parameter_counts(net)
+    assert counts.dense == dense.dense and counts.stored < dense.stored / 10
+    x = torch.rand(3, 1, 8, 8)
+    assert net(x).shape == (3, 10)
+    assert len(net.compression_summary) == 2 and method in net.compression_summary[0]
+
+
+def test_tt_from_linear_keeps_the_function_at_full_rank():
+    net = _net()
+    x = torch.rand(4, 1, 8, 8)
+    before = net(x)
+    compress_(net, [{"method": "tt", "targets": ["head.*"], "options": {"rank": 10**6, "init": "from_linear",
+                                                                     "modes": 2}}])
+    assert isinstance(net.head.layers[-1], TTLinear)
+    torch.testing.assert_close(net(x), before, rtol=1e-4, atol=1e-5)
+
+
+def test_global_magnitude_keeps_exactly_the_budget_and_the_largest_weights():
+    net = _net()
+    weights = torch.cat([m.weight.detach().abs().flatten() for m in (net.backbone[0][1], net.backbone[3][1])])
+    compress_(net, [{"method": "magnitude", "targets": ["backbone.*"], "budget": 8, "options": {"scope": "global"}}])
+    masks = [m.weight_mask for _, m in pruned_layers(net)]
+    kept = sum(int(mask.sum()) for mask in masks)
+    assert kept == round(weights.numel() / 8)
+    threshold = weights.sort(descending=True).values[kept - 1]
+    survivors = torch.cat([m.weight.detach().abs()[m.weight_mask.bool()] for _, m in pruned_layers(net)])
+    assert survivors.min() >= threshold
+    assert parameter_counts(net).nonzero == parameter_counts(_net()).nonzero - (weights.numel() - kept)
+
+
+def test_layerwise_magnitude_keeps_its_fraction_and_one_weight_per_output():
+    net = _net([{"method": "magnitude", "targets": ["*"], "options": {"amount": 0.999}}])
+    for name, m in pruned_layers(net):
+        kept = int(m.weight_mask.sum())
+        assert kept == max(round(0.001 * m.weight.numel()), m.weight.shape[0]), name
+    assert fc_parameter_counts(net).nonzero < fc_parameter_counts(_net()).nonzero / 100
+
+
+def test_masks_survive_a_checkpoint_and_removal_keeps_the_logits():
+    spec = [{"method": "magnitude", "targets": ["backbone.*"], "budget": 10}]
+    net = _net(spec)
+    with torch.no_grad():  # training moves the surviving weights; masks must stay as saved
+        for _, m in pruned_layers(net):
+            m.weight_orig.add_(0.01)
+    state = net.state_dict()
+    torch.manual_seed(1)
+    other = build_network(**DENSE_MLP, compression=spec)  # another init: other masks before loading
+    other.load_state_dict(state)
+    for (_, a), (_, b) in zip(pruned_layers(net), pruned_layers(other)):
+        assert torch.equal(a.weight_mask, b.weight_mask)
+    x = torch.rand(5, 1, 8, 8)
+    torch.testing.assert_close(other(x), net(x))
+    remove_pruning_(other)
+    assert not pruned_layers(other)
+    torch.testing.assert_close(other(x), net(x))
+    assert int((other.backbone[0][1].weight == 0).sum()) >= 0.89 * other.backbone[0][1].weight.numel()
+
+
+@pytest.mark.parametrize("spec,match", [
+    ({"method": "tucker"}, "unknown compression method 'tucker'"),
+    ({"method": "tt", "budget": 1.0}, "expected a compression factor > 1"),
+    ({"method": "tt", "budget": 0}, "expected a compression factor > 1"),
+    ({"method": "tt", "targets": ["nothing.*"], "budget": 4}, r"targets \['nothing.\*'\] match no Linear layer"),
+    ({"method": "tt", "targets": ["head.*"], "budget": 1000}, "budget 1000x is unreachable for head.layers.1: rank 1 already stores"),
+    ({"method": "magnitude", "targets": ["head.*"]}, "expected a budget or options.amount"),
+])
+def test_bad_compression_is_a_one_line_error(spec, match):
+    with pytest.raises(ValueError, match=match):
+        compress_(_net(), [CompressionSpec(**spec) if spec["method"] != "tucker" else spec])
+
+
+def test_factorizing_a_pruned_layer_is_refused():
+    with pytest.raises(ValueError, match="already pruned"):
+        _net([{"method": "magnitude", "targets": ["head.*"], "budget": 2},
+              {"method": "tt", "targets": ["head.*"], "budget": 2}])

@@ -1,4 +1,5 @@
-"""Forward+backward time and peak memory of SeparableLinear vs nn.Linear vs tensorly-torch.
+"""Forward+backward time and peak memory of SeparableLinear vs TTLinear vs nn.Linear vs
+tensorly-torch, at the separable layer's parameter count.
 
     python benchmarks/layers.py [--batch 128] [--repeats 20] [--device cpu]
 
@@ -39,6 +40,14 @@ def build(variant: str, in_shape, out_shape, budget: int):
         return nn.Linear(math.prod(in_shape), math.prod(out_shape)), True
     if variant == "separable":
         return SeparableLinear(in_shape, out_shape), False
+    if variant.startswith("tt"):  # "tt3": three cores on the flat features, rank nearest the budget
+        from sepnet.compress import _modes
+        from sepnet.tt import TTLinear
+
+        cores = int(variant[2:])
+        in_modes, out_modes = _modes(math.prod(in_shape), cores), _modes(math.prod(out_shape), cores)
+        rank = min(range(1, 257), key=lambda r: abs(TTLinear(in_modes, out_modes, r).stored_parameters() - budget))
+        return TTLinear(in_modes, out_modes, rank), True
     import tltorch
 
     _, kind, implementation = variant.split("_")
@@ -112,7 +121,7 @@ def main() -> None:
         dense_macs = math.prod(in_shape) * math.prod(out_shape)
         flop_ratio = dense_macs / separable_macs(in_shape, out_shape, 1)
         dense_ms = None
-        for variant in ["dense", "separable", "tltorch_cp_factorized", "tltorch_cp_reconstructed",
+        for variant in ["dense", "separable", "tt3", "tt4", "tltorch_cp_factorized", "tltorch_cp_reconstructed",
                         "tltorch_blocktt_factorized", "tltorch_blocktt_reconstructed"]:
             repeats = max(3, args.repeats // 4) if variant == "dense" else args.repeats
             out = subprocess.run(

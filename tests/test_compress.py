@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-from torch import nn
 
 from sepnet.compress import CompressionSpec, compress_, pruned_layers, remove_pruning_
 from sepnet.constraints import fc_parameter_counts, parameter_counts
@@ -25,8 +24,8 @@ def test_factorizations_meet_their_budget_and_keep_the_dense_equivalent(method, 
     net = _net([{"method": method, "targets": ["backbone.*"], "budget": 20}])
     layers = [m for m in net.modules() if isinstance(m, kind)]
     assert len(layers) == 2
-    for layer in layers:  # each layer within its budget, and not far below it
-        assert 20 <= layer.dense_parameters() / layer.stored_parameters() < 60
+    ratio = sum(m.dense_parameters() for m in layers) / sum(m.stored_parameters() for m in layers)
+    assert 20 <= ratio < 60  # the targets together meet the budget, not far beyond it
     counts = parameter_counts(net)
     assert counts.dense == dense.dense and counts.stored < dense.stored / 10
     x = torch.rand(3, 1, 8, 8)
@@ -85,12 +84,35 @@ def test_masks_survive_a_checkpoint_and_removal_keeps_the_logits():
     assert int((other.backbone[0][1].weight == 0).sum()) >= 0.89 * other.backbone[0][1].weight.numel()
 
 
+def test_a_budget_holds_for_the_targets_together_small_layers_keep_their_rank():
+    net = _net([{"method": "tt", "targets": ["backbone.*", "head.*"], "budget": 50}])
+    layers = dict((n, m) for n, m in net.named_modules() if isinstance(m, TTLinear))
+    stored = sum(m.stored_parameters() for m in layers.values())
+    dense = sum(m.dense_parameters() for m in layers.values())
+    assert 50 <= dense / stored < 75
+    classifier, big = layers["head.layers.1"], layers["backbone.3.1"]  # 1024 -> 10 and 1024 -> 1024
+    assert classifier.dense_parameters() / classifier.stored_parameters() < 50  # near its full rank
+    assert big.dense_parameters() / big.stored_parameters() > 50  # carries the compression
+
+
+def test_global_magnitude_never_empties_an_output_unit():
+    torch.manual_seed(0)
+    net = build_network(num_classes=10, image_shape=(3, 32, 32), backbone="vgg16",
+                        backbone_kwargs={"width": 1 / 16}, head="dense",
+                        compression=[{"method": "magnitude", "targets": ["*"], "budget": 30,
+                                      "options": {"scope": "global"}}])
+    for name, m in pruned_layers(net):  # at init the deep convs' weights are the smallest
+        assert (m.weight_mask.flatten(1).sum(1) >= 1).all(), name
+    assert net(torch.rand(2, 3, 32, 32)).shape == (2, 10)
+
+
 @pytest.mark.parametrize("spec,match", [
     ({"method": "tucker"}, "unknown compression method 'tucker'"),
     ({"method": "tt", "budget": 1.0}, "expected a compression factor > 1"),
     ({"method": "tt", "budget": 0}, "expected a compression factor > 1"),
     ({"method": "tt", "targets": ["nothing.*"], "budget": 4}, r"targets \['nothing.\*'\] match no Linear layer"),
-    ({"method": "tt", "targets": ["head.*"], "budget": 1000}, "budget 1000x is unreachable for head.layers.1: rank 1 already stores"),
+    ({"method": "tt", "targets": ["head.*"], "budget": 1000},
+     r"budget 1000x is unreachable for \['head.\*'\]: rank 1 already stores 114 of their 10,250 parameters"),
     ({"method": "magnitude", "targets": ["head.*"]}, "expected a budget or options.amount"),
 ])
 def test_bad_compression_is_a_one_line_error(spec, match):

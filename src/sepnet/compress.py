@@ -94,16 +94,34 @@ def _dense(m: nn.Module) -> int:
     return sum(p.numel() for p in m.parameters())
 
 
-def _largest_rank(cost: Callable[[int], int], allowed: int, spec: CompressionSpec, name: str, top: int) -> int:
-    """The largest rank whose parameter count stays within `allowed` (ranks grow the count)."""
-    if cost(1) > allowed:
-        raise ValueError(f"compression {spec.method} budget {spec.budget:g}x is unreachable for {name}: rank 1 "
-                         f"already stores {cost(1):,} parameters, {allowed:,} allowed")
+def _search(fits: Callable[[int], bool], top: int) -> int:
+    """The largest r in [1, top] with fits(r), for fits true at 1 and monotone."""
     low, high = 1, top
     while low < high:
         mid = (low + high + 1) // 2
-        low, high = (mid, high) if cost(mid) <= allowed else (low, mid - 1)
+        low, high = (mid, high) if fits(mid) else (low, mid - 1)
     return low
+
+
+def _budget_ranks(spec: CompressionSpec, layers: list[tuple[str, nn.Module, Callable[[int], int]]]) -> list[int]:
+    """One rank per layer for spec.budget over the targeted layers together: the largest common
+    rank r (each layer capped where its factorization would store as much as the dense layer)
+    whose total stays within sum(dense) / budget. Small layers (a 10-class classifier) thus keep
+    their full rank while the big ones carry the compression."""
+    dense = [_dense(m) for _, m, _ in layers]
+    caps = [_search(lambda r, c=cost, d=d: c(r) <= d, d) if cost(1) <= d else 1
+            for (_, _, cost), d in zip(layers, dense)]
+    allowed = sum(dense) / spec.budget
+
+    def total(r: int) -> int:
+        return sum(cost(min(r, cap)) for (_, _, cost), cap in zip(layers, caps))
+
+    if total(1) > allowed:
+        raise ValueError(f"compression {spec.method} budget {spec.budget:g}x is unreachable for {spec.targets}: "
+                         f"rank 1 already stores {total(1):,} of their {sum(dense):,} parameters, "
+                         f"{int(allowed):,} allowed")
+    r = _search(lambda r: total(r) <= allowed, max(caps))
+    return [min(r, cap) for cap in caps]
 
 
 def tt_(net: nn.Module, spec: CompressionSpec) -> list[str]:
@@ -112,17 +130,18 @@ def tt_(net: nn.Module, spec: CompressionSpec) -> list[str]:
     opts = {"modes": 3, "init": "random", **spec.options}
     if opts["init"] not in ("random", "from_linear"):
         raise ValueError(f"compression tt: init {opts['init']!r}; expected 'random' or 'from_linear'")
-    lines = []
+    plans = []
     for name, linear in _targets(net, spec, (nn.Linear,)):
         in_modes, out_modes = _modes(linear.in_features, opts["modes"]), _modes(linear.out_features, opts["modes"])
         bias = linear.out_features if linear.bias is not None else 0
-        if spec.budget is not None:
-            def cost(r):
-                return tt_parameters(in_modes, out_modes, tt_ranks(in_modes, out_modes, r)) + bias
-            rank = _largest_rank(cost, int(_dense(linear) / spec.budget), spec, name,
-                                 max(tt_ranks(in_modes, out_modes, 10**9)))
-        else:
-            rank = int(opts.get("rank", 8))
+
+        def cost(r, i=in_modes, o=out_modes, b=bias):
+            return tt_parameters(i, o, tt_ranks(i, o, r)) + b
+        plans.append((name, linear, cost, in_modes, out_modes))
+    ranks = (_budget_ranks(spec, [p[:3] for p in plans]) if spec.budget is not None
+             else [int(opts.get("rank", 8))] * len(plans))
+    lines = []
+    for (name, linear, _, in_modes, out_modes), rank in zip(plans, ranks):
         if opts["init"] == "from_linear":
             layer, error = TTLinear.from_linear(linear, in_modes, out_modes, rank)
             extra = f", TT-SVD error {error:.3f}"
@@ -139,16 +158,16 @@ def separable_compress_(net: nn.Module, spec: CompressionSpec) -> list[str]:
     """nn.Linear -> FlatSeparableLinear (Kronecker sums on the flat features). options: modes
     (default 2), rank (int), init ("random" default, or "from_linear")."""
     opts = {"modes": 2, "init": "random", **spec.options}
-    lines = []
+    plans = []
     for name, linear in _targets(net, spec, (nn.Linear,)):
         in_shape, out_shape = _modes(linear.in_features, opts["modes"]), _modes(linear.out_features, opts["modes"])
         bias = linear.out_features if linear.bias is not None else 0
         per_term = sum(i * o for i, o in zip(in_shape, out_shape))
-        if spec.budget is not None:
-            rank = _largest_rank(lambda r: r * per_term + bias, int(_dense(linear) / spec.budget), spec, name,
-                                 linear.in_features * linear.out_features)
-        else:
-            rank = int(opts.get("rank", 1))
+        plans.append((name, linear, lambda r, t=per_term, b=bias: r * t + b, in_shape, out_shape))
+    ranks = (_budget_ranks(spec, [p[:3] for p in plans]) if spec.budget is not None
+             else [int(opts.get("rank", 1))] * len(plans))
+    lines = []
+    for (name, _, _, in_shape, out_shape), rank in zip(plans, ranks):
         layer = separable_(net, include=[name], modes=opts["modes"], rank=rank, init=opts["init"],
                            shapes={name: (in_shape, out_shape)})[name]
         lines.append(f"{name}: separable {in_shape} -> {out_shape} rank {rank}: "
@@ -158,8 +177,8 @@ def separable_compress_(net: nn.Module, spec: CompressionSpec) -> list[str]:
 
 def magnitude_(net: nn.Module, spec: CompressionSpec) -> list[str]:
     """Unstructured magnitude pruning of nn.Linear / nn.Conv2d weights (biases kept). options:
-    scope ("layer": each layer keeps 1/budget of its weights, at least one per output unit;
-    "global": the smallest weights of all targets together), amount (fraction pruned, instead
+    scope ("layer": each layer keeps 1/budget of its weights; "global": the smallest weights of
+    all targets together go; either way each output unit keeps at least one weight), amount (fraction pruned, instead
     of a budget). The masks stay through fine-tuning; `remove_pruning_` makes them permanent."""
     opts = {"scope": "layer", **spec.options}
     if opts["scope"] not in ("layer", "global"):
@@ -174,6 +193,13 @@ def magnitude_(net: nn.Module, spec: CompressionSpec) -> list[str]:
         total = sum(m.weight.numel() for _, m in targets)
         prune.global_unstructured([(m, "weight") for _, m in targets], pruning_method=prune.L1Unstructured,
                                   amount=total - max(1, round(keep_fraction * total)))
+        with torch.no_grad():  # no output unit left without a weight (a layer pruned away
+            for _, m in targets:  # entirely cuts the network): its largest weight comes back
+                rows = m.weight_mask.flatten(1)
+                empty = rows.sum(1) == 0
+                if empty.any():
+                    best = m.weight_orig.detach().abs().flatten(1).argmax(1)
+                    rows[empty.nonzero().squeeze(1), best[empty]] = 1
     else:
         for _, m in targets:
             keep = min(m.weight.numel(), max(round(keep_fraction * m.weight.numel()), m.weight.shape[0]))

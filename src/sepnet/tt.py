@@ -5,7 +5,8 @@ n1...nd as d cores G_k of shape (r_{k-1}, m_k, n_k, r_k), r_0 = r_d = 1:
 
     W[(i1..id), (j1..jd)] = G1[:, i1, j1, :] G2[:, i2, j2, :] ... Gd[:, id, jd, :]
 
-The forward contracts the input with one core after the other and never builds W.
+The forward contracts the input with one core after the other (from whichever end costs fewer
+multiply-adds) and never builds W.
 """
 
 from __future__ import annotations
@@ -65,6 +66,24 @@ def tt_svd(weight: Tensor, in_modes: Sequence[int], out_modes: Sequence[int],
     return cores
 
 
+def _contract(x: Tensor, cores: Sequence[Tensor], in_modes: Sequence[int], out_modes: Sequence[int]) -> Tensor:
+    """x (batch, prod in_modes) through the cores, first to last: one GEMM a core."""
+    batch = x.shape[0]
+    t = x.reshape(batch, 1, 1, -1)  # (batch, output modes done, rank, input modes left)
+    for core, m, n in zip(cores, in_modes, out_modes):
+        done, r, left = t.shape[1], t.shape[2], t.shape[3] // m
+        t = t.reshape(batch, done, r, m, left).permute(0, 1, 4, 2, 3).reshape(-1, r * m)
+        t = (t @ core.reshape(r * m, -1)).reshape(batch, done, left, n, core.shape[-1])
+        t = t.permute(0, 1, 3, 4, 2).reshape(batch, done * n, core.shape[-1], left)
+    return t.reshape(batch, -1)
+
+
+def _macs(in_modes: Sequence[int], out_modes: Sequence[int], ranks: Sequence[int]) -> int:
+    """Multiply-adds per sample of `_contract` in this core order."""
+    return sum(math.prod(out_modes[:k]) * math.prod(in_modes[k:]) * ranks[k] * out_modes[k] * ranks[k + 1]
+               for k in range(len(in_modes)))
+
+
 class TTLinear(nn.Module):
     """nn.Linear(prod(in_modes), prod(out_modes)) in tensor-train format.
 
@@ -95,6 +114,10 @@ class TTLinear(nn.Module):
         self.cores = nn.ParameterList(
             nn.Parameter(torch.randn(self.ranks[k], m, n, self.ranks[k + 1]) * std)
             for k, (m, n) in enumerate(zip(in_modes, out_modes)))
+        # contract from the end where that is cheaper (a layer that shrinks its input: the big
+        # input modes go first); 1.6-3x faster at VGG's FC1 (benchmarks/layers.py)
+        self._reversed = (_macs(in_modes[::-1], out_modes[::-1], self.ranks[::-1])
+                          < _macs(in_modes, out_modes, self.ranks))
         bound = 1 / math.sqrt(self.in_features)
         self.bias = nn.Parameter(torch.empty(self.out_features).uniform_(-bound, bound)) if bias else None
 
@@ -121,14 +144,17 @@ class TTLinear(nn.Module):
             raise ValueError(f"TTLinear expects {self.in_features} input features, got input of shape "
                              f"{tuple(x.shape)}")
         lead = x.shape[:-1]
-        batch = math.prod(lead)
-        # t: (batch, output modes done, rank, input modes left)
-        t = x.reshape(batch, 1, 1, self.in_features)
-        for core, m, n in zip(self.cores, self.in_modes, self.out_modes):
-            done, r, left = t.shape[1], t.shape[2], t.shape[3] // m
-            t = torch.einsum("bprmq,rmns->bpnsq", t.reshape(batch, done, r, m, left), core)
-            t = t.reshape(batch, done * n, core.shape[-1], left)
-        y = t.reshape(*lead, self.out_features)
+        x = x.reshape(-1, self.in_features)
+        if self._reversed:  # last core first: the same sum with every mode order reversed
+            d = len(self.in_modes)
+            flip = (0, *range(d, 0, -1))
+            x = x.reshape(-1, *self.in_modes).permute(flip).reshape(x.shape[0], -1)
+            cores = [core.permute(3, 1, 2, 0) for core in reversed(self.cores)]
+            y = _contract(x, cores, self.in_modes[::-1], self.out_modes[::-1])
+            y = y.reshape(-1, *self.out_modes[::-1]).permute(flip).reshape(x.shape[0], -1)
+        else:
+            y = _contract(x, list(self.cores), self.in_modes, self.out_modes)
+        y = y.reshape(*lead, self.out_features)
         return y + self.bias if self.bias is not None else y
 
     def dense_weight(self) -> Tensor:

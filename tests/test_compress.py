@@ -124,3 +124,35 @@ def test_factorizing_a_pruned_layer_is_refused():
     with pytest.raises(ValueError, match="already pruned"):
         _net([{"method": "magnitude", "targets": ["head.*"], "budget": 2},
               {"method": "tt", "targets": ["head.*"], "budget": 2}])
+
+
+def test_init_from_prunes_and_decomposes_the_given_weights(tmp_path):
+    trained = _net()
+    with torch.no_grad():
+        for p in trained.parameters():
+            p.mul_(torch.rand_like(p) * 3)  # other weights than any fresh init
+    torch.save(trained.state_dict(), tmp_path / "net.pt")
+    torch.save({"state_dict": {f"net.{k}": v for k, v in trained.state_dict().items()}}, tmp_path / "m.ckpt")
+    for path in ("net.pt", "m.ckpt"):
+        torch.manual_seed(5)
+        pruned = build_network(**DENSE_MLP, init_from=str(tmp_path / path),
+                               compression=[{"method": "magnitude", "targets": ["backbone.*"], "budget": 4}])
+        reference = _net()
+        reference.load_state_dict(trained.state_dict())
+        compress_(reference, [{"method": "magnitude", "targets": ["backbone.*"], "budget": 4}])
+        for (_, a), (_, b) in zip(pruned_layers(pruned), pruned_layers(reference)):
+            assert torch.equal(a.weight_mask, b.weight_mask)
+    x = torch.rand(4, 1, 8, 8)
+    decomposed = build_network(**DENSE_MLP, init_from=str(tmp_path / "net.pt"),
+                               compression=[{"method": "tt", "targets": ["head.*"],
+                                             "options": {"rank": 10**6, "init": "from_linear", "modes": 2}}])
+    torch.testing.assert_close(decomposed(x), trained(x), rtol=1e-4, atol=1e-5)
+
+
+def test_init_from_that_does_not_fit_is_a_one_line_error(tmp_path):
+    torch.save({"other.weight": torch.zeros(3)}, tmp_path / "other.pt")
+    (tmp_path / "junk.pt").write_bytes(b"junk")
+    for path, match in (("missing.pt", "does not exist"), ("junk.pt", "is unreadable"),
+                        ("other.pt", "does not fit the network before compression: normalize.mean is missing")):
+        with pytest.raises((ValueError, FileNotFoundError), match=match):
+            build_network(**DENSE_MLP, init_from=str(tmp_path / path))

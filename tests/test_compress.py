@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from torch import nn
 
 from sepnet.compress import CompressionSpec, compress_, pruned_layers, remove_pruning_
 from sepnet.constraints import fc_parameter_counts, parameter_counts
@@ -156,3 +157,26 @@ def test_init_from_that_does_not_fit_is_a_one_line_error(tmp_path):
                         ("other.pt", "does not fit the network before compression: normalize.mean is missing")):
         with pytest.raises((ValueError, FileNotFoundError), match=match):
             build_network(**DENSE_MLP, init_from=str(tmp_path / path))
+
+
+def test_tt_conv_compresses_the_convolutions_to_a_budget():
+    from sepnet.tt import TTConv2d
+
+    def vgg(compression):
+        torch.manual_seed(0)
+        return build_network(num_classes=10, image_shape=(3, 32, 32), backbone="vgg16",
+                             backbone_kwargs={"width": 1 / 8}, head="dense", compression=compression)
+
+    dense = vgg([])
+    convs = sum(p.numel() for m in dense.modules() if isinstance(m, nn.Conv2d) for p in m.parameters())
+    net = vgg([{"method": "tt_conv", "targets": ["backbone.*"], "exclude": ["backbone.0"], "budget": 5}])
+    layers = [m for m in net.modules() if isinstance(m, TTConv2d)]
+    assert len(layers) == 12 and isinstance(net.backbone[0], nn.Conv2d)
+    assert sum(m.dense_parameters() for m in layers) / sum(m.stored_parameters() for m in layers) >= 5
+    assert parameter_counts(net).dense == parameter_counts(dense).dense
+    assert parameter_counts(net).stored < parameter_counts(dense).stored - 0.7 * convs
+    assert net(torch.rand(2, 3, 32, 32)).shape == (2, 10)
+    # from_conv at full rank keeps the function
+    full = vgg([{"method": "tt_conv", "targets": ["backbone.3"], "options": {"rank": 10**6, "init": "from_conv"}}])
+    x = torch.rand(2, 3, 32, 32)
+    torch.testing.assert_close(full.eval()(x), dense.eval()(x), rtol=1e-4, atol=1e-4)

@@ -101,3 +101,44 @@ def test_both_contraction_orders_equal_the_dense_weight(in_modes, out_modes):
     x = torch.randn(6, math.prod(in_modes), dtype=torch.float64)
     torch.testing.assert_close(layer(x), x @ layer.dense_weight().t() + layer.bias, rtol=1e-12, atol=1e-12)
     assert layer._reversed == (in_modes[-1] > in_modes[0])
+
+
+@pytest.mark.parametrize("naive", [False, True])
+@pytest.mark.parametrize("stride,padding", [(1, 1), (2, 0), (2, 1)])
+def test_tt_conv_equals_conv2d_with_its_rebuilt_kernel(naive, stride, padding):
+    from sepnet.tt import TTConv2d
+
+    torch.manual_seed(0)
+    layer = TTConv2d((2, 4), (4, 2), 3, rank=3, stride=stride, padding=padding, naive=naive).double()
+    x = torch.randn(2, 8, 9, 9, dtype=torch.float64)
+    expected = nn.functional.conv2d(x, layer.kernel(), layer.bias, stride, padding)
+    torch.testing.assert_close(layer(x), expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("naive", [False, True])
+def test_tt_conv_svd_is_exact_for_a_low_rank_kernel_and_counts_by_formula(naive):
+    from sepnet.tt import TTConv2d
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 8, 3, padding=1).double()
+    with torch.no_grad():
+        conv.weight.copy_(TTConv2d((2, 4), (4, 2), 3, rank=3, naive=naive).double().kernel())
+    layer, error = TTConv2d.from_conv(conv, (2, 4), (4, 2), rank=3, naive=naive)
+    assert error < 1e-10
+    x = torch.randn(1, 8, 6, 6, dtype=torch.float64)
+    torch.testing.assert_close(layer(x), conv(x), rtol=1e-10, atol=1e-10)
+    sizes = [3, 3, 8, 8] if naive else [9, 8, 8]
+    r = layer.ranks
+    assert layer.stored_parameters() == sum(r[k] * n * r[k + 1] for k, n in enumerate(sizes)) + 8
+    assert layer.dense_parameters() == 8 * 8 * 9 + 8
+
+
+def test_tt_conv_initialization_has_the_variance_of_conv2d():
+    from sepnet.tt import TTConv2d
+
+    kernels = []
+    for seed in range(20):
+        torch.manual_seed(seed)
+        kernels.append(TTConv2d((4, 4), (4, 8), 3, rank=4).kernel().flatten())
+    target = 1 / (3 * 16 * 9)  # nn.Conv2d: U(-1/sqrt(fan_in), 1/sqrt(fan_in)), fan_in = C kH kW
+    assert abs(float(torch.cat(kernels).var()) / target - 1) < 0.2

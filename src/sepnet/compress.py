@@ -28,7 +28,7 @@ from torch import nn
 from torch.nn.utils import prune
 
 from sepnet.convert import balanced_factorization, separable_
-from sepnet.tt import TTLinear, tt_parameters, tt_ranks
+from sepnet.tt import TTConv2d, TTLinear, _capped, tt_parameters, tt_ranks
 
 log = logging.getLogger(__name__)
 
@@ -154,6 +154,44 @@ def tt_(net: nn.Module, spec: CompressionSpec) -> list[str]:
     return lines
 
 
+def tt_conv_(net: nn.Module, spec: CompressionSpec) -> list[str]:
+    """nn.Conv2d (groups 1) -> TTConv2d. options: modes (channel cores, default 2), rank (int),
+    init ("random" default, or "from_conv": TT-SVD of the current kernel), naive (the plain
+    4-way TT of the kernel instead of the spatial core + channel cores)."""
+    opts = {"modes": 2, "init": "random", "naive": False, **spec.options}
+    if opts["init"] not in ("random", "from_conv"):
+        raise ValueError(f"compression tt_conv: init {opts['init']!r}; expected 'random' or 'from_conv'")
+    plans = []
+    for name, conv in _targets(net, spec, (nn.Conv2d,)):
+        if conv.groups != 1 or conv.padding_mode != "zeros":
+            raise ValueError(f"compression tt_conv: {name} has groups {conv.groups} / padding mode "
+                             f"{conv.padding_mode!r}; expected an ordinary convolution")
+        in_modes, out_modes = _modes(conv.in_channels, opts["modes"]), _modes(conv.out_channels, opts["modes"])
+        sizes = ([*conv.kernel_size, conv.in_channels, conv.out_channels] if opts["naive"] else
+                 [math.prod(conv.kernel_size), *(c * s for c, s in zip(in_modes, out_modes))])
+        bias = conv.out_channels if conv.bias is not None else 0
+
+        def cost(r, sizes=sizes, b=bias):
+            ranks = _capped(sizes, [r] * (len(sizes) - 1))
+            return sum(ranks[k] * n * ranks[k + 1] for k, n in enumerate(sizes)) + b
+        plans.append((name, conv, cost, in_modes, out_modes))
+    ranks = (_budget_ranks(spec, [p[:3] for p in plans]) if spec.budget is not None
+             else [int(opts.get("rank", 8))] * len(plans))
+    lines = []
+    for (name, conv, _, in_modes, out_modes), rank in zip(plans, ranks):
+        if opts["init"] == "from_conv":
+            layer, error = TTConv2d.from_conv(conv, in_modes, out_modes, rank, naive=opts["naive"])
+            extra = f", TT-SVD error {error:.3f}"
+        else:
+            layer = TTConv2d(in_modes, out_modes, conv.kernel_size, rank, conv.stride, conv.padding, conv.dilation,
+                             bias=conv.bias is not None, naive=opts["naive"]).to(conv.weight.device)
+            extra = ""
+        _replace(net, name, layer)
+        lines.append(f"{name}: tt_conv{' (naive)' if opts['naive'] else ''} {in_modes} -> {out_modes} "
+                     f"ranks {list(layer.ranks)}: {layer.stored_parameters():,} / {layer.dense_parameters():,}{extra}")
+    return lines
+
+
 def separable_compress_(net: nn.Module, spec: CompressionSpec) -> list[str]:
     """nn.Linear -> FlatSeparableLinear (Kronecker sums on the flat features). options: modes
     (default 2), rank (int), init ("random" default, or "from_linear")."""
@@ -209,7 +247,7 @@ def magnitude_(net: nn.Module, spec: CompressionSpec) -> list[str]:
 
 
 COMPRESSORS: dict[str, Callable[[nn.Module, CompressionSpec], list[str]]] = {
-    "separable": separable_compress_, "tt": tt_, "magnitude": magnitude_}
+    "separable": separable_compress_, "tt": tt_, "tt_conv": tt_conv_, "magnitude": magnitude_}
 
 
 def compress_(net: nn.Module, specs: Sequence[CompressionSpec | dict]) -> list[str]:

@@ -17,7 +17,7 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-__all__ = ["TTLinear", "tt_ranks", "tt_parameters", "tt_svd"]
+__all__ = ["TTLinear", "TTConv2d", "tensor_train", "tt_ranks", "tt_parameters", "tt_svd"]
 
 
 def tt_ranks(in_modes: Sequence[int], out_modes: Sequence[int], rank: int | Sequence[int]) -> tuple[int, ...]:
@@ -29,9 +29,37 @@ def tt_ranks(in_modes: Sequence[int], out_modes: Sequence[int], rank: int | Sequ
         raise ValueError(f"TT ranks {list(rank)}: expected {d - 1} internal ranks for {d} cores")
     if any(r < 1 for r in inner):
         raise ValueError(f"TT ranks must be >= 1, got {inner}")
-    sizes = [m * n for m, n in zip(in_modes, out_modes)]
-    capped = [min(r, math.prod(sizes[:k + 1]), math.prod(sizes[k + 1:])) for k, r in enumerate(inner)]
-    return (1, *capped, 1)
+    return _capped([m * n for m, n in zip(in_modes, out_modes)], inner)
+
+
+def _capped(sizes: Sequence[int], inner: Sequence[int]) -> tuple[int, ...]:
+    """Ranks (1, r1, ..., 1) of a TT with mode sizes `sizes`, each internal rank cut to what its
+    neighbours can carry (r_k <= r_{k-1} n_k and r_k <= n_{k+1} r_{k+1}): no rank is wasted."""
+    ranks = [1, *inner, 1]
+    for k in range(1, len(ranks) - 1):
+        ranks[k] = min(ranks[k], ranks[k - 1] * sizes[k - 1])
+    for k in range(len(ranks) - 2, 0, -1):
+        ranks[k] = min(ranks[k], ranks[k + 1] * sizes[k])
+    return tuple(ranks)
+
+
+def tensor_train(tensor: Tensor, ranks: Sequence[int]) -> list[Tensor]:
+    """TT-SVD (Oseledets 2011): cores (r_{k-1}, n_k, r_k) of a d-way tensor by sequential
+    truncated SVDs; `ranks` as from `_capped` (1 at both ends). Exact when the tensor's TT ranks
+    are within them."""
+    sizes = tensor.shape
+    rest = tensor.detach().reshape(1, -1)
+    cores = []
+    for k, n in enumerate(sizes):
+        rest = rest.reshape(ranks[k] * n, -1)
+        if k == len(sizes) - 1:
+            cores.append(rest.reshape(ranks[k], n, 1))
+            break
+        u, s, vh = torch.linalg.svd(rest, full_matrices=False)
+        r = ranks[k + 1]
+        cores.append(u[:, :r].reshape(ranks[k], n, r))
+        rest = s[:r, None] * vh[:r]
+    return cores
 
 
 def tt_parameters(in_modes: Sequence[int], out_modes: Sequence[int], ranks: Sequence[int]) -> int:
@@ -52,18 +80,8 @@ def tt_svd(weight: Tensor, in_modes: Sequence[int], out_modes: Sequence[int],
     """Cores of the TT approximation of an (out, in) weight by sequential truncated SVDs
     (Oseledets' TT-SVD on the interleaved modes). Exact when the weight has TT ranks <= rank."""
     ranks = tt_ranks(in_modes, out_modes, rank)
-    rest = _interleaved(weight.detach(), in_modes, out_modes).reshape(1, -1)
-    cores = []
-    for k, (m, n) in enumerate(zip(in_modes, out_modes)):
-        rest = rest.reshape(ranks[k] * m * n, -1)
-        if k == len(in_modes) - 1:
-            cores.append(rest.reshape(ranks[k], m, n, 1))
-            break
-        u, s, vh = torch.linalg.svd(rest, full_matrices=False)
-        r = min(ranks[k + 1], s.numel())
-        cores.append(u[:, :r].reshape(ranks[k], m, n, r))
-        rest = s[:r, None] * vh[:r]
-    return cores
+    cores = tensor_train(_interleaved(weight, in_modes, out_modes), ranks)
+    return [core.reshape(core.shape[0], m, n, core.shape[-1]) for core, m, n in zip(cores, in_modes, out_modes)]
 
 
 def _contract(x: Tensor, cores: Sequence[Tensor], in_modes: Sequence[int], out_modes: Sequence[int]) -> Tensor:
@@ -176,3 +194,127 @@ class TTLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"{self.in_modes} -> {self.out_modes}, ranks={list(self.ranks)}, "
                 f"{self.dense_parameters() / self.stored_parameters():.1f}x")
+
+
+class TTConv2d(nn.Module):
+    """nn.Conv2d(prod(in_modes), prod(out_modes), kernel_size) in tensor-train format
+    (Garipov et al. 2016, "Ultimate tensorization"):
+
+        K[x, y, (c1..cd), (s1..sd)] = G0[x, y, :] G1[:, c1, s1, :] ... Gd[:, cd, sd, :]
+
+    a spatial core G0 of shape (kH, kW, r0), then channel cores (r_{k-1}, c_k, s_k, r_k), r_d = 1.
+    The forward convolves every input channel with the r0 spatial filters (one grouped conv,
+    stride / padding / dilation as nn.Conv2d's) and contracts the (channel, r0) maps with the
+    channel cores at every pixel; the kernel is never built.
+
+    naive=True stores the plain 4-way TT of the kernel, cores over (kH, kW, C, S), and convolves
+    with the rebuilt kernel: the baseline the paper compares against.
+
+    Initialization: normal cores whose implied kernel entries have nn.Conv2d's variance,
+    1 / (3 C kH kW).
+    """
+
+    def __init__(self, in_modes: Sequence[int], out_modes: Sequence[int], kernel_size: int | tuple[int, int],
+                 rank: int | Sequence[int] = 8, stride: int | tuple[int, int] = 1,
+                 padding: int | tuple[int, int] = 0, dilation: int | tuple[int, int] = 1, bias: bool = True,
+                 naive: bool = False) -> None:
+        super().__init__()
+        if len(in_modes) != len(out_modes) or not in_modes:
+            raise ValueError(f"TT conv modes {tuple(in_modes)} -> {tuple(out_modes)}: expected the same number "
+                             "(>= 1) of input and output channel modes")
+        self.in_modes, self.out_modes = tuple(in_modes), tuple(out_modes)
+        self.in_channels, self.out_channels = math.prod(in_modes), math.prod(out_modes)
+        self.kernel_size = (kernel_size, kernel_size) if isinstance(kernel_size, int) else tuple(kernel_size)
+        self.stride, self.padding, self.dilation, self.naive = stride, padding, dilation, naive
+        sizes = self._sizes()
+        inner = [rank] * (len(sizes) - 1) if isinstance(rank, int) else list(rank)
+        if len(inner) != len(sizes) - 1 or min(inner, default=1) < 1:
+            raise ValueError(f"TT conv ranks {inner}: expected {len(sizes) - 1} internal ranks >= 1")
+        self.ranks = _capped(sizes, inner)
+        fan_in = self.in_channels * math.prod(self.kernel_size)
+        std = (1 / (3 * fan_in * math.prod(self.ranks))) ** (1 / (2 * len(sizes)))
+        self.cores = nn.ParameterList(nn.Parameter(torch.randn(self.ranks[k], n, self.ranks[k + 1]) * std)
+                                      for k, n in enumerate(sizes))
+        bound = 1 / math.sqrt(fan_in)
+        self.bias = nn.Parameter(torch.empty(self.out_channels).uniform_(-bound, bound)) if bias else None
+
+    def _sizes(self) -> list[int]:
+        """Mode sizes of the cores: (kH kW, c1 s1, ..., cd sd), or (kH, kW, C, S) when naive."""
+        if self.naive:
+            return [*self.kernel_size, self.in_channels, self.out_channels]
+        return [math.prod(self.kernel_size), *(c * s for c, s in zip(self.in_modes, self.out_modes))]
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, in_modes: Sequence[int], out_modes: Sequence[int],
+                  rank: int | Sequence[int], naive: bool = False) -> tuple["TTConv2d", float]:
+        """(the TT-SVD approximation of `conv`, its relative Frobenius error)."""
+        if conv.groups != 1 or (math.prod(in_modes), math.prod(out_modes)) != (conv.in_channels, conv.out_channels):
+            raise ValueError(f"TT conv modes {tuple(in_modes)} -> {tuple(out_modes)} do not fit {conv}: expected "
+                             f"{conv.in_channels} -> {conv.out_channels} channels, groups 1")
+        layer = cls(in_modes, out_modes, conv.kernel_size, rank, conv.stride, conv.padding, conv.dilation,
+                    bias=conv.bias is not None, naive=naive).to(device=conv.weight.device, dtype=conv.weight.dtype)
+        with torch.no_grad():
+            for core, value in zip(layer.cores, tensor_train(layer._arranged(conv.weight), layer.ranks)):
+                core.copy_(value)
+            if conv.bias is not None:
+                layer.bias.copy_(conv.bias)
+            error = float((layer.kernel() - conv.weight).norm() / conv.weight.norm().clamp_min(1e-30))
+        return layer, error
+
+    def _arranged(self, kernel: Tensor) -> Tensor:
+        """An (S, C, kH, kW) kernel as the tensor the cores factorize (see `_sizes`)."""
+        k = kernel.permute(2, 3, 1, 0)  # (kH, kW, C, S)
+        if self.naive:
+            return k
+        d = len(self.in_modes)
+        k = k.reshape(math.prod(self.kernel_size), *self.in_modes, *self.out_modes)
+        order = [0, *(axis for j in range(d) for axis in (1 + j, 1 + d + j))]
+        return k.permute(order).reshape(self._sizes())
+
+    def kernel(self) -> Tensor:
+        """The implied (S, C, kH, kW) kernel, from the cores alone."""
+        acc = self.cores[0].reshape(-1, self.cores[0].shape[-1])
+        for core in self.cores[1:]:
+            acc = (acc @ core.reshape(core.shape[0], -1)).reshape(-1, core.shape[-1])
+        if self.naive:
+            return acc.reshape(*self.kernel_size, self.in_channels, self.out_channels).permute(3, 2, 0, 1)
+        d = len(self.in_modes)
+        k = acc.reshape(math.prod(self.kernel_size), *(v for c, s in zip(self.in_modes, self.out_modes)
+                                                      for v in (c, s)))
+        order = [0, *range(1, 2 * d, 2), *range(2, 2 * d + 1, 2)]  # (kHkW, c1..cd, s1..sd)
+        k = k.permute(order).reshape(*self.kernel_size, self.in_channels, self.out_channels)
+        return k.permute(3, 2, 0, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(f"TTConv2d expects (N, {self.in_channels}, H, W) input, got {tuple(x.shape)}")
+        if self.naive:
+            return nn.functional.conv2d(x, self.kernel(), self.bias, self.stride, self.padding, self.dilation)
+        batch, channels = x.shape[:2]
+        r0 = self.ranks[1]
+        spatial = self.cores[0].reshape(*self.kernel_size, r0).permute(2, 0, 1).unsqueeze(1)  # (r0, 1, kH, kW)
+        z = nn.functional.conv2d(x, spatial.repeat(channels, 1, 1, 1), None, self.stride, self.padding,
+                                 self.dilation, groups=channels)  # (N, C r0, H', W'), channel c*r0 + a
+        height, width = z.shape[-2:]
+        t = z.reshape(batch, channels, r0, height * width).permute(0, 3, 2, 1)  # (N, H'W', r0, C)
+        t = t.reshape(batch * height * width, 1, r0, channels)
+        for core, m, n in zip(list(self.cores)[1:], self.in_modes, self.out_modes):
+            core = core.reshape(core.shape[0], m, n, core.shape[-1])
+            rows, done, r, left = t.shape[0], t.shape[1], t.shape[2], t.shape[3] // m
+            t = t.reshape(rows, done, r, m, left).permute(0, 1, 4, 2, 3).reshape(-1, r * m)
+            t = (t @ core.reshape(r * m, -1)).reshape(rows, done, left, n, core.shape[-1])
+            t = t.permute(0, 1, 3, 4, 2).reshape(rows, done * n, core.shape[-1], left)
+        y = t.reshape(batch, height, width, self.out_channels).permute(0, 3, 1, 2)
+        return y + self.bias.view(1, -1, 1, 1) if self.bias is not None else y
+
+    def stored_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def dense_parameters(self) -> int:
+        """Parameters of the nn.Conv2d this layer stands for."""
+        return (self.in_channels * self.out_channels * math.prod(self.kernel_size)
+                + (self.out_channels if self.bias is not None else 0))
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_modes} -> {self.out_modes}, kernel {self.kernel_size}, ranks={list(self.ranks)}"
+                f"{', naive' if self.naive else ''}, {self.dense_parameters() / self.stored_parameters():.1f}x")

@@ -103,23 +103,22 @@ def _search(fits: Callable[[int], bool], top: int) -> int:
     return low
 
 
-def _budget_ranks(spec: CompressionSpec, layers: list[tuple[str, nn.Module, Callable[[int], int]]]) -> list[int]:
-    """One rank per layer for spec.budget over the targeted layers together: the largest common
-    rank r (each layer capped where its factorization would store as much as the dense layer)
-    whose total stays within sum(dense) / budget. Small layers (a 10-class classifier) thus keep
-    their full rank while the big ones carry the compression."""
-    dense = [_dense(m) for _, m, _ in layers]
-    caps = [_search(lambda r, c=cost, d=d: c(r) <= d, d) if cost(1) <= d else 1
-            for (_, _, cost), d in zip(layers, dense)]
-    allowed = sum(dense) / spec.budget
+def _budget_ranks(spec: CompressionSpec, units: list[tuple[str, int, Callable[[int], int]]]) -> list[int]:
+    """One rank per unit (a layer, or a group sharing factors) for spec.budget over all of them
+    together: the largest common rank r (each unit capped where it would store as much as its
+    dense parameters) whose total stays within sum(dense) / budget. Small layers (a 10-class
+    classifier) thus keep their full rank while the big ones carry the compression."""
+    caps = [_search(lambda r, c=cost, d=dense: c(r) <= d, dense) if cost(1) <= dense else 1
+            for _, dense, cost in units]
+    allowed = sum(dense for _, dense, _ in units) / spec.budget
 
     def total(r: int) -> int:
-        return sum(cost(min(r, cap)) for (_, _, cost), cap in zip(layers, caps))
+        return sum(cost(min(r, cap)) for (_, _, cost), cap in zip(units, caps))
 
     if total(1) > allowed:
         raise ValueError(f"compression {spec.method} budget {spec.budget:g}x is unreachable for {spec.targets}: "
-                         f"rank 1 already stores {total(1):,} of their {sum(dense):,} parameters, "
-                         f"{int(allowed):,} allowed")
+                         f"rank 1 already stores {total(1):,} of their {sum(d for _, d, _ in units):,} "
+                         f"parameters, {int(allowed):,} allowed")
     r = _search(lambda r: total(r) <= allowed, max(caps))
     return [min(r, cap) for cap in caps]
 
@@ -138,7 +137,7 @@ def tt_(net: nn.Module, spec: CompressionSpec) -> list[str]:
         def cost(r, i=in_modes, o=out_modes, b=bias):
             return tt_parameters(i, o, tt_ranks(i, o, r)) + b
         plans.append((name, linear, cost, in_modes, out_modes))
-    ranks = (_budget_ranks(spec, [p[:3] for p in plans]) if spec.budget is not None
+    ranks = (_budget_ranks(spec, [(p[0], _dense(p[1]), p[2]) for p in plans]) if spec.budget is not None
              else [int(opts.get("rank", 8))] * len(plans))
     lines = []
     for (name, linear, _, in_modes, out_modes), rank in zip(plans, ranks):
@@ -175,7 +174,7 @@ def tt_conv_(net: nn.Module, spec: CompressionSpec) -> list[str]:
             ranks = _capped(sizes, [r] * (len(sizes) - 1))
             return sum(ranks[k] * n * ranks[k + 1] for k, n in enumerate(sizes)) + b
         plans.append((name, conv, cost, in_modes, out_modes))
-    ranks = (_budget_ranks(spec, [p[:3] for p in plans]) if spec.budget is not None
+    ranks = (_budget_ranks(spec, [(p[0], _dense(p[1]), p[2]) for p in plans]) if spec.budget is not None
              else [int(opts.get("rank", 8))] * len(plans))
     lines = []
     for (name, conv, _, in_modes, out_modes), rank in zip(plans, ranks):
@@ -192,6 +191,94 @@ def tt_conv_(net: nn.Module, spec: CompressionSpec) -> list[str]:
     return lines
 
 
+def _joint_cost(method: str, n: int, rows: int, cols: int, rank: int, split: float = 0.5) -> int:
+    """Factor entries of a group of n (rows x cols) unfolded kernels at joint rank `rank`."""
+    if method == "svd":
+        return n * rank * (rows + cols)
+    if method == "ljsvd":
+        return rank * rows + n * rank * cols
+    if method == "rjsvd":
+        return n * rank * rows + rank * cols
+    right = max(1, min(rank - 1, round(split * rank)))
+    left = max(1, rank - right)
+    return n * right * rows + right * cols + left * rows + n * left * cols
+
+
+def equal_budget_rank(method: str, n: int, rows: int, cols: int, per_layer_rank: int, split: float = 0.5) -> int:
+    """The largest joint rank whose factors store no more than per-layer SVDs of rank
+    `per_layer_rank` (about 2N / (N + 1) times it for LJSVD / RJSVD with I = O)."""
+    allowed = _joint_cost("svd", n, rows, cols, per_layer_rank)
+    return _search(lambda r: _joint_cost(method, n, rows, cols, r, split) <= allowed, max(1, 4 * per_layer_rank))
+
+
+def _conv_groups(net: nn.Module, convs: list[tuple[str, nn.Conv2d]]) -> list[list[tuple[str, nn.Conv2d]]]:
+    """Same-shape convolutions of one stage: a pooling layer or another `layerN` starts a stage."""
+    stage, stages, prefix = 0, {}, None
+    for name, m in net.named_modules():
+        if isinstance(m, (nn.MaxPool2d, nn.AvgPool2d)):
+            stage += 1
+        parts = [p for p in name.split(".") if p.startswith("layer")]
+        if parts and parts[0] != prefix:
+            prefix, stage = parts[0], stage + 1
+        stages[name] = stage
+    groups: dict[tuple, list] = {}
+    for name, conv in convs:
+        key = (stages[name], conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+               conv.dilation, conv.bias is not None)
+        groups.setdefault(key, []).append((name, conv))
+    return list(groups.values())
+
+
+def jsvd_(net: nn.Module, spec: CompressionSpec) -> list[str]:
+    """Convolutions -> SVDConv2d (kH x 1 then 1 x kW) with factors shared across same-shape
+    layers of a stage (sepnet.jsvd). options: method ("ljsvd" default, "rjsvd", "bijsvd", or
+    "svd" per layer), rank (the per-layer SVD rank whose parameter count each group matches:
+    the equal-budget rule), iterations and split (bijsvd). Factors come from the current weights.
+    The network's first convolution and 1 x 1 convolutions stay dense, as in the paper."""
+    from sepnet.jsvd import SVDConv2d, joint_svd, unfold_kernel
+
+    opts = {"method": "ljsvd", "iterations": 10, "split": 0.5, **spec.options}
+    method = opts["method"]
+    first = next((name for name, m in net.named_modules() if isinstance(m, nn.Conv2d)), None)
+    convs, kept = [], []
+    for name, conv in _targets(net, spec, (nn.Conv2d,)):
+        (kept if name == first or conv.kernel_size == (1, 1) else convs).append((name, conv))
+    groups = _conv_groups(net, convs)
+    units = []
+    for group in groups:
+        conv = group[0][1]
+        rows, cols = conv.in_channels * conv.kernel_size[0], conv.out_channels * conv.kernel_size[1]
+        bias = len(group) * conv.out_channels if conv.bias is not None else 0
+        units.append((group[0][0], sum(_dense(c) for _, c in group),
+                      lambda r, n=len(group), a=rows, b=cols: _joint_cost(method, n, a, b, r, opts["split"]) + bias))
+    if spec.budget is not None:
+        ranks = _budget_ranks(spec, units)
+    else:
+        per_layer = int(opts.get("rank", 8))
+        ranks = [equal_budget_rank(method, len(g), g[0][1].in_channels * g[0][1].kernel_size[0],
+                                   g[0][1].out_channels * g[0][1].kernel_size[1], per_layer, opts["split"])
+                 for g in groups]
+    lines = [f"{name}: jsvd leaves it dense (first or 1x1 convolution)" for name, _ in kept]
+    for group, rank in zip(groups, ranks):
+        factors = joint_svd([unfold_kernel(c.weight) for _, c in group], method, rank, opts["iterations"],
+                            opts["split"])
+        params: dict[int, nn.Parameter] = {}  # factor tensor -> its Parameter: joint_svd returns a
+        for (name, conv), terms in zip(group, factors):  # shared factor as one tensor object
+            shared = {(b, side): params[id(t)] for b, pair in enumerate(terms)
+                      for side, t in zip(("vertical", "horizontal"), pair) if id(t) in params}
+            layer = SVDConv2d(conv, [u.shape[1] for u, _ in terms], shared).to(conv.weight.device)
+            layer.set_factors_(terms)
+            for b, (u, v) in enumerate(terms):
+                params.setdefault(id(u), layer.vertical[b])
+                params.setdefault(id(v), layer.horizontal[b])
+            _replace(net, name, layer)
+        stored = sum(p.numel() for p in {id(p): p for n, _ in group
+                                         for p in net.get_submodule(n).parameters()}.values())
+        lines.append(f"{', '.join(n for n, _ in group)}: jsvd {method} rank {rank}: "
+                     f"{stored:,} / {sum(_dense(c) for _, c in group):,}")
+    return lines
+
+
 def separable_compress_(net: nn.Module, spec: CompressionSpec) -> list[str]:
     """nn.Linear -> FlatSeparableLinear (Kronecker sums on the flat features). options: modes
     (default 2), rank (int), init ("random" default, or "from_linear")."""
@@ -202,7 +289,7 @@ def separable_compress_(net: nn.Module, spec: CompressionSpec) -> list[str]:
         bias = linear.out_features if linear.bias is not None else 0
         per_term = sum(i * o for i, o in zip(in_shape, out_shape))
         plans.append((name, linear, lambda r, t=per_term, b=bias: r * t + b, in_shape, out_shape))
-    ranks = (_budget_ranks(spec, [p[:3] for p in plans]) if spec.budget is not None
+    ranks = (_budget_ranks(spec, [(p[0], _dense(p[1]), p[2]) for p in plans]) if spec.budget is not None
              else [int(opts.get("rank", 1))] * len(plans))
     lines = []
     for (name, _, _, in_shape, out_shape), rank in zip(plans, ranks):
@@ -247,7 +334,7 @@ def magnitude_(net: nn.Module, spec: CompressionSpec) -> list[str]:
 
 
 COMPRESSORS: dict[str, Callable[[nn.Module, CompressionSpec], list[str]]] = {
-    "separable": separable_compress_, "tt": tt_, "tt_conv": tt_conv_, "magnitude": magnitude_}
+    "separable": separable_compress_, "tt": tt_, "tt_conv": tt_conv_, "jsvd": jsvd_, "magnitude": magnitude_}
 
 
 def compress_(net: nn.Module, specs: Sequence[CompressionSpec | dict]) -> list[str]:

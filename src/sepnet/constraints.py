@@ -180,7 +180,7 @@ def parameter_counts(module: nn.Module) -> ParameterCounts:
     seen: set[int] = set()
     with torch.no_grad():
         for _, layer in factorized_layers(module):
-            params = list(layer.parameters())
+            params = [p for p in layer.parameters() if id(p) not in seen]  # shared factors once
             seen.update(id(p) for p in params)
             stored += sum(p.numel() for p in params)
             nonzero += sum(int(p.count_nonzero()) for p in params)

@@ -180,3 +180,64 @@ def test_tt_conv_compresses_the_convolutions_to_a_budget():
     full = vgg([{"method": "tt_conv", "targets": ["backbone.3"], "options": {"rank": 10**6, "init": "from_conv"}}])
     x = torch.rand(2, 3, 32, 32)
     torch.testing.assert_close(full.eval()(x), dense.eval()(x), rtol=1e-4, atol=1e-4)
+
+
+def _hydra(budget=10, score_epochs=1):
+    return _net([{"method": "hydra", "targets": ["backbone.*", "head.*"], "budget": budget,
+                  "options": {"score_epochs": score_epochs}}])
+
+
+def test_hydra_starts_from_magnitude_pruning_and_trains_only_scores_then_only_weights():
+    from sepnet.masks import masked_layers, set_phases_
+
+    hydra, magnitude = _hydra(), _net([{"method": "magnitude", "targets": ["backbone.*", "head.*"], "budget": 10}])
+    for (_, _, a), (_, b) in zip(masked_layers(hydra), pruned_layers(magnitude)):
+        assert torch.equal(a.current_mask(), b.weight_mask)  # the first mask is magnitude pruning's
+    set_phases_(hydra, epoch=0)
+    weights = {n: p.detach().clone() for n, p in hydra.named_parameters() if "scores" not in n}
+    scores = {n: p.detach().clone() for n, p in hydra.named_parameters() if "scores" in n}
+    opt = torch.optim.SGD([p for p in hydra.parameters() if p.requires_grad], lr=1.0)
+    torch.manual_seed(0)
+    x, y = torch.rand(32, 1, 8, 8), torch.randint(0, 10, (32,))
+    for _ in range(3):
+        opt.zero_grad()
+        nn.functional.cross_entropy(hydra(x), y).backward()
+        opt.step()
+    named = dict(hydra.named_parameters())
+    assert all(torch.equal(named[n], w) for n, w in weights.items())  # weights frozen
+    assert any(not torch.equal(named[n], s) for n, s in scores.items())  # scores moved
+    for _, _, masked in masked_layers(hydra):
+        assert int(masked.current_mask().sum()) == masked.keep
+    set_phases_(hydra, epoch=1)  # score phase over: mask fixed, weights train, scores frozen
+    fixed = [masked.mask.clone() for _, _, masked in masked_layers(hydra)]
+    assert all(int(m.phase) == 1 for _, _, m in masked_layers(hydra))
+    assert all(p.requires_grad != ("scores" in n) for n, p in hydra.named_parameters())
+    opt = torch.optim.SGD([p for p in hydra.parameters() if p.requires_grad], lr=1.0)
+    opt.zero_grad()
+    nn.functional.cross_entropy(hydra(x), y).backward()
+    opt.step()
+    for mask, (_, layer, masked) in zip(fixed, masked_layers(hydra)):
+        assert torch.equal(masked.mask, mask)
+        assert int((layer.weight != 0).sum()) <= masked.keep  # the effective weight obeys the mask
+
+
+def test_hydra_phase_and_mask_survive_a_checkpoint_and_export_keeps_the_logits():
+    from sepnet.masks import masked_layers, set_phases_
+
+    net = _hydra()
+    with torch.no_grad():
+        for _, _, masked in masked_layers(net):
+            masked.scores.mul_(torch.rand_like(masked.scores))  # another ranking than at init
+    set_phases_(net, epoch=1)
+    other = _hydra()
+    other.load_state_dict(net.state_dict())
+    for (_, _, a), (_, _, b) in zip(masked_layers(net), masked_layers(other)):
+        assert int(b.phase) == 1 and torch.equal(a.mask, b.mask)
+    x = torch.rand(4, 1, 8, 8)
+    expected = net(x)
+    torch.testing.assert_close(other(x), expected)
+    remove_pruning_(other)
+    assert not masked_layers(other)
+    torch.testing.assert_close(other(x), expected)
+    counts = parameter_counts(net)
+    assert counts.nonzero < counts.stored / 5 and counts.stored == parameter_counts(_net()).stored

@@ -333,8 +333,40 @@ def magnitude_(net: nn.Module, spec: CompressionSpec) -> list[str]:
             for name, m in targets]
 
 
+def hydra_(net: nn.Module, spec: CompressionSpec) -> list[str]:
+    """HYDRA (Sehwag et al. 2020): per-weight importance scores, initialized proportional to
+    the weights (so the first mask is layer-wise magnitude pruning's), trained for
+    `score_epochs` epochs under the run's (adversarial) loss with the weights frozen and the
+    top-k mask in the forward (straight-through gradient); then the mask is fixed and the
+    weights fine-tune. Start from a trained model (network.init_from). options: score_epochs
+    (default 1), amount (fraction pruned, instead of a budget). Each layer keeps the same
+    fraction, at least one weight per output unit."""
+    from torch.nn.utils import parametrize
+
+    from sepnet.masks import MaskedWeight, hydra_scores
+
+    opts = {"score_epochs": 1, **spec.options}
+    if (spec.budget is None) == ("amount" not in opts):
+        raise ValueError("compression hydra: expected a budget or options.amount (one of them)")
+    keep_fraction = 1 / spec.budget if spec.budget is not None else 1 - float(opts["amount"])
+    if not 0 < keep_fraction <= 1 or int(opts["score_epochs"]) < 0:
+        raise ValueError(f"compression hydra: amount must be in [0, 1) and score_epochs >= 0, got "
+                         f"{opts.get('amount')} and {opts['score_epochs']}")
+    lines = []
+    for name, m in _targets(net, spec, (nn.Linear, nn.Conv2d)):
+        numel = m.weight.numel()
+        keep = min(numel, max(round(keep_fraction * numel), m.weight.shape[0]))
+        scores = hydra_scores(m.weight.detach())
+        masked = MaskedWeight(torch.zeros_like(scores), keep, scores, int(opts["score_epochs"]))
+        masked.mask.copy_(masked.current_mask())
+        parametrize.register_parametrization(m, "weight", masked)
+        lines.append(f"{name}: hydra keeps {keep:,} / {numel:,} weights (scores for {opts['score_epochs']} epochs)")
+    return lines
+
+
 COMPRESSORS: dict[str, Callable[[nn.Module, CompressionSpec], list[str]]] = {
-    "separable": separable_compress_, "tt": tt_, "tt_conv": tt_conv_, "jsvd": jsvd_, "magnitude": magnitude_}
+    "separable": separable_compress_, "tt": tt_, "tt_conv": tt_conv_, "jsvd": jsvd_, "magnitude": magnitude_,
+    "hydra": hydra_}
 
 
 def compress_(net: nn.Module, specs: Sequence[CompressionSpec | dict]) -> list[str]:
@@ -354,7 +386,10 @@ def pruned_layers(net: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 def remove_pruning_(net: nn.Module) -> nn.Module:
-    """Make every pruning mask permanent (zeros in `weight`, no mask buffer): for export."""
+    """Make every pruning mask (torch.nn.utils.prune, sepnet.masks) permanent: zeros in
+    `weight`, no mask buffer or parametrization. For export."""
+    from sepnet.masks import remove_masks_
+
     for _, m in pruned_layers(net):
         prune.remove(m, "weight")
-    return net
+    return remove_masks_(net)

@@ -172,9 +172,10 @@ def factorized_layers(module: nn.Module) -> Iterator[tuple[str, nn.Module]]:
 def parameter_counts(module: nn.Module) -> ParameterCounts:
     """Counts over every parameter of `module` (convs, norms, embeddings, heads included).
 
-    A factorized layer (SeparableLinear, TTLinear) counts as the nn.Linear it stands for in
-    `dense`; a pruned weight (a torch.nn.utils.prune mask) counts its unmasked entries as
-    non-zero, its full size as stored.
+    A factorized layer (SeparableLinear, TTLinear, TTConv2d, SVDConv2d) counts as the layer it
+    stands for in `dense`, shared factors once; a masked weight (torch.nn.utils.prune, or a
+    sepnet.masks.MaskedWeight) counts its unmasked entries as non-zero, its full size as stored;
+    HYDRA's scores are training-only state and not counted.
     """
     stored = nonzero = dense = 0
     seen: set[int] = set()
@@ -185,6 +186,17 @@ def parameter_counts(module: nn.Module) -> ParameterCounts:
             stored += sum(p.numel() for p in params)
             nonzero += sum(int(p.count_nonzero()) for p in params)
             dense += layer.dense_parameters()
+        from sepnet.masks import masked_layers  # noqa: PLC0415 - masks imports nothing of ours
+
+        for _, m, masked in masked_layers(module):
+            orig = m.parametrizations["weight"].original
+            if masked.scores is not None:
+                seen.add(id(masked.scores))  # training-only state, not part of the model
+            if id(orig) not in seen:
+                seen.add(id(orig))
+                stored += orig.numel()
+                nonzero += int((orig * masked.current_mask()).count_nonzero())
+                dense += orig.numel()
         for m in module.modules():
             mask = getattr(m, "weight_mask", None)
             orig = getattr(m, "weight_orig", None)

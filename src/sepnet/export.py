@@ -82,7 +82,7 @@ def export_checkpoint(ckpt: str, out_dir: str) -> dict[str, Path]:
     if not Path(ckpt).is_file():
         raise FileNotFoundError(f"checkpoint {ckpt} does not exist: expected a .ckpt file")
     model = ImageClassifier.load_from_checkpoint(ckpt, map_location="cpu")
-    remove_pruning_(model.net)  # pruned weights hold their zeros; no mask buffers to ship
+    remove_pruning_(model.net)  # pruned weights hold their zeros; no masks to ship
     out = Path(out_dir)
     shape = tuple(model.hparams.image_shape)
     paths = {"torchscript": to_torchscript(model.net, shape, out / "model.torchscript.pt"),

@@ -18,6 +18,7 @@ from sepnet.attacks import AdversarialTraining, Attacker, AttackSpec, adversaria
 from sepnet.constraints import (ConstraintConfig, constraint_loss, parameter_counts, proximal_constraint_,
                                 separable_layers)
 from sepnet.evaluation import ValidationConfig, reduced_autoattack, robust_masks, unique_labels
+from sepnet.masks import set_phases_
 from sepnet.network import NetworkConfig, build_network
 from sepnet.optimization import OptimizationConfig, build_optimization
 
@@ -237,6 +238,9 @@ class ImageClassifier(L.LightningModule):
         trainer = self._trainer
         if trainer is not None and trainer.state.fn == "fit" and "rng_states" in checkpoint:
             _set_rng_states(checkpoint["rng_states"])
+
+    def on_train_epoch_start(self) -> None:
+        set_phases_(self.net, self.current_epoch)  # HYDRA: scores first, then fine-tuning
 
     def on_fit_start(self) -> None:
         self.log_summary()

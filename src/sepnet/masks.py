@@ -1,0 +1,101 @@
+"""Trainable pruning masks as weight parametrizations (torch.nn.utils.parametrize).
+
+`MaskedWeight` multiplies a weight by a 0/1 mask held as a buffer (so checkpoints keep it).
+With scores (HYDRA, Sehwag et al. 2020) the mask is the top-k of |scores| in the forward, and
+the gradient reaches the scores straight through it; once fixed, the mask is a plain buffer.
+Each MaskedWeight has a `phase`: 0 while its scores train with the network's weights frozen,
+1 once the mask is fixed and the weights train (fine-tuning). `set_phases_` applies that to the
+whole network at every epoch start, so a resumed run continues in the phase it was in.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+__all__ = ["MaskedWeight", "masked_layers", "set_phases_", "remove_masks_"]
+
+
+class _TopK(torch.autograd.Function):
+    """Hard top-k mask of |scores| in the forward; the gradient passes straight through."""
+
+    @staticmethod
+    def forward(ctx, scores: Tensor, keep: int) -> Tensor:
+        mask = torch.zeros_like(scores)
+        mask.view(-1)[scores.abs().flatten().topk(keep).indices] = 1
+        return mask
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return grad, None
+
+
+class MaskedWeight(nn.Module):
+    """weight * mask. keep: entries the mask keeps. scores: initial scores (HYDRA) or None for
+    a fixed mask given by `mask`. score_epochs: epochs of the score phase (after them the mask
+    is fixed to the scores' top-k and the weights train)."""
+
+    def __init__(self, mask: Tensor, keep: int, scores: Tensor | None = None, score_epochs: int = 0) -> None:
+        super().__init__()
+        self.keep, self.score_epochs = keep, score_epochs
+        self.register_buffer("mask", mask.clone().float())
+        self.register_buffer("phase", torch.tensor(0 if scores is not None else 1))
+        self.scores = nn.Parameter(scores.clone()) if scores is not None else None
+
+    def forward(self, weight: Tensor) -> Tensor:
+        if self.scores is not None and int(self.phase) == 0:
+            return weight * _TopK.apply(self.scores, self.keep).to(weight.dtype)
+        return weight * self.mask.to(weight.dtype)
+
+    def current_mask(self) -> Tensor:
+        if self.scores is not None and int(self.phase) == 0:
+            return _TopK.apply(self.scores.detach(), self.keep)
+        return self.mask
+
+    @torch.no_grad()
+    def fix_(self) -> None:
+        """End the score phase: the mask becomes the scores' top-k, for good."""
+        if self.scores is not None and int(self.phase) == 0:
+            self.mask.copy_(_TopK.apply(self.scores, self.keep))
+            self.phase.fill_(1)
+
+
+def hydra_scores(weight: Tensor) -> Tensor:
+    """HYDRA's initial scores: proportional to the weights, sqrt(6 / fan_in) w / max|w|."""
+    fan_in = weight[0].numel()
+    return math.sqrt(6 / fan_in) * weight / weight.abs().max().clamp_min(1e-30)
+
+
+def masked_layers(net: nn.Module) -> list[tuple[str, nn.Module, MaskedWeight]]:
+    """(name, layer, its MaskedWeight) for every layer whose weight carries one."""
+    out = []
+    for name, m in net.named_modules():
+        if parametrize.is_parametrized(m, "weight"):
+            found = [p for p in m.parametrizations["weight"] if isinstance(p, MaskedWeight)]
+            if found:
+                out.append((name, m, found[0]))
+    return out
+
+
+def set_phases_(net: nn.Module, epoch: int) -> None:
+    """At an epoch start: fix the masks whose score phase is over; while any layer is still in
+    its score phase, only scores train (every other parameter frozen, as HYDRA does)."""
+    layers = masked_layers(net)
+    for _, _, masked in layers:
+        if masked.scores is not None and epoch >= masked.score_epochs:
+            masked.fix_()
+    scoring = any(m.scores is not None and int(m.phase) == 0 for _, _, m in layers)
+    scores = {id(m.scores) for _, _, m in layers if m.scores is not None}
+    for p in net.parameters():
+        p.requires_grad_((id(p) in scores) if scoring else (id(p) not in scores))
+
+
+def remove_masks_(net: nn.Module) -> nn.Module:
+    """Make every mask permanent (zeros in `weight`, no parametrization): for export."""
+    for _, m, masked in masked_layers(net):
+        masked.fix_()
+        parametrize.remove_parametrizations(m, "weight", leave_parametrized=True)
+    return net

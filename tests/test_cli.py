@@ -339,6 +339,7 @@ def test_robust_evaluation_every_other_epoch_keeps_the_best_checkpoint(tmp_path,
     ('{"method": "tt", "targets": ["backbone.*"], "budget": 20}', "digits"),
     ('{"method": "magnitude", "targets": ["*"], "budget": 10, "options": {"scope": "global"}}', "folder"),
     ('{"method": "hydra", "targets": ["*"], "budget": 5, "options": {"score_epochs": 1}}', "digits"),
+    ('{"method": "deadwood", "targets": ["*"], "budget": 5, "options": {"kick_in": 0, "penalty_epochs": 1}}', "digits"),
     ('{"method": "separable", "targets": ["head.*"], "options": {"rank": 2}}', "folder"),
 ])
 def test_every_compressor_fits_resumes_tests_and_exports(method, data, tmp_path, monkeypatch, capfd):
@@ -359,13 +360,15 @@ def test_every_compressor_fits_resumes_tests_and_exports(method, data, tmp_path,
     last = tmp_path / RUN0 / "checkpoints/last.ckpt"
     first = torch.load(last, weights_only=True)
     masks = {k: v for k, v in first["state_dict"].items() if k.endswith("weight_mask")}
-    assert bool(masks) == ("magnitude" in method)
+    assert bool(masks) == ("magnitude" in method or "deadwood" in method)
+    if "deadwood" in method:  # all-ones masks in the penalty phase, the budget once it is over
+        masks = {}
     main(["fit", *args, "--trainer.max_epochs", "2", "--ckpt_path", "last"])  # resume
     resumed = torch.load(last, weights_only=True)
     assert resumed["epoch"] == 1 and all(torch.equal(resumed["state_dict"][k], v) for k, v in masks.items())
     phases = [(first["state_dict"][k], resumed["state_dict"][k]) for k in first["state_dict"] if k.endswith(".phase")]
-    assert bool(phases) == ("hydra" in method)
-    assert all(int(a) == 0 and int(b) == 1 for a, b in phases)  # HYDRA: scores in epoch 0, then fine-tuning
+    assert bool(phases) == ("hydra" in method or "deadwood" in method)
+    assert all(int(a) == 0 and int(b) == 1 for a, b in phases)  # scores / penalty in epoch 0, then fine-tuning
     main(["test", *args, *TEST_FAST, "--report.honesty_images", "0", "--ckpt_path", "last"])
     report = json.loads((tmp_path / RUN0 / "test_report.json").read_text())
     assert report["parameters"]["nonzero_compression"] > (1.0001 if "separable" in method else 2)

@@ -241,3 +241,56 @@ def test_hydra_phase_and_mask_survive_a_checkpoint_and_export_keeps_the_logits()
     torch.testing.assert_close(other(x), expected)
     counts = parameter_counts(net)
     assert counts.nonzero < counts.stored / 5 and counts.stored == parameter_counts(_net()).stored
+
+
+def _deadwood(**options):
+    return _net([{"method": "deadwood", "targets": ["backbone.*", "head.*"], "budget": 10,
+                  "options": {"kick_in": 1, "penalty_epochs": 3, "dual_step": 0.5, **options}}])
+
+
+def test_deadwood_dual_variable_grows_while_violated_and_the_penalty_works():
+    from sepnet.deadwood import compression_epoch_, compression_loss, objectives
+
+    torch.manual_seed(0)
+    net = _deadwood(kd_weight=0.0)
+    (dead,) = objectives(net)
+    x, y = torch.rand(64, 1, 8, 8), torch.randint(0, 10, (64,))
+    opt = torch.optim.SGD(net.parameters(), lr=0.5)
+    lams, violations = [], []
+    for epoch in range(3):
+        compression_epoch_(net, epoch)
+        for _ in range(5):
+            logits = net(x)
+            extra, parts = compression_loss(net, x, logits)
+            loss = nn.functional.cross_entropy(logits, y) + extra
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            lams.append(float(dead.lam))
+            violations.append(float(parts["train/deadwood_violation"]))
+    assert lams[:5] == [0.0] * 5  # kick-in: no dual ascent in epoch 0
+    assert all(b >= a for a, b in zip(lams, lams[1:])) and lams[-1] > 0  # never decreases
+    assert all(b > a for a, b, v in zip(lams[5:], lams[6:], violations[6:]) if v > 0)  # grows while violated
+    assert violations[-1] < violations[5]  # the penalty pushes mass into the budget
+
+
+def test_deadwood_final_mask_keeps_exactly_the_budget_and_resumes():
+    from sepnet.deadwood import compression_epoch_, objectives
+
+    net = _deadwood()
+    (dead,) = objectives(net)
+    total = sum(m.weight.numel() for _, m in pruned_layers(net))
+    assert dead.keep == round(total / 10)
+    compression_epoch_(net, 2)
+    assert int(dead.phase) == 0 and all(bool(m.weight_mask.all()) for _, m in pruned_layers(net))
+    compression_epoch_(net, 3)  # the penalty phase is over
+    assert int(dead.phase) == 1
+    assert sum(int(m.weight_mask.sum()) for _, m in pruned_layers(net)) == dead.keep
+    x = torch.rand(4, 1, 8, 8)
+    extra, parts = objectives(net)[0].loss(x, net(x))
+    assert float(extra) == 0 and not parts  # fine-tuning: the mask alone
+    other = _deadwood()  # a fresh build (penalty phase, all-ones masks) loads either phase
+    other.load_state_dict(net.state_dict())
+    assert int(objectives(other)[0].phase) == 1
+    torch.testing.assert_close(other(x), net(x))
+    assert parameter_counts(other).nonzero == parameter_counts(_net()).nonzero - (total - dead.keep)

@@ -401,12 +401,13 @@ class AdversarialTraining:
 
 
 def adversarial_loss(net: nn.Module, attacker: Attacker, config: AdversarialTraining, x: Tensor,
-                     y: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
-    """(logits of the trained-on batch, task loss, extra figures to log) for one training batch."""
+                     y: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor], Tensor]:
+    """(logits, task loss, extra figures to log, the inputs the logits are of) for one training
+    batch: the adversarial batch for "at", the clean one for "none" and "trades"."""
     if config.loss == "trades":
         logits, task, kl = trades_loss(net, attacker, config.attack, x, y, config.trades_beta)
-        return logits, task, {"train/loss_trades_kl": kl}
+        return logits, task, {"train/loss_trades_kl": kl}, x
     if config.loss == "at":
         x = adversarial_batch(attacker, config.attack, x, y, config.mix)
     logits = net(x)
-    return logits, nn.functional.cross_entropy(logits, y), {}
+    return logits, nn.functional.cross_entropy(logits, y), {}, x

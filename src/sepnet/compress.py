@@ -364,9 +364,34 @@ def hydra_(net: nn.Module, spec: CompressionSpec) -> list[str]:
     return lines
 
 
+def deadwood_(net: nn.Module, spec: CompressionSpec) -> list[str]:
+    """Lagrangian-dual global pruning (sepnet.deadwood, our reading of Deadwooding): a penalty on
+    the weight mass outside the global top-k with a dual variable that grows while the budget is
+    violated, distillation towards the dense starting network, then a global magnitude mask that
+    keeps exactly the budget and fine-tuning. Start from a trained model (network.init_from).
+    options: kick_in (epochs, default 1), penalty_epochs (default 5), dual_step (0.05),
+    kd_weight (1.0), temperature (4.0), amount (fraction pruned, instead of a budget)."""
+    from sepnet.deadwood import attach
+
+    opts = dict(spec.options)
+    amount = opts.pop("amount", None)
+    if (spec.budget is None) == (amount is None):
+        raise ValueError("compression deadwood: expected a budget or options.amount (one of them)")
+    unknown = set(opts) - {"kick_in", "penalty_epochs", "dual_step", "kd_weight", "temperature"}
+    if unknown:
+        raise ValueError(f"compression deadwood: unknown options {sorted(unknown)}; expected kick_in, "
+                         "penalty_epochs, dual_step, kd_weight, temperature, amount")
+    targets = _targets(net, spec, (nn.Linear, nn.Conv2d))
+    total = sum(m.weight.numel() for _, m in targets)
+    keep = max(1, round(total / spec.budget if spec.budget is not None else total * (1 - float(amount))))
+    dead = attach(net, targets, keep, opts)
+    return [f"{', '.join(n for n, _ in targets[:3])}{' ...' if len(targets) > 3 else ''}: deadwood keeps "
+            f"{keep:,} / {total:,} weights after {dead.penalty_epochs} penalty epochs"]
+
+
 COMPRESSORS: dict[str, Callable[[nn.Module, CompressionSpec], list[str]]] = {
     "separable": separable_compress_, "tt": tt_, "tt_conv": tt_conv_, "jsvd": jsvd_, "magnitude": magnitude_,
-    "hydra": hydra_}
+    "hydra": hydra_, "deadwood": deadwood_}
 
 
 def compress_(net: nn.Module, specs: Sequence[CompressionSpec | dict]) -> list[str]:

@@ -18,7 +18,7 @@ from sepnet.attacks import AdversarialTraining, Attacker, AttackSpec, adversaria
 from sepnet.constraints import (ConstraintConfig, constraint_loss, parameter_counts, proximal_constraint_,
                                 separable_layers)
 from sepnet.evaluation import ValidationConfig, reduced_autoattack, robust_masks, unique_labels
-from sepnet.masks import set_phases_
+from sepnet.deadwood import compression_epoch_, compression_loss
 from sepnet.network import NetworkConfig, build_network
 from sepnet.optimization import OptimizationConfig, build_optimization
 
@@ -126,9 +126,11 @@ class ImageClassifier(L.LightningModule):
     # ------------------------------------------------------------------ losses
     def training_step(self, batch, batch_idx: int) -> Tensor:
         x, y = batch
-        logits, task, extra = adversarial_loss(self.net, self.attacker, self.adversarial, x, y)
+        logits, task, extra, trained_on = adversarial_loss(self.net, self.attacker, self.adversarial, x, y)
         penalty, parts = constraint_loss(self.net, self.constraint)
-        loss = task + penalty
+        pruning, pruning_parts = compression_loss(self.net, trained_on, logits)
+        loss = task + penalty + pruning
+        parts.update(pruning_parts)
         self.metrics["train_acc"](logits, y)
         if self._logging_step():
             self.log_dict({"train/loss": loss, "train/loss_task": task, **parts, **extra}, on_step=True,
@@ -240,7 +242,7 @@ class ImageClassifier(L.LightningModule):
             _set_rng_states(checkpoint["rng_states"])
 
     def on_train_epoch_start(self) -> None:
-        set_phases_(self.net, self.current_epoch)  # HYDRA: scores first, then fine-tuning
+        compression_epoch_(self.net, self.current_epoch)  # HYDRA's and the dual pruning's phases
 
     def on_fit_start(self) -> None:
         self.log_summary()

@@ -349,7 +349,7 @@ def test_every_compressor_fits_resumes_tests_and_exports(method, data, tmp_path,
     monkeypatch.chdir(tmp_path)
     args = [*FAST, "--model.network.backbone_kwargs", '{"hidden_shapes": [[4, 8, 8]], "dense": true}',
             "--model.network.head", "dense", "--model.network.compression", f"[{method}]",
-            "--model.optimization.scheduler", "none"]
+            "--model.optimization.scheduler", "none", "--trainer.log_every_n_steps", "1"]
     if data == "folder":
         write_image_folder(tmp_path / "imgs", classes=("a", "b"), per_class=4, size=16)
         args += ["--data", "sepnet.data.ImageFolderDataModule", "--data.root", "imgs", "--data.batch_size", "4",
@@ -357,6 +357,12 @@ def test_every_compressor_fits_resumes_tests_and_exports(method, data, tmp_path,
     main(["fit", *args, "--trainer.max_epochs", "1"])
     printed = capfd.readouterr()
     assert "non-zero parameters" in printed.out
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tags = EventAccumulator(str(tmp_path / RUN0)).Reload().Tags()["scalars"]
+    assert "constraints/model/params_nonzero" in tags
+    assert any(t.startswith("compression/") for t in tags) == ("separable" not in method), tags
+    assert ("train/deadwood_lambda" in tags) == ("deadwood" in method)
     last = tmp_path / RUN0 / "checkpoints/last.ckpt"
     first = torch.load(last, weights_only=True)
     masks = {k: v for k, v in first["state_dict"].items() if k.endswith("weight_mask")}

@@ -16,8 +16,10 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from sepnet.compress import pruned_layers
 from sepnet.constraints import (
     condition_number,
+    factorized_layers,
     layer_condition_number,
     parameter_counts,
     separable_layers,
@@ -25,6 +27,8 @@ from sepnet.constraints import (
     sparsity,
 )
 from sepnet.evaluation import evaluation_attacks, honesty_checks, masking_warnings, unique_labels
+from sepnet.layers import SeparableLinear
+from sepnet.masks import masked_layers
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +86,13 @@ class ConstraintMonitor(L.Callback):
             metrics[f"{key}/near_zero_fraction"] = stats["near_zero_fraction"]
             counts = parameter_counts(layer)
             metrics[f"{key}/compression"] = counts.compression
+        for name, layer in factorized_layers(pl_module):  # TT, TT-conv, joint-SVD layers
+            if not isinstance(layer, SeparableLinear):
+                metrics[f"compression/{name}/compression"] = layer.dense_parameters() / layer.stored_parameters()
+        for name, layer in pruned_layers(pl_module):  # magnitude, Lagrangian-dual pruning
+            metrics[f"compression/{name}/kept_fraction"] = float(layer.weight_mask.float().mean())
+        for name, _, masked in masked_layers(pl_module):  # HYDRA
+            metrics[f"compression/{name}/kept_fraction"] = float(masked.current_mask().float().mean())
         counts = parameter_counts(pl_module)
         metrics.update({
             "constraints/model/params_stored": float(counts.stored),

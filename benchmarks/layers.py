@@ -1,5 +1,6 @@
 """Forward+backward time and peak memory of SeparableLinear vs TTLinear vs nn.Linear vs
-tensorly-torch, at the separable layer's parameter count.
+tensorly-torch, at the separable layer's parameter count; and of a VGG 3x3 convolution vs
+TTConv2d (Garipov, and the naive 4-way TT) vs the two-conv SVD layer at a tenth of its parameters.
 
     python benchmarks/layers.py [--batch 128] [--repeats 20] [--device cpu]
 
@@ -63,15 +64,47 @@ def build(variant: str, in_shape, out_shape, budget: int):
     return best[1], True
 
 
-def run_one(variant: str, case: str, batch: int, repeats: int, device: str) -> dict:
-    in_shape, out_shape = CASES[case]
-    from sepnet.layers import SeparableLinear
+# a VGG 3x3 convolution (CIFAR VGG-16, 256 channels at 8x8); factorized variants at 1/10 of its
+# parameters
+CONV_CASES = {"vgg_conv3x3_256": (256, 256, 8)}
+CONV_VARIANTS = ["dense", "tt_conv", "tt_conv_naive", "svd_conv"]
 
-    budget = sum(p.numel() for p in SeparableLinear(in_shape, out_shape).parameters())
+
+def build_conv(variant: str, channels_in: int, channels_out: int):
+    from torch import nn
+
+    from sepnet.compress import _modes
+    from sepnet.jsvd import SVDConv2d
+    from sepnet.tt import TTConv2d
+
+    conv = nn.Conv2d(channels_in, channels_out, 3, padding=1)
+    budget = sum(p.numel() for p in conv.parameters()) / 10
+    if variant == "dense":
+        return conv
+
+    def nearest(make):
+        return min((make(r) for r in range(1, 257)),
+                   key=lambda m: abs(sum(p.numel() for p in m.parameters()) - budget))
+
+    modes_in, modes_out = _modes(channels_in, 2), _modes(channels_out, 2)
+    if variant == "svd_conv":
+        return nearest(lambda r: SVDConv2d(conv, [r]))
+    return nearest(lambda r: TTConv2d(modes_in, modes_out, 3, r, padding=1, naive=variant.endswith("naive")))
+
+
+def run_one(variant: str, case: str, batch: int, repeats: int, device: str) -> dict:
     torch.manual_seed(0)
-    layer, flat = build(variant, in_shape, out_shape, budget)
+    if case in CONV_CASES:
+        channels_in, channels_out, size = CONV_CASES[case]
+        layer, shape = build_conv(variant, channels_in, channels_out), (batch, channels_in, size, size)
+    else:
+        in_shape, out_shape = CASES[case]
+        from sepnet.layers import SeparableLinear
+
+        budget = sum(p.numel() for p in SeparableLinear(in_shape, out_shape).parameters())
+        layer, flat = build(variant, in_shape, out_shape, budget)
+        shape = (batch, math.prod(in_shape)) if flat else (batch, *in_shape)
     layer = layer.to(device)
-    shape = (batch, math.prod(in_shape)) if flat else (batch, *in_shape)
     x = torch.randn(shape, device=device, requires_grad=True)
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     if device == "cuda":
@@ -138,6 +171,19 @@ def main() -> None:
             extra = (f"{flop_ratio:10.0f} {speedup / flop_ratio:8.0%}" if variant == "separable" else "")
             print(f"{case:20} {variant:24} {r['params']:10,} {r['ms']:9.2f} {speedup:7.1f}x "
                   f"{r['peak_mb']:9.1f} {extra}")
+    for case in CONV_CASES:
+        dense_ms = None
+        for variant in CONV_VARIANTS:
+            out = subprocess.run(
+                [sys.executable, __file__, "--one", variant, case, "--batch", str(args.batch),
+                 "--repeats", str(args.repeats), "--device", args.device], capture_output=True, text=True)
+            if out.returncode != 0:
+                print(f"{case:20} {variant:24} failed: {out.stderr.strip().splitlines()[-1][:70]}")
+                continue
+            r = json.loads(out.stdout.strip().splitlines()[-1])
+            dense_ms = dense_ms or r["ms"]
+            print(f"{case:20} {variant:24} {r['params']:10,} {r['ms']:9.2f} {dense_ms / r['ms']:7.1f}x "
+                  f"{r['peak_mb']:9.1f}")
 
 
 if __name__ == "__main__":

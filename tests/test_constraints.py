@@ -14,6 +14,7 @@ from sepnet.constraints import (
     layer_condition_number,
     parameter_counts,
     proximal_step_,
+    separable_layers,
     sparsity,
     sparsity_penalty,
 )
@@ -229,3 +230,68 @@ def test_constraint_penalties_sum_over_layers():
     assert all(f.grad is not None for f in factors)
     empty = constraint_penalties(nn.Linear(3, 3))
     assert empty["cond"].item() == 0 and empty["sparsity"].item() == 0
+
+
+def _digits_fit(tmp_path, target, epochs=4, ckpt=None):
+    import lightning as L
+
+    from sepnet.data import DigitsDataModule
+    from sepnet.module import ImageClassifier
+
+    torch.manual_seed(0)
+    model = ImageClassifier(num_classes=10, image_shape=(1, 8, 8), mean=(0.3,), std=(0.4,),
+                            network={"backbone": "mlp", "backbone_kwargs": {"hidden_shapes": [[4, 16, 16]]}},
+                            optimization={"optimizer": "adamw", "lr": 3e-3, "weight_decay": 0.0},
+                            constraint={"sparsity_target": target, "sparsity_dual_step": 0.05},
+                            validation={"batches": 0})
+    trainer = L.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, inference_mode=False, limit_val_batches=0,
+                        default_root_dir=tmp_path)
+    trainer.fit(model, DigitsDataModule(batch_size=64), ckpt_path=ckpt)
+    return model, trainer
+
+
+def test_sparsity_target_is_met_exactly_and_its_zeros_survive_resume_and_export(tmp_path):
+    from sepnet.constraints import SparsityTarget
+    from sepnet.export import sparse_state_dict
+
+    model, trainer = _digits_fit(tmp_path, 0.75, epochs=3)
+    control = model.sparsity_target
+    assert all(abs(z - 0.75) <= 0.01 for z in control.zero_fractions()), control.zero_fractions()
+    assert bool(control.frozen.all()) and bool((control.lam > 0).all())
+    zero_pattern = [(f == 0).clone() for _, l in separable_layers(model) for t in l.factors for f in t]
+    trainer.save_checkpoint(tmp_path / "s.ckpt")
+    resumed, _ = _digits_fit(tmp_path, 0.75, epochs=5, ckpt=str(tmp_path / "s.ckpt"))
+    after = [(f == 0) for _, l in separable_layers(resumed) for t in l.factors for f in t]
+    assert all(torch.equal(a, b) for a, b in zip(zero_pattern, after))  # frozen: same zeros, more epochs
+    # the export: 1 bit a zero instead of 4 bytes
+    big = nn.Sequential(SeparableLinear((64, 64), (64, 64), rank=4))
+    SparsityTarget(big, 0.75).freeze_()
+    size = {}
+    for key, state in (("sparse", sparse_state_dict(big)), ("plain", big.state_dict())):
+        torch.save(state, tmp_path / f"{key}.pt")
+        size[key] = (tmp_path / f"{key}.pt").stat().st_size
+    assert size["sparse"] < 0.4 * size["plain"], size
+
+
+def test_sparsity_target_dual_weight_rises_while_short_and_nnz_compounds():
+    from sepnet.constraints import SparsityTarget, implied_nonzeros
+
+    torch.manual_seed(0)
+    net = nn.Sequential(SeparableLinear((4, 8), (4, 8)), SeparableLinear((8, 8), (4, 4), rank=2))
+    control = SparsityTarget(net, 0.9, dual_step=0.1)
+    lams = []
+    for _ in range(5):
+        control.step_(lr=0.01)
+        lams.append(control.lam.clone())
+    assert all(bool((b > a).all()) for a, b in zip(lams, lams[1:]))  # short of 0.9: lambda rises
+    control.freeze_()
+    assert all(abs(z - 0.9) <= 0.01 for z in control.zero_fractions())
+    rank1 = net[0]
+    nnz, exact = implied_nonzeros(rank1)
+    assert exact and nnz == int(rank1.dense_weight().count_nonzero())
+    assert nnz == math.prod(int(f.count_nonzero()) for f in rank1.factors[0])
+    bound, exact = implied_nonzeros(net[1])
+    assert not exact and bound >= int(net[1].dense_weight().count_nonzero())
+    with pytest.raises(ValueError, match="no separable layer"):
+        SparsityTarget(nn.Linear(4, 4), 0.5)

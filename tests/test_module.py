@@ -120,6 +120,7 @@ def test_attack_guard_restores_mode_grads_and_batchnorm():
     "kwargs,match",
     [
         (dict(constraint={"sparsity_weight": -1.0}), "sparsity_weight must be >= 0, got -1.0"),
+        (dict(constraint={"sparsity_target": 1.5}), r"sparsity_target must be in \(0, 1\), got 1.5"),
         (dict(network={"backbone": "alexnet"}), "unknown backbone 'alexnet'"),
         (dict(network={"head": "tiny"}), "unknown head 'tiny'"),
         (dict(validation={"attacks": [{"eps": -0.1}]}), "eps must be a finite number >= 0, got -0.1"),

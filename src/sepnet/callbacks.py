@@ -20,6 +20,7 @@ from sepnet.compress import pruned_layers
 from sepnet.constraints import (
     condition_number,
     factorized_layers,
+    implied_nonzeros,
     layer_condition_number,
     parameter_counts,
     separable_layers,
@@ -84,6 +85,8 @@ class ConstraintMonitor(L.Callback):
             stats = sparsity([f for term in layer.factors for f in term], self.threshold)
             metrics[f"{key}/zero_fraction"] = stats["zero_fraction"]
             metrics[f"{key}/near_zero_fraction"] = stats["near_zero_fraction"]
+            nnz, exact = implied_nonzeros(layer)  # rank 1: prod of the factors' nnz
+            metrics[f"{key}/implied_nnz{'' if exact else '_bound'}"] = float(nnz)
             counts = parameter_counts(layer)
             metrics[f"{key}/compression"] = counts.compression
         for name, layer in factorized_layers(pl_module):  # TT, TT-conv, joint-SVD layers

@@ -349,6 +349,9 @@ class ConstraintConfig:
     tl1_a: the transformed-L1 parameter a.
     proximal: apply sparsity by soft-thresholding after each optimizer step (exact zeros)
         instead of adding its subgradient to the loss.
+    sparsity_target: fraction of each separable layer's factor entries that end exactly zero
+        (SparsityTarget's rule; replaces sparsity_weight). sparsity_dual_step: how fast its
+        L1 weight rises per step and unit of shortfall.
     """
 
     condition_weight: float = 0.0
@@ -357,11 +360,15 @@ class ConstraintConfig:
     sparsity_form: SparsityForm = "l1"
     tl1_a: float = 1.0
     proximal: bool = False
+    sparsity_target: float | None = None
+    sparsity_dual_step: float = 0.01
 
     def __post_init__(self) -> None:
-        for name in ("condition_weight", "sparsity_weight"):
+        for name in ("condition_weight", "sparsity_weight", "sparsity_dual_step"):
             if getattr(self, name) < 0:
                 raise ValueError(f"constraint.{name} must be >= 0, got {getattr(self, name)}")
+        if self.sparsity_target is not None and not 0 < self.sparsity_target < 1:
+            raise ValueError(f"constraint.sparsity_target must be in (0, 1), got {self.sparsity_target}")
 
 
 def constraint_loss(model: nn.Module, config: ConstraintConfig) -> tuple[Tensor, dict[str, Tensor]]:
@@ -381,3 +388,79 @@ def proximal_constraint_(model: nn.Module, config: ConstraintConfig, lr: float) 
     """The proximal sparsity step after an optimizer step taken with `lr` (when configured)."""
     if config.proximal and config.sparsity_weight > 0:
         proximal_step_(model, lr * config.sparsity_weight, config.sparsity_form, config.tl1_a)
+
+
+class SparsityTarget(nn.Module):
+    """Exact sparsity at a chosen level in every separable layer's factors.
+
+    The rule (a Lagrangian dual on the L1 term with the exact proximal step, as Deadwooding
+    treats its budget): after every optimizer step each layer's factors are soft-thresholded by
+    lr x lambda_l, and lambda_l += dual_step x (target - zero fraction_l), kept >= 0, so the L1
+    weight rises while the layer is short of its target. When a layer comes within one
+    percentage point of the target -- or at the start of the last epoch, whatever it reached --
+    its factors are magnitude-pruned to exactly the target and that zero pattern is frozen: a
+    mask re-applied after every step, kept in the checkpoint (zeros survive resume and export).
+    """
+
+    def __init__(self, model: nn.Module, target: float, dual_step: float = 0.01) -> None:
+        super().__init__()
+        self.target, self.dual_step = target, dual_step
+        self.__dict__["_layers"] = [layer for _, layer in separable_layers(model)]  # not submodules
+        if not self._layers:
+            raise ValueError("constraint.sparsity_target: the model has no separable layer to sparsify")
+        self.register_buffer("lam", torch.zeros(len(self._layers)))
+        self.register_buffer("frozen", torch.zeros(len(self._layers), dtype=torch.bool))
+        for i, layer in enumerate(self._layers):
+            for j, factor in enumerate(_factors(layer)):
+                self.register_buffer(f"mask_{i}_{j}", torch.ones_like(factor, dtype=torch.bool))
+
+    def zero_fractions(self) -> list[float]:
+        return [sum(int((f == 0).sum()) for f in _factors(l)) / sum(f.numel() for f in _factors(l))
+                for l in self._layers]
+
+    @torch.no_grad()
+    def step_(self, lr: float) -> None:
+        """After an optimizer step taken with `lr`."""
+        for i, layer in enumerate(self._layers):
+            factors = _factors(layer)
+            if self.frozen[i]:
+                for j, factor in enumerate(factors):
+                    factor.mul_(getattr(self, f"mask_{i}_{j}"))
+                continue
+            threshold = lr * float(self.lam[i])
+            for factor in factors:
+                factor.copy_(factor.sign() * (factor.abs() - threshold).clamp_min(0))
+            zeros = sum(int((f == 0).sum()) for f in factors) / sum(f.numel() for f in factors)
+            self.lam[i] = (self.lam[i] + self.dual_step * (self.target - zeros)).clamp_min(0)
+            if zeros >= self.target - 0.01:
+                self.freeze_(i)
+
+    @torch.no_grad()
+    def freeze_(self, i: int | None = None) -> None:
+        """Prune layer i (every unfrozen layer when None) to exactly the target and fix its mask."""
+        for index in ([i] if i is not None else range(len(self._layers))):
+            if self.frozen[index]:
+                continue
+            factors = _factors(self._layers[index])
+            flat = torch.cat([f.abs().flatten() for f in factors])
+            keep = max(1, flat.numel() - round(self.target * flat.numel()))
+            chosen = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
+            chosen[flat.topk(keep).indices] = True
+            offset = 0
+            for j, factor in enumerate(factors):
+                mask = chosen[offset:offset + factor.numel()].view_as(factor)
+                getattr(self, f"mask_{index}_{j}").copy_(mask)
+                factor.mul_(mask)
+                offset += factor.numel()
+            self.frozen[index] = True
+
+
+def _factors(layer: SeparableLinear) -> list[Tensor]:
+    return [factor for term in layer.factors for factor in term]
+
+
+def implied_nonzeros(layer: SeparableLinear) -> tuple[int, bool]:
+    """(non-zeros of the implied dense matrix, whether exact): nnz(kron(U1..UN)) = prod nnz(Uk)
+    for rank 1, so sparsity compounds across modes; for rank > 1 the sum over terms bounds it."""
+    per_term = [math.prod(int(f.count_nonzero()) for f in term) for term in layer.factors]
+    return min(sum(per_term), layer.in_features * layer.out_features), layer.rank == 1

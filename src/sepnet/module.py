@@ -15,8 +15,8 @@ from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor, nn
 
 from sepnet.attacks import AdversarialTraining, Attacker, AttackSpec, adversarial_loss
-from sepnet.constraints import (ConstraintConfig, constraint_loss, parameter_counts, proximal_constraint_,
-                                separable_layers)
+from sepnet.constraints import (ConstraintConfig, SparsityTarget, constraint_loss, implied_nonzeros,
+                                parameter_counts, proximal_constraint_, separable_layers)
 from sepnet.evaluation import ValidationConfig, reduced_autoattack, robust_masks, unique_labels
 from sepnet.deadwood import compression_epoch_, compression_loss
 from sepnet.network import NetworkConfig, build_network
@@ -107,6 +107,9 @@ class ImageClassifier(L.LightningModule):
             "adversarial": asdict(self.adversarial), "optimization": asdict(self.optimization),
             "validation": asdict(self.validation), "fast_attacks": fast_attacks})
         self.net = build_network(num_classes, image_shape, mean, std, **asdict(self.network_config))
+        self.sparsity_target = (SparsityTarget(self.net, self.constraint.sparsity_target,
+                                               self.constraint.sparsity_dual_step)
+                                if self.constraint.sparsity_target is not None else None)
         self.attacker = Attacker(self.net, tuple(image_shape), num_classes, fast=fast_attacks)
         self.metrics = nn.ModuleDict({
             f"{stage}_acc": torchmetrics.classification.MulticlassAccuracy(num_classes, average="micro")
@@ -152,7 +155,10 @@ class ImageClassifier(L.LightningModule):
         """The optimizer step, then the proximal sparsity step with the LR that step used."""
         lr = optimizer.param_groups[0]["lr"]
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
-        proximal_constraint_(self.net, self.constraint, lr)
+        if self.sparsity_target is not None:
+            self.sparsity_target.step_(lr)
+        else:
+            proximal_constraint_(self.net, self.constraint, lr)
 
     def _evaluate(self, batch, batch_idx: int, stage: str) -> None:
         """Shared validation/test step: clean metrics, then the attacks on a fixed subset."""
@@ -243,6 +249,9 @@ class ImageClassifier(L.LightningModule):
 
     def on_train_epoch_start(self) -> None:
         compression_epoch_(self.net, self.current_epoch)  # HYDRA's and the dual pruning's phases
+        last = self.trainer.max_epochs is not None and self.current_epoch >= self.trainer.max_epochs - 1
+        if self.sparsity_target is not None and last:
+            self.sparsity_target.freeze_()  # the target, exactly, for the last epoch at the latest
 
     def on_fit_start(self) -> None:
         self.log_summary()
@@ -252,9 +261,13 @@ class ImageClassifier(L.LightningModule):
         """Per-layer shapes, stored vs dense-equivalent parameters, and the whole-model ratio."""
         lines = ["separable layers (stored / dense-equivalent parameters):"]
         for name, layer in separable_layers(self.net):
+            nnz, exact = implied_nonzeros(layer)
+            zeros = sum(int((f == 0).sum()) for t in layer.factors for f in t)
+            sparse = (f", {zeros:,} zero factor entries, implied nnz {'' if exact else '<= '}{nnz:,}"
+                      if zeros else "")
             lines.append(f"  {name}: {layer.in_shape} -> {layer.out_shape} rank {layer.rank}: "
                          f"{layer.stored_parameters():,} / {layer.dense_parameters():,} "
-                         f"({layer.dense_parameters() / layer.stored_parameters():.1f}x)")
+                         f"({layer.dense_parameters() / layer.stored_parameters():.1f}x){sparse}")
         others = [line for line in self.net.compression_summary if ": separable " not in line]
         if others:
             lines.append("other compressors:")

@@ -295,3 +295,41 @@ def test_sparsity_target_dual_weight_rises_while_short_and_nnz_compounds():
     assert not exact and bound >= int(net[1].dense_weight().count_nonzero())
     with pytest.raises(ValueError, match="no separable layer"):
         SparsityTarget(nn.Linear(4, 4), 0.5)
+
+
+def test_implied_penalty_is_the_factor_amgm_at_rank_one_and_bounds_kappa_at_any_rank():
+    from sepnet.constraints import implied_penalty
+
+    torch.manual_seed(0)
+    rank1 = SeparableLinear((6, 4), (5, 3)).double()
+    with torch.no_grad():
+        for f in rank1.factors[0]:
+            f.copy_(torch.randn_like(f) * torch.logspace(0, 1, f.shape[1], dtype=torch.float64))
+    sizes = [min(f.shape) for f in rank1.factors[0]]  # q_k; G = G_1 kron G_2, q = q_1 q_2
+    factors = sum(math.prod(sizes) / q * condition_penalty(f, "amgm").double()
+                  for q, f in zip(sizes, rank1.factors[0]))
+    assert abs(float(implied_penalty(rank1)) - float(factors)) < 1e-4 * max(1.0, float(factors))
+    for shapes, rank in ((((512, 2, 2), (8, 8, 8)), 4), (((8, 8), (8, 8)), 3), (((4, 4, 4), (2, 4, 8)), 2)):
+        layer = SeparableLinear(*shapes, rank=rank).double()
+        p = float(implied_penalty(layer))
+        kappa = layer_condition_number(layer, max_dense_elements=10**8).value
+        assert p >= -1e-9 and kappa <= 2 * math.exp(p / 2) * (1 + 1e-6), (shapes, p, kappa)
+
+
+def test_implied_penalty_descends_the_implied_kappa_at_rank_four():
+    from sepnet.constraints import implied_penalty
+
+    torch.manual_seed(0)
+    layer = SeparableLinear((8, 8), (8, 8), rank=4)
+    with torch.no_grad():  # an ill-conditioned start
+        for term in layer.factors:
+            for f in term:
+                f.mul_(torch.logspace(0, 1.5, 8))
+    before = layer_condition_number(layer).value
+    opt = torch.optim.Adam(layer.parameters(), lr=1e-2)
+    for _ in range(200):
+        opt.zero_grad()
+        implied_penalty(layer).backward()
+        opt.step()
+    after = layer_condition_number(layer).value
+    assert after < before / 5, (before, after)

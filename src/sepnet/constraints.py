@@ -14,10 +14,10 @@ from typing import Iterable, Iterator, Literal
 import torch
 from torch import Tensor, nn
 
-from sepnet.layers import SeparableLinear
+from sepnet.layers import SeparableLinear, _kron_all
 from sepnet.tt import TTLinear
 
-ConditionForm = Literal["amgm", "logdet", "logcond"]
+ConditionForm = Literal["amgm", "logdet", "logcond", "implied"]
 SparsityForm = Literal["l1", "tl1"]
 
 LOGDET_EPS = 1e-5
@@ -290,6 +290,13 @@ def constraint_penalties(
     Returns {"cond": ..., "sparsity": ...}; both zero tensors when the model has no such layer.
     The caller weights them (so a zero weight can skip the work altogether).
     """
+    if condition == "implied":
+        layers = [layer for _, layer in separable_layers(model)]
+        zero = next(model.parameters()).new_zeros((), dtype=torch.float32)
+        parts = constraint_penalties(model, "amgm", sparsity_form, a, include_sparsity) if include_sparsity \
+            else {"sparsity": zero}
+        parts["cond"] = torch.stack([implied_penalty(layer) for layer in layers]).sum() if layers else zero
+        return parts
     by_shape: dict[tuple, list[Tensor]] = {}
     for _, layer in separable_layers(model):
         for term in layer.factors:
@@ -343,7 +350,8 @@ class ConstraintConfig:
     """The `model.constraint` section: the joint constraint on the separable factors.
 
     condition_weight: weight of the condition-number penalty (0 switches it off).
-    condition_form: "amgm", "logdet" or "logcond" (see condition_penalty).
+    condition_form: "amgm", "logdet" or "logcond" on each factor (see condition_penalty), or
+        "implied": the amgm penalty of each layer's implied matrix, at any rank (implied_penalty).
     sparsity_weight: weight of the sparsity penalty (0 switches it off).
     sparsity_form: "l1" or "tl1".
     tl1_a: the transformed-L1 parameter a.
@@ -373,7 +381,7 @@ class ConstraintConfig:
 
 def constraint_loss(model: nn.Module, config: ConstraintConfig) -> tuple[Tensor, dict[str, Tensor]]:
     """(weighted penalty to add to the loss, its parts to log); zero and nothing when off."""
-    use_sparsity = config.sparsity_weight > 0 and not config.proximal
+    use_sparsity = config.sparsity_weight > 0 and not config.proximal and config.sparsity_target is None
     if config.condition_weight == 0 and not use_sparsity:
         return next(model.parameters()).new_zeros(()), {}
     parts = constraint_penalties(model, config.condition_form, config.sparsity_form, config.tl1_a,
@@ -464,3 +472,59 @@ def implied_nonzeros(layer: SeparableLinear) -> tuple[int, bool]:
     for rank 1, so sparsity compounds across modes; for rank > 1 the sum over terms bounds it."""
     per_term = [math.prod(int(f.count_nonzero()) for f in term) for term in layer.factors]
     return min(sum(per_term), layer.in_features * layer.out_features), layer.rank == 1
+
+
+def _span(matrices: list[Tensor]) -> Tensor:
+    """Orthonormal basis (detached) of the sum of the matrices' column spaces."""
+    q, _ = torch.linalg.qr(torch.cat([m.detach() for m in matrices], 1))
+    return q
+
+
+def implied_core(layer: SeparableLinear) -> Tensor:
+    """C = (kron B_k)^T W (kron A_k), with B_k / A_k orthonormal bases of the sum over terms of
+    the mode-k factors' column / row spaces: C has W's non-zero singular values and is a sum of
+    Kronecker products of (d_k x e_k) matrices, d_k <= min(O_k, R I_k), e_k <= min(I_k, R O_k).
+    For a head such as (512, 2, 2) -> (8, 8, 8) at rank 4 it is 512 x 128 instead of 512 x 2048,
+    and it has full structural rank where W does not. The bases are detached: the first-order
+    gradient of W's singular values is exact through C."""
+    n = layer.num_modes
+    factors = [[f.double() for f in term] for term in layer.factors]
+    outs = [_span([term[k] for term in factors]) for k in range(n)]
+    ins = [_span([term[k].mT for term in factors]) for k in range(n)]
+    return sum(_kron_all([outs[k].mT @ term[k] @ ins[k] for k in range(n)]) for term in factors)
+
+
+def _structural_rank(layer: SeparableLinear, core: Tensor) -> int:
+    return min(*core.shape, layer.rank * math.prod(min(o, i) for o, i in zip(layer.out_shape, layer.in_shape)))
+
+
+def implied_penalty(layer: SeparableLinear) -> Tensor:
+    """The amgm penalty of the implied matrix W = sum_r kron(U_1(r), ..., U_N(r)), at any rank,
+    without building W: q log(tr G / q) - log det G for G the smaller-side Gram of
+    `implied_core` (q = its size), which has W's non-zero singular values. Scale invariant,
+    >= 0, zero exactly when every non-zero singular value of W is equal.
+
+    What it bounds: with p the penalty, kappa(W) over its non-zero singular values is at most
+    2 exp(p / 2) (the arithmetic-geometric mean inequality on the two extreme eigenvalues of G),
+    at every rank; for R = 1 it is sum_k (q / q_k) amgm(U_k), each factor's penalty weighted by
+    the other modes' sizes (G is the Kronecker product of the factors' Grams). What it does not: a
+    core whose structural rank is below its smaller side (rare: W's rank R prod min(O_k, I_k)
+    below both of the core's sides) has a singular G; there the penalty falls back to the
+    log-ratio of the core's extreme non-zero singular values. Cost per step: the core's Gram and
+    a Cholesky, O(small^2 large) -- 512 x 128 for a (512, 2, 2) -> (8, 8, 8) rank-4 head.
+    """
+    with torch.autocast(layer.factors[0][0].device.type, enabled=False):
+        core = implied_core(layer)
+        tall = core if core.shape[0] >= core.shape[1] else core.mT
+        q = tall.shape[1]
+        if _structural_rank(layer, core) < q:
+            s = torch.linalg.svdvals(core)[:_structural_rank(layer, core)]
+            return (s[0].log() - s[-1].clamp_min(1e-30).log()).float()
+        gram = tall.mT @ tall
+        scale = torch.diagonal(gram).mean().clamp_min(1e-300)
+        chol, info = torch.linalg.cholesky_ex(gram / scale + 1e-12 * torch.eye(q, dtype=gram.dtype, device=gram.device))
+        if int(info) != 0:  # numerically singular: the extreme singular values instead
+            s = torch.linalg.svdvals(core)
+            return (s[0].log() - s[-1].clamp_min(1e-30).log()).float()
+        logdet = 2 * torch.diagonal(chol).log().sum()
+        return (q * torch.log(torch.trace(gram / scale) / q) - logdet).float()

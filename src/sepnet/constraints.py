@@ -480,7 +480,7 @@ def _span(matrices: list[Tensor]) -> Tensor:
     return q
 
 
-def implied_core(layer: SeparableLinear) -> Tensor:
+def implied_core(layer: SeparableLinear, dtype: torch.dtype = torch.float64) -> Tensor:
     """C = (kron B_k)^T W (kron A_k), with B_k / A_k orthonormal bases of the sum over terms of
     the mode-k factors' column / row spaces: C has W's non-zero singular values and is a sum of
     Kronecker products of (d_k x e_k) matrices, d_k <= min(O_k, R I_k), e_k <= min(I_k, R O_k).
@@ -488,7 +488,7 @@ def implied_core(layer: SeparableLinear) -> Tensor:
     and it has full structural rank where W does not. The bases are detached: the first-order
     gradient of W's singular values is exact through C."""
     n = layer.num_modes
-    factors = [[f.double() for f in term] for term in layer.factors]
+    factors = [[f.to(dtype) for f in term] for term in layer.factors]
     outs = [_span([term[k] for term in factors]) for k in range(n)]
     ins = [_span([term[k].mT for term in factors]) for k in range(n)]
     return sum(_kron_all([outs[k].mT @ term[k] @ ins[k] for k in range(n)]) for term in factors)
@@ -511,20 +511,25 @@ def implied_penalty(layer: SeparableLinear) -> Tensor:
     core whose structural rank is below its smaller side (rare: W's rank R prod min(O_k, I_k)
     below both of the core's sides) has a singular G; there the penalty falls back to the
     log-ratio of the core's extreme non-zero singular values. Cost per step: the core's Gram and
-    a Cholesky, O(small^2 large) -- 512 x 128 for a (512, 2, 2) -> (8, 8, 8) rank-4 head.
+    a Cholesky in float32 (float64 where float32's fails), O(small^2 large) -- 512 x 128 for a
+    (512, 2, 2) -> (8, 8, 8) rank-4 head; rank 1 needs only the factors.
     """
+    if layer.rank == 1:  # G = kron of the factors' Grams: the weighted factor penalties, exactly
+        sizes = [min(f.shape) for f in layer.factors[0]]
+        return sum(math.prod(sizes) / q * condition_penalty(f, "amgm") for q, f in zip(sizes, layer.factors[0]))
     with torch.autocast(layer.factors[0][0].device.type, enabled=False):
-        core = implied_core(layer)
-        tall = core if core.shape[0] >= core.shape[1] else core.mT
-        q = tall.shape[1]
-        if _structural_rank(layer, core) < q:
-            s = torch.linalg.svdvals(core)[:_structural_rank(layer, core)]
-            return (s[0].log() - s[-1].clamp_min(1e-30).log()).float()
-        gram = tall.mT @ tall
-        scale = torch.diagonal(gram).mean().clamp_min(1e-300)
-        chol, info = torch.linalg.cholesky_ex(gram / scale + 1e-12 * torch.eye(q, dtype=gram.dtype, device=gram.device))
-        if int(info) != 0:  # numerically singular: the extreme singular values instead
-            s = torch.linalg.svdvals(core)
-            return (s[0].log() - s[-1].clamp_min(1e-30).log()).float()
-        logdet = 2 * torch.diagonal(chol).log().sum()
-        return (q * torch.log(torch.trace(gram / scale) / q) - logdet).float()
+        for dtype in (torch.float32, torch.float64):  # float64 only where float32's Cholesky fails
+            core = implied_core(layer, dtype)
+            tall = core if core.shape[0] >= core.shape[1] else core.mT
+            q = tall.shape[1]
+            if _structural_rank(layer, core) < q:
+                s = torch.linalg.svdvals(core.double())[:_structural_rank(layer, core)]
+                return (s[0].log() - s[-1].clamp_min(1e-30).log()).float()
+            gram = tall.mT @ tall
+            gram = gram / torch.diagonal(gram).mean().clamp_min(torch.finfo(dtype).tiny)
+            chol, info = torch.linalg.cholesky_ex(gram)
+            if int(info) == 0:
+                logdet = 2 * torch.diagonal(chol).log().sum()
+                return (q * torch.log(torch.trace(gram) / q) - logdet).float()
+        s = torch.linalg.svdvals(core)  # numerically singular even in float64: the extreme ones
+        return (s[0].log() - s[-1].clamp_min(1e-30).log()).float()

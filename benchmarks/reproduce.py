@@ -71,6 +71,12 @@ for family in FAMILIES.values():  # ablations at the middle level
     family["sep_b_none"] = {"network": network}
     family["sep_b_sparsity"] = {"network": network, "constraint": dict(sparsity_weight=1e-4, proximal=True)}
     family["sep_b_cond"] = {"network": network, "constraint": dict(condition_weight=1e-3)}
+    # issue 12: constraints that act -- an exact sparsity target, the implied-layer conditioning
+    # (weight 1e-3: the teacher-student sweep's, not tuned on a validation split), and both
+    family["sep_b_target"] = {"network": network, "constraint": dict(sparsity_target=0.5, sparsity_dual_step=0.05)}
+    family["sep_b_implied"] = {"network": network, "constraint": dict(condition_weight=1e-3, condition_form="implied")}
+    family["sep_b_joint"] = {"network": network, "constraint": dict(condition_weight=1e-3, condition_form="implied",
+                                                                    sparsity_target=0.5, sparsity_dual_step=0.05)}
     for level in "abc":  # pruning baselines at each separable level's budget
         family[f"pruned_{level}"] = f"prune dense layer by layer to the budgets of sep_{level}"
 

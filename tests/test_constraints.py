@@ -333,3 +333,11 @@ def test_implied_penalty_descends_the_implied_kappa_at_rank_four():
         opt.step()
     after = layer_condition_number(layer).value
     assert after < before / 5, (before, after)
+
+
+def test_layer_kappa_is_exact_from_the_core_where_the_dense_matrix_is_too_large():
+    torch.manual_seed(0)
+    layer = SeparableLinear((1024, 4, 4), (8, 8, 8), rank=2).double()  # dense 512 x 16384: 8.4M entries
+    from_core = layer_condition_number(layer)  # default limit 4M: the 512 x 256 core
+    dense = layer_condition_number(layer, max_dense_elements=10**8)
+    assert not from_core.is_bound and abs(from_core.value / dense.value - 1) < 1e-6

@@ -103,7 +103,8 @@ def layer_condition_number(layer: SeparableLinear,
     The singular values of kron(U1, ..., UN) are the products of the factors' singular values
     (prod_k min(O_k, I_k) of them), so for rank 1 kappa is the product of the factors' kappas.
     For rank > 1 it is computed from the dense matrix when that has at most `max_dense_elements`
-    entries (4M by default: cheap enough to log every epoch); above,
+    entries (4M by default: cheap enough to log every epoch), else from `implied_core` (same
+    non-zero singular values, often far smaller) when that fits; above both,
     Weyl's inequalities give an upper bound (sum of the terms' sigma_max over the best term's
     sigma_min minus the others' sigma_max), inf when that is vacuous.
     """
@@ -117,6 +118,13 @@ def layer_condition_number(layer: SeparableLinear,
             min(o, i) for o, i in zip(layer.out_shape, layer.in_shape)))
         s = s[:structural]
         return LayerCondition(_kappa_from_singular_values(s, tuple(weight.shape), weight.dtype), False)
+    with torch.no_grad():  # the compressed core has W's non-zero singular values
+        core_elements = math.prod(min(o, layer.rank * i) for o, i in zip(layer.out_shape, layer.in_shape)) * \
+            math.prod(min(i, layer.rank * o) for o, i in zip(layer.out_shape, layer.in_shape))
+        if core_elements <= max_dense_elements:
+            core = implied_core(layer)
+            s = _dense_singular_values(core)[:_structural_rank(layer, core)]
+            return LayerCondition(_kappa_from_singular_values(s, tuple(core.shape), core.dtype), False)
     extremes = []
     for term in layer.factors:
         svs = [singular_values(f) for f in term]

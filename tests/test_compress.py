@@ -294,3 +294,20 @@ def test_deadwood_final_mask_keeps_exactly_the_budget_and_resumes():
     assert int(objectives(other)[0].phase) == 1
     torch.testing.assert_close(other(x), net(x))
     assert parameter_counts(other).nonzero == parameter_counts(_net()).nonzero - (total - dead.keep)
+
+
+def test_a_whole_model_budget_fills_up_after_the_earlier_entries():
+    def vgg(compression):
+        torch.manual_seed(0)
+        return build_network(num_classes=10, image_shape=(3, 32, 32), backbone="vgg16",
+                             backbone_kwargs={"width": 1 / 4}, head="dense", head_kwargs={"hidden": [512, 512]},
+                             compression=compression)
+
+    net = vgg([{"method": "jsvd", "targets": ["backbone.*"], "budget": 10},
+               {"method": "tt", "targets": ["head.*"], "budget": 10, "budget_of": "model"}])
+    counts = parameter_counts(net)
+    assert 10 <= counts.nonzero_compression < 11, counts
+    with pytest.raises(ValueError, match=r"whole-model budget 100x is unreachable: the layers outside \['head.\*'\]"):
+        vgg([{"method": "tt", "targets": ["head.*"], "budget": 100, "budget_of": "model"}])
+    with pytest.raises(ValueError, match="expected 'targets' or 'model'"):
+        CompressionSpec(method="tt", budget=2, budget_of="everything")

@@ -38,18 +38,24 @@ __all__ = ["CompressionSpec", "COMPRESSORS", "compress_", "remove_pruning_", "pr
 @dataclass(frozen=True)
 class CompressionSpec:
     """One compressor. method: a name of COMPRESSORS. targets / exclude: globs on qualified
-    module names. budget: target compression of the targeted layers (> 1), or None to use the
-    options alone. options: the method's own (see each method's docstring)."""
+    module names. budget: target compression (> 1), or None to use the options alone.
+    budget_of: "targets" (the budget is the targeted layers' own compression) or "model" (the
+    whole network's non-zero compression once this entry is applied: the targets get what the
+    rest of the network, as the earlier entries left it, does not use). options: the method's
+    own (see each method's docstring)."""
 
     method: str
     targets: list[str] = field(default_factory=lambda: ["*"])
     exclude: list[str] = field(default_factory=list)
     budget: float | None = None
+    budget_of: str = "targets"
     options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.method not in COMPRESSORS:
             raise ValueError(f"unknown compression method {self.method!r}; expected one of {sorted(COMPRESSORS)}")
+        if self.budget_of not in ("targets", "model"):
+            raise ValueError(f"compression budget_of {self.budget_of!r}: expected 'targets' or 'model'")
         if self.budget is not None and not (math.isfinite(self.budget) and self.budget > 1):
             raise ValueError(f"compression budget {self.budget} for {self.method}: expected a compression "
                              "factor > 1 (10 = ten times fewer parameters)")
@@ -394,11 +400,37 @@ COMPRESSORS: dict[str, Callable[[nn.Module, CompressionSpec], list[str]]] = {
     "hydra": hydra_, "deadwood": deadwood_}
 
 
+def _as_target_budget(net: nn.Module, spec: CompressionSpec) -> CompressionSpec:
+    """A whole-model budget as the budget of this entry's targets, given the rest of the network."""
+    from dataclasses import replace
+
+    from sepnet.constraints import parameter_counts
+
+    kinds = (nn.Linear, nn.Conv2d)
+    targets = _targets(net, spec, kinds if spec.method in ("magnitude", "hydra", "deadwood", "jsvd", "tt_conv")
+                       else (nn.Linear,))
+    model = parameter_counts(net)
+    target_dense = sum(_dense(m) for _, m in targets)
+    target_nonzero = sum(int(p.count_nonzero()) for _, m in targets for p in m.parameters())
+    rest = model.nonzero - target_nonzero
+    allowed = model.dense / spec.budget - rest
+    if allowed <= 0:
+        raise ValueError(f"compression {spec.method}: whole-model budget {spec.budget:g}x is unreachable: the "
+                         f"layers outside {spec.targets} already have {rest:,} non-zero parameters, "
+                         f"{int(model.dense / spec.budget):,} allowed for the whole model")
+    if allowed >= target_dense:
+        raise ValueError(f"compression {spec.method}: whole-model budget {spec.budget:g}x is met without "
+                         f"compressing {spec.targets}: expected a larger budget or other targets")
+    return replace(spec, budget=target_dense / allowed, budget_of="targets")
+
+
 def compress_(net: nn.Module, specs: Sequence[CompressionSpec | dict]) -> list[str]:
     """Apply the compressors in order, in place; returns one summary line per layer changed."""
     lines = []
     for spec in specs:
         spec = spec if isinstance(spec, CompressionSpec) else CompressionSpec(**spec)
+        if spec.budget is not None and spec.budget_of == "model":
+            spec = _as_target_budget(net, spec)
         lines += COMPRESSORS[spec.method](net, spec)
     for line in lines:
         log.debug("compression: %s", line)

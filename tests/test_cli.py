@@ -335,13 +335,21 @@ def test_robust_evaluation_every_other_epoch_keeps_the_best_checkpoint(tmp_path,
     assert torch.load(folder / "last.ckpt", weights_only=False)["epoch"] == 2
 
 
-@pytest.mark.parametrize("method,data", [
-    ('{"method": "tt", "targets": ["backbone.*"], "budget": 20}', "digits"),
-    ('{"method": "magnitude", "targets": ["*"], "budget": 10, "options": {"scope": "global"}}', "folder"),
-    ('{"method": "hydra", "targets": ["*"], "budget": 5, "options": {"score_epochs": 1}}', "digits"),
-    ('{"method": "deadwood", "targets": ["*"], "budget": 5, "options": {"kick_in": 0, "penalty_epochs": 1}}', "digits"),
-    ('{"method": "separable", "targets": ["head.*"], "options": {"rank": 2}}', "folder"),
-])
+FC_COMPRESSORS = [
+    '{"method": "tt", "targets": ["backbone.*"], "budget": 20}',
+    '{"method": "separable", "targets": ["head.*"], "options": {"rank": 2}}',
+    '{"method": "magnitude", "targets": ["*"], "budget": 10, "options": {"scope": "global"}}',
+    '{"method": "hydra", "targets": ["*"], "budget": 5, "options": {"score_epochs": 1}}',
+    '{"method": "deadwood", "targets": ["*"], "budget": 5, "options": {"kick_in": 0, "penalty_epochs": 1}}',
+]
+CONV_COMPRESSORS = [
+    '{"method": "tt_conv", "targets": ["backbone.*"], "exclude": ["backbone.0"], "budget": 4}',
+    '{"method": "jsvd", "targets": ["backbone.*"], "budget": 4, "options": {"method": "ljsvd"}}',
+]
+
+
+@pytest.mark.parametrize("method,data", [*((m, d) for m in FC_COMPRESSORS for d in ("digits", "folder")),
+                                         *((m, "vgg") for m in CONV_COMPRESSORS)])
 def test_every_compressor_fits_resumes_tests_and_exports(method, data, tmp_path, monkeypatch, capfd):
     from sepnet.export import export_checkpoint
     from sepnet.module import ImageClassifier
@@ -350,10 +358,12 @@ def test_every_compressor_fits_resumes_tests_and_exports(method, data, tmp_path,
     args = [*FAST, "--model.network.backbone_kwargs", '{"hidden_shapes": [[4, 8, 8]], "dense": true}',
             "--model.network.head", "dense", "--model.network.compression", f"[{method}]",
             "--model.optimization.scheduler", "none", "--trainer.log_every_n_steps", "1"]
-    if data == "folder":
-        write_image_folder(tmp_path / "imgs", classes=("a", "b"), per_class=4, size=16)
+    if data in ("folder", "vgg"):  # a 2-class tiny ImageFolder (32 x 32 for the VGG's convolutions)
+        write_image_folder(tmp_path / "imgs", classes=("a", "b"), per_class=4, size=32 if data == "vgg" else 16)
         args += ["--data", "sepnet.data.ImageFolderDataModule", "--data.root", "imgs", "--data.batch_size", "4",
                  "--data.num_workers", "0"]
+    if data == "vgg":
+        args += ["--model.network.backbone", "vgg16", "--model.network.backbone_kwargs", '{"width": 0.0625}']
     main(["fit", *args, "--trainer.max_epochs", "1"])
     printed = capfd.readouterr()
     assert "non-zero parameters" in printed.out
@@ -377,7 +387,7 @@ def test_every_compressor_fits_resumes_tests_and_exports(method, data, tmp_path,
     assert all(int(a) == 0 and int(b) == 1 for a, b in phases)  # scores / penalty in epoch 0, then fine-tuning
     main(["test", *args, *TEST_FAST, "--report.honesty_images", "0", "--ckpt_path", "last"])
     report = json.loads((tmp_path / RUN0 / "test_report.json").read_text())
-    assert report["parameters"]["nonzero_compression"] > (1.0001 if "separable" in method else 2)
+    assert report["parameters"]["nonzero_compression"] > (1.0001 if "separable" in method or data == "vgg" else 2)
     model = ImageClassifier.load_from_checkpoint(last, map_location="cpu").eval()
     paths = export_checkpoint(str(last), str(tmp_path / "export"))
     scripted = torch.jit.load(str(paths["torchscript"]))

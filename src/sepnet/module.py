@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 
 
 Section = TypeVar("Section")
+_NEEDS_THREE_CLASSES = ("apgd_dlr", "autoattack", "autoattack_standard")  # DLR uses the third logit
 
 
 def _section(cls: type[Section], value: Section | dict[str, Any] | None) -> Section:
@@ -111,6 +112,9 @@ class ImageClassifier(L.LightningModule):
                                                self.constraint.sparsity_dual_step)
                                 if self.constraint.sparsity_target is not None else None)
         self.attacker = Attacker(self.net, tuple(image_shape), num_classes, fast=fast_attacks)
+        if num_classes < 3 and any(a.name in _NEEDS_THREE_CLASSES for a in self.val_attacks):
+            raise ValueError(f"validation.attacks: APGD-DLR needs at least 3 classes, the model has {num_classes}: "
+                             "expected other attacks")
         self.metrics = nn.ModuleDict({
             f"{stage}_acc": torchmetrics.classification.MulticlassAccuracy(num_classes, average="micro")
             for stage in ("train", "val", "test")
@@ -210,7 +214,12 @@ class ImageClassifier(L.LightningModule):
             raise ValueError(f"test images must be >= 0, got {images}")
         if attacks is None:
             extra = reduced_autoattack(self.val_attacks[0], square_queries)[1:]
+            if self.hparams.num_classes < 3:  # DLR needs a third logit: binary tasks skip it
+                extra = [a for a in extra if a.name != "apgd_dlr"]
             attacks = [*self.val_attacks, *extra]
+        elif self.hparams.num_classes < 3 and any(a.name in _NEEDS_THREE_CLASSES for a in attacks):
+            raise ValueError(f"report.attacks: APGD-DLR needs at least 3 classes, the model has "
+                             f"{self.hparams.num_classes}: expected other attacks")
         self.test_attacks, self.test_images, self.test_cascade = list(attacks), images, cascade
         metrics = self._robust_metrics("test", self.test_attacks)
         self.robust_metrics = nn.ModuleDict({

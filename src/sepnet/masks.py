@@ -84,6 +84,8 @@ def set_phases_(net: nn.Module, epoch: int) -> None:
     """At an epoch start: fix the masks whose score phase is over; while any layer is still in
     its score phase, only scores train (every other parameter frozen, as HYDRA does)."""
     layers = masked_layers(net)
+    if not any(masked.scores is not None for _, _, masked in layers):
+        return  # nothing of HYDRA's here: leave requires_grad as it is
     for _, _, masked in layers:
         if masked.scores is not None and epoch >= masked.score_epochs:
             masked.fix_()

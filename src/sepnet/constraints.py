@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from sepnet.layers import SeparableLinear, _kron_all
+from sepnet.masks import masked_layers
 from sepnet.tt import TTLinear
 
 ConditionForm = Literal["amgm", "logdet", "logcond", "implied"]
@@ -194,8 +195,6 @@ def parameter_counts(module: nn.Module) -> ParameterCounts:
             stored += sum(p.numel() for p in params)
             nonzero += sum(int(p.count_nonzero()) for p in params)
             dense += layer.dense_parameters()
-        from sepnet.masks import masked_layers  # noqa: PLC0415 - masks imports nothing of ours
-
         for _, m, masked in masked_layers(module):
             orig = m.parametrizations["weight"].original
             if masked.scores is not None:

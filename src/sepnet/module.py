@@ -17,8 +17,8 @@ from torch import Tensor, nn
 from sepnet.attacks import AdversarialTraining, Attacker, AttackSpec, adversarial_loss
 from sepnet.constraints import (ConstraintConfig, SparsityTarget, constraint_loss, implied_nonzeros, parameter_counts,
                                 proximal_constraint_, separable_layers)
-from sepnet.evaluation import ValidationConfig, reduced_autoattack, robust_masks, unique_labels
 from sepnet.deadwood import compression_epoch_, compression_loss
+from sepnet.evaluation import ValidationConfig, reduced_autoattack, robust_masks, unique_labels
 from sepnet.network import NetworkConfig, build_network
 from sepnet.optimization import OptimizationConfig, build_optimization
 

@@ -341,3 +341,15 @@ def test_layer_kappa_is_exact_from_the_core_where_the_dense_matrix_is_too_large(
     from_core = layer_condition_number(layer)  # default limit 4M: the 512 x 256 core
     dense = layer_condition_number(layer, max_dense_elements=10**8)
     assert not from_core.is_bound and abs(from_core.value / dense.value - 1) < 1e-6
+
+
+def test_sparsity_target_never_overshoots_when_lambda_is_large():
+    from sepnet.constraints import SparsityTarget
+
+    torch.manual_seed(0)
+    net = nn.Sequential(SeparableLinear((8, 8), (8, 8), rank=2))
+    control = SparsityTarget(net, 0.5)
+    control.lam.fill_(100.0)  # a threshold step that would zero every entry
+    control.step_(lr=0.1)
+    assert bool(control.frozen.all()) and abs(control.zero_fractions()[0] - 0.5) <= 0.01
+    assert all(bool((f != 0).any()) for t in net[0].factors for f in t)

@@ -443,12 +443,14 @@ class SparsityTarget(nn.Module):
                     factor.mul_(getattr(self, f"mask_{i}_{j}"))
                 continue
             threshold = lr * float(self.lam[i])
+            total = sum(f.numel() for f in factors)
+            if sum(int((f.abs() <= threshold).sum()) for f in factors) / total >= self.target - 0.01:
+                self.freeze_(i)  # this step would reach the target: prune to it exactly instead of
+                continue  # thresholding past it (a large lambda can zero most entries in one step)
             for factor in factors:
                 factor.copy_(factor.sign() * (factor.abs() - threshold).clamp_min(0))
-            zeros = sum(int((f == 0).sum()) for f in factors) / sum(f.numel() for f in factors)
+            zeros = sum(int((f == 0).sum()) for f in factors) / total
             self.lam[i] = (self.lam[i] + self.dual_step * (self.target - zeros)).clamp_min(0)
-            if zeros >= self.target - 0.01:
-                self.freeze_(i)
 
     @torch.no_grad()
     def freeze_(self, i: int | None = None) -> None:

@@ -73,10 +73,10 @@ for family in FAMILIES.values():  # ablations at the middle level
     family["sep_b_cond"] = {"network": network, "constraint": dict(condition_weight=1e-3)}
     # issue 12: constraints that act -- an exact sparsity target, the implied-layer conditioning
     # (weight 1e-3: the teacher-student sweep's, not tuned on a validation split), and both
-    family["sep_b_target"] = {"network": network, "constraint": dict(sparsity_target=0.5, sparsity_dual_step=0.05)}
+    family["sep_b_target"] = {"network": network, "constraint": dict(sparsity_target=0.5)}
     family["sep_b_implied"] = {"network": network, "constraint": dict(condition_weight=1e-3, condition_form="implied")}
     family["sep_b_joint"] = {"network": network, "constraint": dict(condition_weight=1e-3, condition_form="implied",
-                                                                    sparsity_target=0.5, sparsity_dual_step=0.05)}
+                                                                    sparsity_target=0.5)}
     for level in "abc":  # pruning baselines at each separable level's budget
         family[f"pruned_{level}"] = f"prune dense layer by layer to the budgets of sep_{level}"
 

@@ -242,7 +242,7 @@ def _digits_fit(tmp_path, target, epochs=4, ckpt=None):
     model = ImageClassifier(num_classes=10, image_shape=(1, 8, 8), mean=(0.3,), std=(0.4,),
                             network={"backbone": "mlp", "backbone_kwargs": {"hidden_shapes": [[4, 16, 16]]}},
                             optimization={"optimizer": "adamw", "lr": 3e-3, "weight_decay": 0.0},
-                            constraint={"sparsity_target": target, "sparsity_dual_step": 0.05},
+                            constraint={"sparsity_target": target},
                             validation={"batches": 0})
     trainer = L.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_progress_bar=False,
                         enable_model_summary=False, inference_mode=False, limit_val_batches=0,
@@ -258,7 +258,7 @@ def test_sparsity_target_is_met_exactly_and_its_zeros_survive_resume_and_export(
     model, trainer = _digits_fit(tmp_path, 0.75, epochs=3)
     control = model.sparsity_target
     assert all(abs(z - 0.75) <= 0.01 for z in control.zero_fractions()), control.zero_fractions()
-    assert bool(control.frozen.all()) and bool((control.lam > 0).all())
+    assert bool(control.frozen.all())
     zero_pattern = [(f == 0).clone() for _, l in separable_layers(model) for t in l.factors for f in t]
     trainer.save_checkpoint(tmp_path / "s.ckpt")
     resumed, _ = _digits_fit(tmp_path, 0.75, epochs=5, ckpt=str(tmp_path / "s.ckpt"))
@@ -274,19 +274,24 @@ def test_sparsity_target_is_met_exactly_and_its_zeros_survive_resume_and_export(
     assert size["sparse"] < 0.4 * size["plain"], size
 
 
-def test_sparsity_target_dual_weight_rises_while_short_and_nnz_compounds():
+def test_sparsity_target_ramps_cubically_keeps_pruned_entries_and_nnz_compounds():
     from sepnet.constraints import SparsityTarget, implied_nonzeros
 
     torch.manual_seed(0)
     net = nn.Sequential(SeparableLinear((4, 8), (4, 8)), SeparableLinear((8, 8), (4, 4), rank=2))
-    control = SparsityTarget(net, 0.9, dual_step=0.1)
-    lams = []
-    for _ in range(5):
-        control.step_(lr=0.01)
-        lams.append(control.lam.clone())
-    assert all(bool((b > a).all()) for a, b in zip(lams, lams[1:]))  # short of 0.9: lambda rises
-    control.freeze_()
-    assert all(abs(z - 0.9) <= 0.01 for z in control.zero_fractions())
+    control = SparsityTarget(net, 0.9, ramp=0.5)
+    assert control.level(0, 100) == 0 and abs(control.level(25, 100) - 0.9 * (1 - 0.5 ** 3)) < 1e-12
+    previous = [torch.zeros_like(f, dtype=torch.bool) for l in net for t in l.factors for f in t]
+    for step in range(0, 60, 5):
+        with torch.no_grad():  # training would move every entry, pruned ones included
+            for p in net.parameters():
+                p.add_(0.01)
+        control.step_(step, 100)
+        zeros = [f == 0 for l in net for t in l.factors for f in t]
+        assert all(bool((z | ~p).all()) for z, p in zip(zeros, previous))  # pruned stays pruned
+        previous = zeros
+        assert all(abs(z - control.level(step, 100)) <= 0.02 for z in control.zero_fractions())
+    assert bool(control.frozen.all()) and all(abs(z - 0.9) <= 0.01 for z in control.zero_fractions())
     rank1 = net[0]
     nnz, exact = implied_nonzeros(rank1)
     assert exact and nnz == int(rank1.dense_weight().count_nonzero())
@@ -341,15 +346,3 @@ def test_layer_kappa_is_exact_from_the_core_where_the_dense_matrix_is_too_large(
     from_core = layer_condition_number(layer)  # default limit 4M: the 512 x 256 core
     dense = layer_condition_number(layer, max_dense_elements=10**8)
     assert not from_core.is_bound and abs(from_core.value / dense.value - 1) < 1e-6
-
-
-def test_sparsity_target_never_overshoots_when_lambda_is_large():
-    from sepnet.constraints import SparsityTarget
-
-    torch.manual_seed(0)
-    net = nn.Sequential(SeparableLinear((8, 8), (8, 8), rank=2))
-    control = SparsityTarget(net, 0.5)
-    control.lam.fill_(100.0)  # a threshold step that would zero every entry
-    control.step_(lr=0.1)
-    assert bool(control.frozen.all()) and abs(control.zero_fractions()[0] - 0.5) <= 0.01
-    assert all(bool((f != 0).any()) for t in net[0].factors for f in t)

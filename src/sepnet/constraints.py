@@ -365,8 +365,8 @@ class ConstraintConfig:
     proximal: apply sparsity by soft-thresholding after each optimizer step (exact zeros)
         instead of adding its subgradient to the loss.
     sparsity_target: fraction of each separable layer's factor entries that end exactly zero
-        (SparsityTarget's rule; replaces sparsity_weight). sparsity_dual_step: how fast its
-        L1 weight rises per step and unit of shortfall.
+        (SparsityTarget's gradual magnitude rule; replaces sparsity_weight). sparsity_ramp: the
+        fraction of the run's optimizer steps over which it ramps up (then fine-tuning).
     """
 
     condition_weight: float = 0.0
@@ -376,10 +376,10 @@ class ConstraintConfig:
     tl1_a: float = 1.0
     proximal: bool = False
     sparsity_target: float | None = None
-    sparsity_dual_step: float = 0.01
+    sparsity_ramp: float = 0.5
 
     def __post_init__(self) -> None:
-        for name in ("condition_weight", "sparsity_weight", "sparsity_dual_step"):
+        for name in ("condition_weight", "sparsity_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"constraint.{name} must be >= 0, got {getattr(self, name)}")
         if self.sparsity_target is not None and not 0 < self.sparsity_target < 1:
@@ -408,22 +408,27 @@ def proximal_constraint_(model: nn.Module, config: ConstraintConfig, lr: float) 
 class SparsityTarget(nn.Module):
     """Exact sparsity at a chosen level in every separable layer's factors.
 
-    The rule (a Lagrangian dual on the L1 term with the exact proximal step, as Deadwooding
-    treats its budget): after every optimizer step each layer's factors are soft-thresholded by
-    lr x lambda_l, and lambda_l += dual_step x (target - zero fraction_l), kept >= 0, so the L1
-    weight rises while the layer is short of its target. When a layer comes within one
-    percentage point of the target -- or at the start of the last epoch, whatever it reached --
-    its factors are magnitude-pruned to exactly the target and that zero pattern is frozen: a
-    mask re-applied after every step, kept in the checkpoint (zeros survive resume and export).
+    The rule (gradual magnitude pruning, Zhu & Gupta 2017, on the factors): at optimizer step t
+    each layer's factors keep their largest-magnitude entries so that a fraction
+    target x (1 - (1 - t / T)^3) of them is zero, T = ramp x the run's optimizer steps; pruned
+    entries stay pruned (a mask, re-applied after every step), and from step T on the zero
+    pattern is frozen at exactly the target and the network fine-tunes with it. The start of the
+    last epoch freezes whatever has not reached the target yet. Masks are buffers: zeros survive
+    resume and the sparse export.
+
+    An earlier rule -- a Lagrangian-dual L1 weight with the proximal step -- collapsed a VGG/4
+    head to chance at target 0.5: the per-step soft threshold accumulates over steps and shrank
+    every factor entry, wanted or not (BENCHMARKS.md, issue 12).
     """
 
-    def __init__(self, model: nn.Module, target: float, dual_step: float = 0.01) -> None:
+    def __init__(self, model: nn.Module, target: float, ramp: float = 0.5) -> None:
         super().__init__()
-        self.target, self.dual_step = target, dual_step
+        if not 0 < ramp <= 1:
+            raise ValueError(f"constraint.sparsity_ramp must be in (0, 1], got {ramp}")
+        self.target, self.ramp = target, ramp
         self.__dict__["_layers"] = [layer for _, layer in separable_layers(model)]  # not submodules
         if not self._layers:
             raise ValueError("constraint.sparsity_target: the model has no separable layer to sparsify")
-        self.register_buffer("lam", torch.zeros(len(self._layers)))
         self.register_buffer("frozen", torch.zeros(len(self._layers), dtype=torch.bool))
         for i, layer in enumerate(self._layers):
             for j, factor in enumerate(_factors(layer)):
@@ -433,43 +438,45 @@ class SparsityTarget(nn.Module):
         return [sum(int((f == 0).sum()) for f in _factors(l)) / sum(f.numel() for f in _factors(l))
                 for l in self._layers]
 
+    def level(self, step: int, total_steps: int) -> float:
+        """The zero fraction the schedule asks for after optimizer step `step`."""
+        ramp = max(1, round(self.ramp * total_steps))
+        return self.target * (1 - (1 - min(1.0, step / ramp)) ** 3)
+
     @torch.no_grad()
-    def step_(self, lr: float) -> None:
-        """After an optimizer step taken with `lr`."""
-        for i, layer in enumerate(self._layers):
-            factors = _factors(layer)
-            if self.frozen[i]:
-                for j, factor in enumerate(factors):
-                    factor.mul_(getattr(self, f"mask_{i}_{j}"))
-                continue
-            threshold = lr * float(self.lam[i])
-            total = sum(f.numel() for f in factors)
-            if sum(int((f.abs() <= threshold).sum()) for f in factors) / total >= self.target - 0.01:
-                self.freeze_(i)  # this step would reach the target: prune to it exactly instead of
-                continue  # thresholding past it (a large lambda can zero most entries in one step)
-            for factor in factors:
-                factor.copy_(factor.sign() * (factor.abs() - threshold).clamp_min(0))
-            zeros = sum(int((f == 0).sum()) for f in factors) / total
-            self.lam[i] = (self.lam[i] + self.dual_step * (self.target - zeros)).clamp_min(0)
+    def step_(self, step: int, total_steps: int) -> None:
+        """After optimizer step `step` of `total_steps`."""
+        level = self.level(step, total_steps)
+        for i in range(len(self._layers)):
+            if not self.frozen[i]:
+                self._prune_(i, level)
+                if level >= self.target:
+                    self.frozen[i] = True
+            for j, factor in enumerate(_factors(self._layers[i])):
+                factor.mul_(getattr(self, f"mask_{i}_{j}"))
 
     @torch.no_grad()
     def freeze_(self, i: int | None = None) -> None:
         """Prune layer i (every unfrozen layer when None) to exactly the target and fix its mask."""
         for index in ([i] if i is not None else range(len(self._layers))):
-            if self.frozen[index]:
-                continue
-            factors = _factors(self._layers[index])
-            flat = torch.cat([f.abs().flatten() for f in factors])
-            keep = max(1, flat.numel() - round(self.target * flat.numel()))
-            chosen = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
-            chosen[flat.topk(keep).indices] = True
-            offset = 0
-            for j, factor in enumerate(factors):
-                mask = chosen[offset:offset + factor.numel()].view_as(factor)
-                getattr(self, f"mask_{index}_{j}").copy_(mask)
-                factor.mul_(mask)
-                offset += factor.numel()
-            self.frozen[index] = True
+            if not self.frozen[index]:
+                self._prune_(index, self.target)
+                self.frozen[index] = True
+
+    def _prune_(self, index: int, level: float) -> None:
+        """Layer `index`'s factors with the smallest-magnitude entries zeroed: `level` of them,
+        among those its mask still keeps (a pruned entry never comes back)."""
+        factors = _factors(self._layers[index])
+        masks = [getattr(self, f"mask_{index}_{j}") for j in range(len(factors))]
+        magnitude = torch.cat([torch.where(m, f.abs(), -1.0).flatten() for f, m in zip(factors, masks)])
+        keep = max(1, magnitude.numel() - round(level * magnitude.numel()))
+        chosen = torch.zeros(magnitude.numel(), dtype=torch.bool, device=magnitude.device)
+        chosen[magnitude.topk(keep).indices] = True
+        offset = 0
+        for factor, mask in zip(factors, masks):
+            mask &= chosen[offset:offset + factor.numel()].view_as(factor)
+            factor.mul_(mask)
+            offset += factor.numel()
 
 
 def _factors(layer: SeparableLinear) -> list[Tensor]:

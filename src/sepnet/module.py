@@ -109,7 +109,7 @@ class ImageClassifier(L.LightningModule):
             "validation": asdict(self.validation), "fast_attacks": fast_attacks})
         self.net = build_network(num_classes, image_shape, mean, std, **asdict(self.network_config))
         self.sparsity_target = (SparsityTarget(self.net, self.constraint.sparsity_target,
-                                               self.constraint.sparsity_dual_step)
+                                               self.constraint.sparsity_ramp)
                                 if self.constraint.sparsity_target is not None else None)
         self.attacker = Attacker(self.net, tuple(image_shape), num_classes, fast=fast_attacks)
         if num_classes < 3 and any(a.name in _NEEDS_THREE_CLASSES for a in self.val_attacks):
@@ -160,7 +160,7 @@ class ImageClassifier(L.LightningModule):
         lr = optimizer.param_groups[0]["lr"]
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
         if self.sparsity_target is not None:
-            self.sparsity_target.step_(lr)
+            self.sparsity_target.step_(self.trainer.global_step, self._total_steps)
         else:
             proximal_constraint_(self.net, self.constraint, lr)
 
@@ -263,6 +263,7 @@ class ImageClassifier(L.LightningModule):
             self.sparsity_target.freeze_()  # the target, exactly, for the last epoch at the latest
 
     def on_fit_start(self) -> None:
+        self._total_steps = int(self.trainer.estimated_stepping_batches)  # the sparsity schedule's length
         self.log_summary()
 
     @rank_zero_only

@@ -65,7 +65,13 @@ def _matches(name: str, patterns: Sequence[str]) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
-def _targets(net: nn.Module, spec: CompressionSpec, kinds: tuple[type, ...]) -> list[tuple[str, nn.Module]]:
+TARGET_KINDS: dict[str, tuple[type, ...]] = {  # the layers each method acts on
+    "separable": (nn.Linear,), "tt": (nn.Linear,), "tt_conv": (nn.Conv2d,), "jsvd": (nn.Conv2d,),
+    "magnitude": (nn.Linear, nn.Conv2d), "hydra": (nn.Linear, nn.Conv2d), "deadwood": (nn.Linear, nn.Conv2d)}
+
+
+def _targets(net: nn.Module, spec: CompressionSpec) -> list[tuple[str, nn.Module]]:
+    kinds = TARGET_KINDS[spec.method]
     found = [(name, m) for name, m in net.named_modules()
              if type(m) in kinds and _matches(name, spec.targets) and not _matches(name, spec.exclude)]
     masked = [name for name, m in found if hasattr(m, "weight_mask")]
@@ -129,6 +135,13 @@ def _budget_ranks(spec: CompressionSpec, units: list[tuple[str, int, Callable[[i
     return [min(r, cap) for cap in caps]
 
 
+def _ranks(spec: CompressionSpec, plans: list[tuple], default: int) -> list[int]:
+    """Each planned (name, module, cost, ...) layer's rank: from the budget, or options.rank."""
+    if spec.budget is not None:
+        return _budget_ranks(spec, [(name, _dense(m), cost) for name, m, cost, *_ in plans])
+    return [int(spec.options.get("rank", default))] * len(plans)
+
+
 def tt_(net: nn.Module, spec: CompressionSpec) -> list[str]:
     """nn.Linear -> TTLinear. options: modes (cores, default 3), rank (int), init ("random"
     default, or "from_linear": TT-SVD of the current weights)."""
@@ -136,15 +149,14 @@ def tt_(net: nn.Module, spec: CompressionSpec) -> list[str]:
     if opts["init"] not in ("random", "from_linear"):
         raise ValueError(f"compression tt: init {opts['init']!r}; expected 'random' or 'from_linear'")
     plans = []
-    for name, linear in _targets(net, spec, (nn.Linear,)):
+    for name, linear in _targets(net, spec):
         in_modes, out_modes = _modes(linear.in_features, opts["modes"]), _modes(linear.out_features, opts["modes"])
         bias = linear.out_features if linear.bias is not None else 0
 
         def cost(r, i=in_modes, o=out_modes, b=bias):
             return tt_parameters(i, o, tt_ranks(i, o, r)) + b
         plans.append((name, linear, cost, in_modes, out_modes))
-    ranks = (_budget_ranks(spec, [(p[0], _dense(p[1]), p[2]) for p in plans]) if spec.budget is not None
-             else [int(opts.get("rank", 8))] * len(plans))
+    ranks = _ranks(spec, plans, default=8)
     lines = []
     for (name, linear, _, in_modes, out_modes), rank in zip(plans, ranks):
         if opts["init"] == "from_linear":
@@ -167,7 +179,7 @@ def tt_conv_(net: nn.Module, spec: CompressionSpec) -> list[str]:
     if opts["init"] not in ("random", "from_conv"):
         raise ValueError(f"compression tt_conv: init {opts['init']!r}; expected 'random' or 'from_conv'")
     plans = []
-    for name, conv in _targets(net, spec, (nn.Conv2d,)):
+    for name, conv in _targets(net, spec):
         if conv.groups != 1 or conv.padding_mode != "zeros":
             raise ValueError(f"compression tt_conv: {name} has groups {conv.groups} / padding mode "
                              f"{conv.padding_mode!r}; expected an ordinary convolution")
@@ -180,8 +192,7 @@ def tt_conv_(net: nn.Module, spec: CompressionSpec) -> list[str]:
             ranks = _capped(sizes, [r] * (len(sizes) - 1))
             return sum(ranks[k] * n * ranks[k + 1] for k, n in enumerate(sizes)) + b
         plans.append((name, conv, cost, in_modes, out_modes))
-    ranks = (_budget_ranks(spec, [(p[0], _dense(p[1]), p[2]) for p in plans]) if spec.budget is not None
-             else [int(opts.get("rank", 8))] * len(plans))
+    ranks = _ranks(spec, plans, default=8)
     lines = []
     for (name, conv, _, in_modes, out_modes), rank in zip(plans, ranks):
         if opts["init"] == "from_conv":
@@ -247,7 +258,7 @@ def jsvd_(net: nn.Module, spec: CompressionSpec) -> list[str]:
     method = opts["method"]
     first = next((name for name, m in net.named_modules() if isinstance(m, nn.Conv2d)), None)
     convs, kept = [], []
-    for name, conv in _targets(net, spec, (nn.Conv2d,)):
+    for name, conv in _targets(net, spec):
         (kept if name == first or conv.kernel_size == (1, 1) else convs).append((name, conv))
     groups = _conv_groups(net, convs)
     units = []
@@ -290,13 +301,12 @@ def separable_compress_(net: nn.Module, spec: CompressionSpec) -> list[str]:
     (default 2), rank (int), init ("random" default, or "from_linear")."""
     opts = {"modes": 2, "init": "random", **spec.options}
     plans = []
-    for name, linear in _targets(net, spec, (nn.Linear,)):
+    for name, linear in _targets(net, spec):
         in_shape, out_shape = _modes(linear.in_features, opts["modes"]), _modes(linear.out_features, opts["modes"])
         bias = linear.out_features if linear.bias is not None else 0
         per_term = sum(i * o for i, o in zip(in_shape, out_shape))
         plans.append((name, linear, lambda r, t=per_term, b=bias: r * t + b, in_shape, out_shape))
-    ranks = (_budget_ranks(spec, [(p[0], _dense(p[1]), p[2]) for p in plans]) if spec.budget is not None
-             else [int(opts.get("rank", 1))] * len(plans))
+    ranks = _ranks(spec, plans, default=1)
     lines = []
     for (name, _, _, in_shape, out_shape), rank in zip(plans, ranks):
         layer = separable_(net, include=[name], modes=opts["modes"], rank=rank, init=opts["init"],
@@ -316,7 +326,7 @@ def magnitude_(net: nn.Module, spec: CompressionSpec) -> list[str]:
         raise ValueError(f"compression magnitude: scope {opts['scope']!r}; expected 'layer' or 'global'")
     if (spec.budget is None) == ("amount" not in opts):
         raise ValueError("compression magnitude: expected a budget or options.amount (one of them)")
-    targets = _targets(net, spec, (nn.Linear, nn.Conv2d))
+    targets = _targets(net, spec)
     keep_fraction = 1 / spec.budget if spec.budget is not None else 1 - float(opts["amount"])
     if not 0 < keep_fraction <= 1:
         raise ValueError(f"compression magnitude: amount {opts['amount']} must be in [0, 1)")
@@ -359,7 +369,7 @@ def hydra_(net: nn.Module, spec: CompressionSpec) -> list[str]:
         raise ValueError(f"compression hydra: amount must be in [0, 1) and score_epochs >= 0, got "
                          f"{opts.get('amount')} and {opts['score_epochs']}")
     lines = []
-    for name, m in _targets(net, spec, (nn.Linear, nn.Conv2d)):
+    for name, m in _targets(net, spec):
         numel = m.weight.numel()
         keep = min(numel, max(round(keep_fraction * numel), m.weight.shape[0]))
         scores = hydra_scores(m.weight.detach())
@@ -387,7 +397,7 @@ def deadwood_(net: nn.Module, spec: CompressionSpec) -> list[str]:
     if unknown:
         raise ValueError(f"compression deadwood: unknown options {sorted(unknown)}; expected kick_in, "
                          "penalty_epochs, dual_step, kd_weight, temperature, amount")
-    targets = _targets(net, spec, (nn.Linear, nn.Conv2d))
+    targets = _targets(net, spec)
     total = sum(m.weight.numel() for _, m in targets)
     keep = max(1, round(total / spec.budget if spec.budget is not None else total * (1 - float(amount))))
     dead = attach(net, targets, keep, opts)
@@ -406,9 +416,7 @@ def _as_target_budget(net: nn.Module, spec: CompressionSpec) -> CompressionSpec:
 
     from sepnet.constraints import parameter_counts
 
-    kinds = (nn.Linear, nn.Conv2d)
-    targets = _targets(net, spec, kinds if spec.method in ("magnitude", "hydra", "deadwood", "jsvd", "tt_conv")
-                       else (nn.Linear,))
+    targets = _targets(net, spec)
     model = parameter_counts(net)
     target_dense = sum(_dense(m) for _, m in targets)
     target_nonzero = sum(int(p.count_nonzero()) for _, m in targets for p in m.parameters())

@@ -109,7 +109,9 @@ def attach(net: nn.Module, layers: list[tuple[str, nn.Module]], keep: int, optio
 
 
 def objectives(net: nn.Module) -> list[Deadwood]:
-    return [m for m in net.modules() if isinstance(m, Deadwood)]
+    """The network's training-term compressors (registered by `attach`; no module walk: this
+    runs every training step)."""
+    return list(getattr(net, "objectives", ()))
 
 
 def compression_loss(net: nn.Module, x: Tensor, logits: Tensor) -> tuple[Tensor, dict[str, Tensor]]:

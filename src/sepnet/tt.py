@@ -12,7 +12,7 @@ multiply-adds) and never builds W.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -84,10 +84,23 @@ def tt_svd(weight: Tensor, in_modes: Sequence[int], out_modes: Sequence[int],
     return [core.reshape(core.shape[0], m, n, core.shape[-1]) for core, m, n in zip(cores, in_modes, out_modes)]
 
 
-def _contract(x: Tensor, cores: Sequence[Tensor], in_modes: Sequence[int], out_modes: Sequence[int]) -> Tensor:
-    """x (batch, prod in_modes) through the cores, first to last: one GEMM a core."""
+@torch.no_grad()
+def _load_(layer: nn.Module, cores: Sequence[Tensor], bias: Tensor | None, rebuilt: Callable[[], Tensor],
+           reference: Tensor) -> float:
+    """Copy TT-SVD cores and the bias into `layer`; the relative error of `rebuilt()` vs `reference`."""
+    for core, value in zip(layer.cores, cores):
+        core.copy_(value.reshape(core.shape))
+    if bias is not None:
+        layer.bias.copy_(bias)
+    return float((rebuilt() - reference).norm() / reference.norm().clamp_min(1e-30))
+
+
+def _contract(x: Tensor, cores: Sequence[Tensor], in_modes: Sequence[int], out_modes: Sequence[int],
+              first_rank: int = 1) -> Tensor:
+    """x (batch, first_rank x prod in_modes) through the cores (r, m, n, r'), first to last: one
+    GEMM a core."""
     batch = x.shape[0]
-    t = x.reshape(batch, 1, 1, -1)  # (batch, output modes done, rank, input modes left)
+    t = x.reshape(batch, 1, first_rank, -1)  # (batch, output modes done, rank, input modes left)
     for core, m, n in zip(cores, in_modes, out_modes):
         done, r, left = t.shape[1], t.shape[2], t.shape[3] // m
         t = t.reshape(batch, done, r, m, left).permute(0, 1, 4, 2, 3).reshape(-1, r * m)
@@ -149,13 +162,8 @@ class TTLinear(nn.Module):
                              f"{linear.out_features}")
         layer = cls(in_modes, out_modes, rank, bias=linear.bias is not None)
         layer.to(device=linear.weight.device, dtype=linear.weight.dtype)
-        with torch.no_grad():
-            for core, value in zip(layer.cores, tt_svd(linear.weight, in_modes, out_modes, layer.ranks[1:-1])):
-                core.copy_(value)
-            if linear.bias is not None:
-                layer.bias.copy_(linear.bias)
-            error = float((layer.dense_weight() - linear.weight).norm() / linear.weight.norm().clamp_min(1e-30))
-        return layer, error
+        cores = tt_svd(linear.weight, in_modes, out_modes, layer.ranks[1:-1])
+        return layer, _load_(layer, cores, linear.bias, layer.dense_weight, linear.weight)
 
     def forward(self, x: Tensor) -> Tensor:
         if x.shape[-1] != self.in_features:
@@ -253,13 +261,8 @@ class TTConv2d(nn.Module):
                              f"{conv.in_channels} -> {conv.out_channels} channels, groups 1")
         layer = cls(in_modes, out_modes, conv.kernel_size, rank, conv.stride, conv.padding, conv.dilation,
                     bias=conv.bias is not None, naive=naive).to(device=conv.weight.device, dtype=conv.weight.dtype)
-        with torch.no_grad():
-            for core, value in zip(layer.cores, tensor_train(layer._arranged(conv.weight), layer.ranks)):
-                core.copy_(value)
-            if conv.bias is not None:
-                layer.bias.copy_(conv.bias)
-            error = float((layer.kernel() - conv.weight).norm() / conv.weight.norm().clamp_min(1e-30))
-        return layer, error
+        cores = tensor_train(layer._arranged(conv.weight), layer.ranks)
+        return layer, _load_(layer, cores, conv.bias, layer.kernel, conv.weight)
 
     def _arranged(self, kernel: Tensor) -> Tensor:
         """An (S, C, kH, kW) kernel as the tensor the cores factorize (see `_sizes`)."""
@@ -297,13 +300,9 @@ class TTConv2d(nn.Module):
                                  self.dilation, groups=channels)  # (N, C r0, H', W'), channel c*r0 + a
         height, width = z.shape[-2:]
         t = z.reshape(batch, channels, r0, height * width).permute(0, 3, 2, 1)  # (N, H'W', r0, C)
-        t = t.reshape(batch * height * width, 1, r0, channels)
-        for core, m, n in zip(list(self.cores)[1:], self.in_modes, self.out_modes):
-            core = core.reshape(core.shape[0], m, n, core.shape[-1])
-            rows, done, r, left = t.shape[0], t.shape[1], t.shape[2], t.shape[3] // m
-            t = t.reshape(rows, done, r, m, left).permute(0, 1, 4, 2, 3).reshape(-1, r * m)
-            t = (t @ core.reshape(r * m, -1)).reshape(rows, done, left, n, core.shape[-1])
-            t = t.permute(0, 1, 3, 4, 2).reshape(rows, done * n, core.shape[-1], left)
+        cores = [core.reshape(core.shape[0], m, n, core.shape[-1])
+                 for core, m, n in zip(list(self.cores)[1:], self.in_modes, self.out_modes)]
+        t = _contract(t.reshape(batch * height * width, -1), cores, self.in_modes, self.out_modes, first_rank=r0)
         y = t.reshape(batch, height, width, self.out_channels).permute(0, 3, 1, 2)
         return y + self.bias.view(1, -1, 1, 1) if self.bias is not None else y
 

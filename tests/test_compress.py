@@ -309,5 +309,12 @@ def test_a_whole_model_budget_fills_up_after_the_earlier_entries():
     assert 10 <= counts.nonzero_compression < 11, counts
     with pytest.raises(ValueError, match=r"whole-model budget 100x is unreachable: the layers outside \['head.\*'\]"):
         vgg([{"method": "tt", "targets": ["head.*"], "budget": 100, "budget_of": "model"}])
+    from sepnet.deadwood import compression_epoch_
+
+    for method in ("magnitude", "hydra", "deadwood"):  # pruning keeps biases: the weights carry the budget
+        net = vgg([{"method": method, "budget": 30, "budget_of": "model"}])
+        compression_epoch_(net, 6)  # the dual pruning's exact mask comes after its penalty epochs
+        counts = parameter_counts(net)
+        assert 29.7 <= counts.nonzero_compression <= 30.3, (method, counts)
     with pytest.raises(ValueError, match="expected 'targets' or 'model'"):
         CompressionSpec(method="tt", budget=2, budget_of="everything")

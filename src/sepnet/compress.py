@@ -405,6 +405,7 @@ def deadwood_(net: nn.Module, spec: CompressionSpec) -> list[str]:
             f"{keep:,} / {total:,} weights after {dead.penalty_epochs} penalty epochs"]
 
 
+PRUNERS = ("magnitude", "hydra", "deadwood")  # budgets count the weights they mask
 COMPRESSORS: dict[str, Callable[[nn.Module, CompressionSpec], list[str]]] = {
     "separable": separable_compress_, "tt": tt_, "tt_conv": tt_conv_, "jsvd": jsvd_, "magnitude": magnitude_,
     "hydra": hydra_, "deadwood": deadwood_}
@@ -429,6 +430,14 @@ def _as_target_budget(net: nn.Module, spec: CompressionSpec) -> CompressionSpec:
     if allowed >= target_dense:
         raise ValueError(f"compression {spec.method}: whole-model budget {spec.budget:g}x is met without "
                          f"compressing {spec.targets}: expected a larger budget or other targets")
+    if spec.method in PRUNERS:  # pruning keeps the biases: the weights carry the whole budget
+        weights = sum(m.weight.numel() for _, m in targets)
+        biases = target_dense - weights
+        if allowed - biases < len(targets):
+            raise ValueError(f"compression {spec.method}: whole-model budget {spec.budget:g}x is unreachable: "
+                             f"{spec.targets} keep {biases:,} biases, {int(allowed):,} non-zero parameters allowed "
+                             "for them")
+        return replace(spec, budget=weights / (allowed - biases), budget_of="targets")
     return replace(spec, budget=target_dense / allowed, budget_of="targets")
 
 

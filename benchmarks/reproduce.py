@@ -124,11 +124,11 @@ def datamodule(batch_size: int) -> ImageFolderDataModule:
                                  mean=CIFAR_MEAN, std=CIFAR_STD, val_fraction=0.05)
 
 
-def train(model: ImageClassifier, epochs: int, batch_size: int) -> tuple[float, KappaHistory]:
+def train(model: ImageClassifier, epochs: int, batch_size: int, callbacks=(), logger=False) -> tuple[float, KappaHistory]:
     kappa = KappaHistory()
-    trainer = L.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
+    trainer = L.Trainer(max_epochs=epochs, accelerator="cpu", logger=logger, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, inference_mode=False,
-                        limit_val_batches=0, num_sanity_val_steps=0, callbacks=[kappa])
+                        limit_val_batches=0, num_sanity_val_steps=0, callbacks=[kappa, *callbacks])
     start = time.perf_counter()
     trainer.fit(model, datamodule(batch_size))
     return time.perf_counter() - start, kappa
@@ -186,6 +186,7 @@ def prune_from_dense(family: str, dense_state: dict, reference: nn.Module, adv: 
 OPTIMIZERS = {  # the separable MLP does not train with SGD at 0.05 (chance after an epoch)
     "mlp": dict(optimizer="adamw", lr=1e-3, weight_decay=0.0, scheduler="cosine"),
     "vgg": dict(optimizer="sgd", lr=0.05, momentum=0.9, weight_decay=5e-4, scheduler="cosine"),
+    "vit": dict(optimizer="adamw", lr=1e-3, weight_decay=0.05, scheduler="cosine"),  # benchmarks/compressors.py
 }
 
 

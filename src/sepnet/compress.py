@@ -420,8 +420,11 @@ def _as_target_budget(net: nn.Module, spec: CompressionSpec) -> CompressionSpec:
     targets = _targets(net, spec)
     model = parameter_counts(net)
     target_dense = sum(_dense(m) for _, m in targets)
-    target_nonzero = sum(int(p.count_nonzero()) for _, m in targets for p in m.parameters())
-    rest = model.nonzero - target_nonzero
+    # the rest of the network at what training will make of it: every parameter counts (a bias
+    # or norm shift initialized at zero does not stay zero) except the weights a mask holds at zero
+    own = {id(p) for _, m in targets for p in m.parameters()}
+    rest = sum(p.numel() for p in {id(p): p for p in net.parameters()}.values() if id(p) not in own)
+    rest -= sum(int((m.weight_mask == 0).sum()) for _, m in pruned_layers(net))
     allowed = model.dense / spec.budget - rest
     if allowed <= 0:
         raise ValueError(f"compression {spec.method}: whole-model budget {spec.budget:g}x is unreachable: the "

@@ -1,0 +1,294 @@
+"""Every compressor at equal non-zero budgets under one adversarial training and one attack suite.
+
+    python benchmarks/compressors.py                       # the whole plan, in priority order
+    python benchmarks/compressors.py --model vgg --budget fc226 --method hydra   # some cells
+    python benchmarks/compressors.py --list                # the plan and what is done
+    python benchmarks/compressors.py --report              # tables + benchmarks/compressors.png
+
+Models (real CIFAR-10 from ../shared/data/cifar10-jpeg): the VGG-16 at 1/4 convolution width
+with the 512-wide head of benchmarks/reproduce.py, and a small timm ViT (depth 4, width 128,
+2 heads, patch 4: 0.81M parameters, 98% of them in linear layers).
+
+Budgets, as non-zero parameters: "fcN" -- the VGG's FC layers at the non-zero count of the
+separable head at ~N x (sep_a / sep_b / sep_c of reproduce.py: 11.5x, 84x, 226x), the rest of the
+network dense; "modelN" -- the whole network at N x fewer non-zero parameters (the VGG's
+convolutions compressed as well; every linear layer of the ViT).
+
+Training: every cell gets the same number of epochs (--epochs, 3) of fast-FGSM adversarial
+training (Linf 8/255, random start, step 10/255). Methods that start from a trained dense model
+(pruning, joint SVD) start from the dense run of the same seed after --dense-epochs (1) epochs
+and are trained for the remaining epochs, so the dense epochs count. Evaluation: reproduce.py's
+(clean on 10k test images; PGD-20, APGD-CE, APGD-DLR, Square on the fixed first 1,000; the
+per-image worst case; the honesty checks). One JSON line per cell in
+benchmarks/results/compressors.jsonl; a rerun skips finished cells; cells a method cannot reach
+are recorded as such. TensorBoard runs (the ConstraintMonitor's tags) under --tb.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from reproduce import (FAMILIES, VGG, VGG_DENSE_HEAD, common_kwargs, evaluate,  # noqa: E402
+                       exact_kappa, train)
+
+from sepnet.callbacks import ConstraintMonitor  # noqa: E402
+from sepnet.compress import remove_pruning_  # noqa: E402
+from sepnet.constraints import fc_parameter_counts, parameter_counts, separable_layers  # noqa: E402
+from sepnet.module import ImageClassifier  # noqa: E402
+from sepnet.network import build_network  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results" / "compressors.jsonl"
+VIT = {"depth": 4, "embed_dim": 128, "num_heads": 2, "patch_size": 4}
+DENSE = {
+    "vgg": dict(VGG, head="dense", head_kwargs=VGG_DENSE_HEAD),
+    "vit": dict(backbone="vit", backbone_kwargs=VIT, head="dense", head_kwargs={"hidden": []}),
+}
+SEP_LEVEL = {"fc11": "a", "fc84": "b", "fc226": "c"}  # FC budgets: the separable heads' non-zero counts
+JOINT = dict(condition_weight=1e-3, condition_form="implied", sparsity_target=0.5)  # issue 12's "joint"
+PRUNING = {"magnitude": ("magnitude", {"scope": "layer"}), "magnitude_global": ("magnitude", {"scope": "global"}),
+           "hydra": ("hydra", {"score_epochs": 1}), "deadwood": ("deadwood", {"kick_in": 0})}
+METHODS = {
+    # FC budgets (VGG): the separable head itself, TT, pruning of the dense head
+    "fc": ["separable", "separable_joint", "tt", "magnitude", "magnitude_global", "hydra", "deadwood"],
+    # whole-model budgets: VGG convs by joint SVD with a separable or TT head, or pruning everywhere;
+    # "separable" (the head alone) shows that FC compression cannot reach them
+    "vgg_model": ["jsvd_separable", "jsvd_tt", "magnitude", "magnitude_global", "hydra", "deadwood",
+                  "separable"],
+    "vit_model": ["separable", "separable_joint", "tt", "magnitude", "magnitude_global", "hydra", "deadwood"],
+}
+
+
+def fc_budget(level: str) -> int:
+    """Non-zero FC parameters of reproduce.py's separable VGG head at `level`."""
+    net = build_network(num_classes=10, **FAMILIES["vgg"][f"sep_{level}"]["network"])
+    return fc_parameter_counts(net).nonzero
+
+
+def _weights_and_biases(net: nn.Module, prefix: str) -> tuple[int, int]:
+    layers = [m for name, m in net.named_modules() if name.startswith(prefix) and isinstance(m, (nn.Linear, nn.Conv2d))]
+    return (sum(m.weight.numel() for m in layers),
+            sum(m.bias.numel() for m in layers if m.bias is not None))
+
+
+def cell_config(model: str, budget: str, method: str, dense_start: str | None, epochs: int,
+                dense_epochs: int) -> tuple[dict, dict, bool]:
+    """(network section, constraint section, starts from the dense run) of one cell."""
+    dense = DENSE[model]
+    joint = method == "separable_joint"
+    pruning = PRUNING.get(method)
+    tail = epochs - dense_epochs  # epochs after the dense start
+    if pruning and pruning[0] == "deadwood":  # penalty over all but the last epoch, then the exact mask
+        pruning = ("deadwood", {**pruning[1], "penalty_epochs": max(1, tail - 1)})
+    if budget.startswith("fc"):
+        level = SEP_LEVEL[budget]
+        if method in ("separable", "separable_joint"):
+            network = dict(FAMILIES["vgg"][f"sep_{level}"]["network"])
+            if joint:  # twice the rank at half the entries: the same non-zero budget
+                network["head_kwargs"] = {**network["head_kwargs"], "rank": 2 * network["head_kwargs"]["rank"]}
+            return network, JOINT if joint else {}, False
+        target = fc_budget(level)
+        probe = build_network(num_classes=10, **dense)
+        fc = fc_parameter_counts(probe)
+        if method == "tt":
+            return dict(dense, compression=[{"method": "tt", "targets": ["head.*"], "budget": fc.dense / target}]), {}, False
+        weights, biases = _weights_and_biases(probe, "head")
+        entry = {"method": pruning[0], "targets": ["head.*"], "budget": weights / (target - biases),
+                 "options": pruning[1]}
+        return dict(dense, init_from=dense_start, compression=[entry]), {}, True
+    factor = float(budget[len("model"):])
+    if pruning:
+        entry = {"method": pruning[0], "targets": ["*"], "budget": factor, "budget_of": "model", "options": pruning[1]}
+        return dict(dense, init_from=dense_start, compression=[entry]), {}, True
+    if model == "vgg":
+        if method == "separable":  # the separable head alone, everything else dense
+            return dict(dense, compression=[{"method": "separable", "targets": ["head.*"], "budget": factor,
+                                             "budget_of": "model"}]), {}, False
+        head = "separable" if method == "jsvd_separable" else "tt"
+        return dict(dense, init_from=dense_start, compression=[
+            {"method": head, "targets": ["head.*"], "budget": 84, "options": {"init": "from_linear"}},
+            {"method": "jsvd", "targets": ["backbone.*"], "budget": factor, "budget_of": "model"}]), {}, True
+    name = "separable" if joint else method  # ViT: every linear layer, from scratch; 3 modes
+    # (128 -> 384 as 4x4x8 -> 4x8x12) so that rank 1 fits the 30x budget, as TT's 3 cores do
+    return dict(dense, compression=[{"method": name, "targets": ["*"], "budget": factor / (2 if joint else 1),
+                                     "budget_of": "model", "options": {"modes": 2 if factor <= 10 else 3}}]), JOINT if joint else {}, False
+
+
+class SaveAt(L.Callback):
+    """The network's weights after `epoch` epochs (the pruning methods' dense start)."""
+
+    def __init__(self, epoch: int, path: Path) -> None:
+        self.epoch, self.path = epoch, path
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if trainer.current_epoch + 1 == self.epoch:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(pl_module.net.state_dict(), self.path)
+
+
+def dense_start_path(args, model: str, seed: int) -> Path:
+    return Path(args.results).with_name(f"compressors_{model}_dense_e{args.dense_epochs}_s{seed}.pt")
+
+
+def _key(r: dict) -> tuple:
+    return r["model"], r["budget"], r["method"], r["seed"], r["epochs"], r["dense_epochs"]
+
+
+def run_cell(model: str, budget: str, method: str, seed: int, args) -> dict:
+    record = {"model": model, "budget": budget, "method": method, "seed": seed, "epochs": args.epochs,
+              "dense_epochs": args.dense_epochs}
+    start = dense_start_path(args, model, seed)
+    callbacks = [ConstraintMonitor(every_n_steps=50, histograms=False)]
+    torch.manual_seed(seed)
+    if method == "dense":
+        network, constraint, from_dense = DENSE[model], {}, False
+        callbacks.append(SaveAt(args.dense_epochs, start))
+    else:
+        network, constraint, from_dense = cell_config(model, budget, method, str(start), args.epochs,
+                                                      args.dense_epochs)
+        if from_dense and not start.is_file():
+            raise FileNotFoundError(f"{start}: no dense start for {model} seed {seed}; run the dense cell first")
+    epochs = args.epochs - (args.dense_epochs if from_dense else 0)
+    try:
+        model_ = ImageClassifier(network=network, constraint=constraint, **common_kwargs(model))
+    except ValueError as err:  # a budget the method cannot reach, said by the library
+        record.update(status="unreachable", reason=str(err))
+        return record
+    record.update(status="ok", start=f"dense after {args.dense_epochs} epoch(s)" if from_dense else "scratch",
+                  network=network, constraint=constraint, summary=model_.net.compression_summary)
+    logger = TensorBoardLogger(args.tb, name=f"{model}/{budget}/{method}", version=f"seed{seed}")
+    seconds, _ = train(model_, epochs, args.batch, callbacks=callbacks, logger=logger)
+    remove_pruning_(model_.net)  # masks made permanent: the counts and the attacks see the pruned model
+    whole, fc = parameter_counts(model_.net), fc_parameter_counts(model_.net)
+    record.update(
+        train_seconds=seconds,
+        params_stored=whole.stored, params_nonzero=whole.nonzero, params_dense=whole.dense,
+        model_compression=whole.dense / max(whole.nonzero, 1),
+        fc_stored=fc.stored, fc_nonzero=fc.nonzero, fc_dense=fc.dense, fc_compression=fc.dense / max(fc.nonzero, 1),
+        final_layer_kappa=[exact_kappa(layer) for _, layer in separable_layers(model_.net)])
+    begin = time.perf_counter()
+    record.update(evaluate(model_.net, model_.attacker, args.pgd_images, args.aa_images, args.honesty_images))
+    record["eval_seconds"] = time.perf_counter() - begin
+    return record
+
+
+def plan() -> list[tuple[str, str, str, int]]:
+    """Every cell, in the order they run: the claims' cells first (VGG 226x FC and 10x whole
+    model, the ViT at 10x), then the other budgets, then the second seed of the key cells."""
+    cells = [("vgg", "-", "dense", 0)]
+    cells += [("vgg", "fc226", m, 0) for m in METHODS["fc"]]
+    cells += [("vgg", "model10", m, 0) for m in METHODS["vgg_model"]]
+    cells += [("vit", "-", "dense", 0)] + [("vit", "model10", m, 0) for m in METHODS["vit_model"]]
+    cells += [("vgg", b, m, 0) for b in ("fc84", "fc11") for m in METHODS["fc"]]
+    cells += [("vgg", "model30", m, 0) for m in METHODS["vgg_model"]]
+    cells += [("vit", "model30", m, 0) for m in METHODS["vit_model"]]
+    cells += [("vgg", "-", "dense", 1)] + [("vgg", b, m, 1) for b, ms in (("fc226", "fc"), ("model10", "vgg_model"))
+                                           for m in METHODS[ms] if m != "separable" or b == "fc226"]
+    cells += [("vit", "-", "dense", 1)] + [("vit", "model10", m, 1) for m in METHODS["vit_model"]]
+    return cells
+
+
+def done_keys(path: Path) -> set[tuple]:
+    return {_key(json.loads(line)) for line in path.read_text().splitlines()} if path.is_file() else set()
+
+
+def report(path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs: dict[tuple, list[dict]] = {}
+    for line in path.read_text().splitlines():
+        r = json.loads(line)
+        runs.setdefault((r["model"], r["budget"], r["method"], r["epochs"]), []).append(r)
+    keys = ("clean_acc", "pgd20_acc", "worst_acc")
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
+    for model, ax in zip(("vgg", "vit"), axes):
+        budgets = sorted({b for (m, b, _, _) in runs if m == model}, key=lambda b: (b[:2], float(b.strip("fcmodel-") or 0)))
+        curves: dict[str, list] = {}
+        for budget in budgets:
+            print(f"\n### {model} {budget}\n")
+            print("| method | seeds | non-zero params | model compression | FC compression | clean | PGD-20 | "
+                  "worst case | train min | flags |")
+            print("|---" * 10 + "|")
+            for (m, b, method, epochs), group in sorted(runs.items(), key=lambda kv: kv[0][2]):
+                if (m, b) != (model, budget):
+                    continue
+                ok = [r for r in group if r["status"] == "ok"]
+                if not ok:
+                    print(f"| {method} | - | unreachable: {group[-1]['reason'][:90]} | | | | | | | |")
+                    continue
+                mean = {k: sum(r[k] for r in ok) / len(ok) for k in keys}
+                spread = {k: (max(r[k] for r in ok) - min(r[k] for r in ok)) / 2 for k in keys}
+                cell = {k: f"{mean[k]:.3f}" + (f" ±{spread[k]:.3f}" if len(ok) > 1 else "") for k in keys}
+                warnings = sorted({w for r in ok for w in r.get("honesty", {}).get("warnings", [])})
+                minutes = sum(r["train_seconds"] for r in ok) / len(ok) / 60
+                print(f"| {method} | {len(ok)} | {ok[0]['params_nonzero']:,} | {ok[0]['model_compression']:.1f}x | "
+                      f"{ok[0]['fc_compression']:.1f}x | {cell['clean_acc']} | {cell['pgd20_acc']} | "
+                      f"{cell['worst_acc']} | {minutes:.1f} | {'; '.join(warnings) or '-'} |")
+                curves.setdefault(method, []).append((ok[0]["params_nonzero"], mean["worst_acc"], spread["worst_acc"]))
+        for method, points in sorted(curves.items()):
+            points.sort()
+            ax.errorbar([p[0] for p in points], [p[1] for p in points], yerr=[p[2] for p in points],
+                        marker="o" if method != "dense" else "*", markersize=5 if method != "dense" else 12,
+                        capsize=3, label=method)
+        ax.set(xscale="log", xlabel="non-zero parameters (whole model)", ylabel="worst-case accuracy (Linf 8/255)",
+               title=f"{model}: non-zero parameters vs worst-case robust accuracy")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    out = HERE.parent / "compressors.png"
+    fig.savefig(out, dpi=120)
+    print(f"\nplot: {out}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", nargs="*", choices=sorted(DENSE))
+    parser.add_argument("--budget", nargs="*")
+    parser.add_argument("--method", nargs="*")
+    parser.add_argument("--seed", nargs="*", type=int)
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--dense-epochs", type=int, default=1, help="dense epochs before the pruning methods start")
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--honesty-images", type=int, default=256)
+    parser.add_argument("--pgd-images", type=int, default=1000)
+    parser.add_argument("--aa-images", type=int, default=1000)
+    parser.add_argument("--results", default=str(RESULTS), help="JSON-lines file the cells append to")
+    parser.add_argument("--tb", default="lightning_logs/compressors", help="TensorBoard directory")
+    parser.add_argument("--list", action="store_true", help="print the plan and what is done")
+    parser.add_argument("--report", action="store_true")
+    args = parser.parse_args()
+    if args.report:
+        report(Path(args.results))
+        return
+    if not 0 < args.dense_epochs < args.epochs:
+        parser.error(f"--dense-epochs {args.dense_epochs}: expected between 1 and --epochs - 1 ({args.epochs - 1})")
+    done = done_keys(Path(args.results))
+    cells = [c for c in plan() if (not args.model or c[0] in args.model) and (not args.budget or c[1] in args.budget)
+             and (not args.method or c[2] in args.method) and (args.seed is None or c[3] in args.seed)]
+    if not cells:
+        parser.error("no cell of the plan matches --model/--budget/--method/--seed; see --list")
+    for model, budget, method, seed in cells:
+        key = (model, budget, method, seed, args.epochs, args.dense_epochs)
+        if args.list or key in done:
+            print(f"{'done' if key in done else 'todo'}: {model} {budget} {method} seed {seed}")
+            continue
+        record = run_cell(model, budget, method, seed, args)
+        with Path(args.results).open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        print(json.dumps({k: v for k, v in record.items() if not isinstance(v, (list, dict))}), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -138,6 +138,28 @@ def test_flat_layer_on_tokens_matches_dense():
     assert (layer.in_features, layer.out_features) == (24, 24)
 
 
+@pytest.mark.parametrize("autocast", [False, True])
+def test_implied_matrix_path_matches_the_mode_products(autocast):
+    """Many rows through a small layer take one GEMM with the implied matrix (ViT tokens); the
+    result and every gradient equal the mode products'."""
+    torch.manual_seed(0)
+    layer = FlatSeparableLinear((8, 16), (16, 24), rank=6)
+    x = torch.randn(2, 64, 128)
+    assert layer._materialize(128) and not layer._materialize(8)  # the rule: rows and multiply-adds
+    assert not FlatSeparableLinear((32, 32), (32, 32), rank=1)._materialize(10**6)  # 16x the products' work
+    results = []
+    for materialize in (True, False):
+        layer._materialize = lambda rows, m=materialize: m
+        xi = x.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            y = layer(xi)
+        y.float().square().sum().backward()
+        results.append([y.detach().float(), xi.grad] + [p.grad.clone() for p in layer.parameters()])
+        layer.zero_grad()
+    for a, b in zip(*results):  # bf16: relative error of the whole tensor, as above
+        assert (a - b).norm() / b.norm() < (5e-2 if autocast else 1e-5)
+
+
 @pytest.mark.parametrize("in_shape,out_shape,input_dtype", [
     ((32, 4, 4), (8, 4, 4), torch.float32),
     ((64, 2, 2), (8, 8, 8), torch.float32),   # the VGG/8 head: the tensordot branch of the backward

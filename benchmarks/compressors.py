@@ -69,10 +69,26 @@ METHODS = {
 }
 
 
-def fc_budget(level: str) -> int:
-    """Non-zero FC parameters of reproduce.py's separable VGG head at `level`."""
-    net = build_network(num_classes=10, **FAMILIES["vgg"][f"sep_{level}"]["network"])
-    return fc_parameter_counts(net).nonzero
+# the GPU cells (conf/experiments/compressors/): full-width models, full CIFAR-10, PGD-10 AT
+GPU_MODELS = {
+    "vgg16": dict(backbone="vgg16", backbone_kwargs={"variant": "cifar", "batch_norm": True}, head="dense",
+                  head_kwargs=VGG_DENSE_HEAD),
+    "resnet34": dict(backbone="resnet34", backbone_kwargs={"stem": "cifar"}, head="dense"),
+}
+DENSE.update(GPU_MODELS)
+
+
+def sep_network(model: str, level: str) -> dict:
+    """The separable VGG head at `level` (reproduce.py's sep_a / sep_b / sep_c) on `model`."""
+    network = dict(FAMILIES["vgg"][f"sep_{level}"]["network"])
+    if model != "vgg":
+        network.update(backbone=DENSE[model]["backbone"], backbone_kwargs=DENSE[model]["backbone_kwargs"])
+    return network
+
+
+def fc_budget(model: str, level: str) -> int:
+    """Non-zero FC parameters of the separable VGG head at `level` on `model`."""
+    return fc_parameter_counts(build_network(num_classes=10, **sep_network(model, level))).nonzero
 
 
 def _weights_and_biases(net: nn.Module, prefix: str) -> tuple[int, int]:
@@ -93,11 +109,11 @@ def cell_config(model: str, budget: str, method: str, dense_start: str | None, e
     if budget.startswith("fc"):
         level = SEP_LEVEL[budget]
         if method in ("separable", "separable_joint"):
-            network = dict(FAMILIES["vgg"][f"sep_{level}"]["network"])
+            network = sep_network(model, level)
             if joint:  # twice the rank at half the entries: the same non-zero budget
                 network["head_kwargs"] = {**network["head_kwargs"], "rank": 2 * network["head_kwargs"]["rank"]}
             return network, JOINT if joint else {}, False
-        target = fc_budget(level)
+        target = fc_budget(model, level)
         probe = build_network(num_classes=10, **dense)
         fc = fc_parameter_counts(probe)
         if method == "tt":
@@ -110,7 +126,10 @@ def cell_config(model: str, budget: str, method: str, dense_start: str | None, e
     if pruning:
         entry = {"method": pruning[0], "targets": ["*"], "budget": factor, "budget_of": "model", "options": pruning[1]}
         return dict(dense, init_from=dense_start, compression=[entry]), {}, True
-    if model == "vgg":
+    if model in ("vgg", "vgg16", "resnet34"):
+        if method == "jsvd":  # ResNet: the convolutions carry it all (its FC layer is 5k parameters)
+            return dict(dense, init_from=dense_start, compression=[
+                {"method": "jsvd", "targets": ["backbone.*"], "budget": factor, "budget_of": "model"}]), {}, True
         if method == "separable":  # the separable head alone, everything else dense
             return dict(dense, compression=[{"method": "separable", "targets": ["head.*"], "budget": factor,
                                              "budget_of": "model"}]), {}, False
@@ -198,6 +217,63 @@ def plan() -> list[tuple[str, str, str, int]]:
     return cells
 
 
+GPU_EPOCHS, GPU_DENSE_EPOCHS = 100, 50
+GPU_CELLS = [("fc226", m) for m in METHODS["fc"]] + [
+    (b, m) for b in ("model10", "model30") for m in ("jsvd_separable", "magnitude_global", "hydra", "deadwood")]
+PGD10 = {"name": "pgd", "eps": 8 / 255, "step_size": 2 / 255, "steps": 10}
+
+
+def gpu_configs() -> dict[str, dict]:
+    """One `run.py fit` config per GPU cell (conf/experiments/compressors/): the full-width
+    VGG-16 and ResNet-34 (CIFAR stems), full CIFAR-10, PGD-10 AT, 100 epochs; the pruning and
+    joint-SVD cells start from their model's dense run after 50 epochs (its `starts/`
+    checkpoint) and train the other 50."""
+    configs = {}
+    for model in GPU_MODELS:
+        cells = [("-", "dense")] + [(b, m.replace("jsvd_separable", "jsvd") if model == "resnet34" else m)
+                                    for b, m in GPU_CELLS if model == "vgg16" or b.startswith("model")]
+        start = f"logs/compressors/cifar10_{model}_dense/starts/dense-epoch={GPU_DENSE_EPOCHS - 1}.ckpt"
+        for budget, method in cells:
+            name = f"cifar10_{model}_dense" if method == "dense" else f"cifar10_{model}_{budget}_{method}"
+            if method == "dense":
+                network, constraint, from_dense = DENSE[model], {}, False
+            else:
+                network, constraint, from_dense = cell_config(model, budget, method, start, GPU_EPOCHS,
+                                                              GPU_DENSE_EPOCHS)
+            trainer = {"max_epochs": GPU_EPOCHS - (GPU_DENSE_EPOCHS if from_dense else 0),
+                       "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                                  "init_args": {"save_dir": "logs/compressors", "name": name}}}
+            if method == "dense":  # the pruning methods' start: the weights after GPU_DENSE_EPOCHS
+                trainer["callbacks"] = [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                                         "init_args": {"dirpath": f"logs/compressors/{name}/starts",
+                                                       "filename": "dense-{epoch}", "every_n_epochs": GPU_DENSE_EPOCHS,
+                                                       "save_top_k": -1, "save_on_train_epoch_end": True}}]
+            model_section = {"network": network, "optimization": {
+                "optimizer": "sgd", "lr": 0.01 if from_dense else 0.1, "weight_decay": 5e-4, "scheduler": "cosine"},
+                "adversarial": {"loss": "at", "attack": PGD10}, "validation": {"batches": 8}}
+            if constraint:
+                model_section["constraint"] = constraint
+            configs[name] = {"trainer": trainer, "model": model_section, "data": {
+                "class_path": "sepnet.data.CIFAR10DataModule",
+                "init_args": {"root": "data", "batch_size": 128, "num_workers": 8}}}
+    return configs
+
+
+def write_configs(folder: Path) -> None:
+    import yaml
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, config in gpu_configs().items():
+        text = yaml.safe_dump(config, sort_keys=False, default_flow_style=None, width=110)
+        head = (f"# {name}: one cell of the compressor benchmark on a GPU; written by\n"
+                "# python benchmarks/compressors.py --write-configs (edit there, not here).\n"
+                f"# python run.py fit --config conf/experiments/compressors/{name}.yaml --trainer conf/trainer/gpu.yaml\n")
+        if "init_from" in config["model"]["network"]:
+            head += f"# needs the dense run first: {config['model']['network']['init_from']}\n"
+        (folder / f"{name}.yaml").write_text(head + text)
+    print(f"{len(gpu_configs())} configs in {folder}")
+
+
 def done_keys(path: Path) -> set[tuple]:
     return {_key(json.loads(line)) for line in path.read_text().splitlines()} if path.is_file() else set()
 
@@ -268,7 +344,11 @@ def main() -> None:
     parser.add_argument("--tb", default="lightning_logs/compressors", help="TensorBoard directory")
     parser.add_argument("--list", action="store_true", help="print the plan and what is done")
     parser.add_argument("--report", action="store_true")
+    parser.add_argument("--write-configs", action="store_true", help="write conf/experiments/compressors/")
     args = parser.parse_args()
+    if args.write_configs:
+        write_configs(HERE.parent / "conf" / "experiments" / "compressors")
+        return
     if args.report:
         report(Path(args.results))
         return

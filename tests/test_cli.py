@@ -35,7 +35,11 @@ def _instantiate(args):
                      run=False, args=args, save_config_callback=None)
 
 
-@pytest.mark.parametrize("path", sorted(p.relative_to(CONF).as_posix() for p in CONF.rglob("*.yaml")))
+COMPRESSOR_CELLS = CONF / "experiments" / "compressors"  # generated; checked below
+
+
+@pytest.mark.parametrize("path", sorted(p.relative_to(CONF).as_posix() for p in CONF.rglob("*.yaml")
+                                        if COMPRESSOR_CELLS not in p.parents))
 def test_every_config_parses_and_instantiates(path, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     folder = write_image_folder(tmp_path / "imagenet", per_class=1)
@@ -65,6 +69,39 @@ def test_every_config_parses_and_instantiates(path, tmp_path, monkeypatch):
     cli = _instantiate(args)
     assert cli.model.hparams.num_classes == cli.datamodule.num_classes
     assert tuple(cli.model.hparams.image_shape) == tuple(cli.datamodule.image_shape)
+
+
+def test_compressor_cell_configs_are_current_and_instantiate(tmp_path, monkeypatch):
+    """conf/experiments/compressors/ is what `benchmarks/compressors.py --write-configs` writes;
+    one cell of each kind instantiates through the CLI (the pruning and joint-SVD cells from a
+    dense start written here; the joint-SVD builds take minutes on CPU and are left out)."""
+    import importlib.util
+
+    import yaml
+
+    from sepnet.constraints import parameter_counts
+    from sepnet.network import build_network
+
+    spec = importlib.util.spec_from_file_location("compressors_bench", REPO / "benchmarks" / "compressors.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    expected = bench.gpu_configs()
+    assert sorted(p.stem for p in COMPRESSOR_CELLS.glob("*.yaml")) == sorted(expected)
+    for name, config in expected.items():
+        assert yaml.safe_load((COMPRESSOR_CELLS / f"{name}.yaml").read_text()) == config, name
+    monkeypatch.chdir(tmp_path)
+    for name in ("cifar10_vgg16_dense", "cifar10_vgg16_fc226_separable_joint", "cifar10_vgg16_fc226_tt",
+                 "cifar10_vgg16_model10_hydra", "cifar10_resnet34_model30_deadwood"):
+        args = ["--config", str(COMPRESSOR_CELLS / f"{name}.yaml")]
+        network = expected[name]["model"]["network"]
+        if "init_from" in network:
+            base = {k: v for k, v in network.items() if k not in ("init_from", "compression")}
+            torch.save(build_network(**base).state_dict(), tmp_path / "dense.pt")
+            args += ["--model.network.init_from", str(tmp_path / "dense.pt")]
+        net = _instantiate(args).model.net
+        counts = parameter_counts(net)  # factorized (fewer stored) or pruned (masks), except the dense run
+        masked = any(n.endswith("mask") for n, _ in net.named_buffers())
+        assert (counts.stored < counts.dense or masked) == (not name.endswith("_dense")), (name, counts)
 
 
 RUN0 = Path("logs/default/version_0")

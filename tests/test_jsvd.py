@@ -107,3 +107,19 @@ def test_jsvd_full_rank_keeps_the_function_and_budgets_hold():
         layers = [m for m in net.modules() if isinstance(m, SVDConv2d)]
         stored = sum(p.numel() for p in {id(p): p for m in layers for p in m.parameters()}.values())
         assert sum(m.dense_parameters() for m in layers) / stored >= 3 - 1e-9, method
+
+
+def test_jsvd_budget_holds_for_the_convolutions_it_leaves_dense():
+    """The first and 1x1 convolutions stay dense but are targets: the budget covers them too."""
+    from sepnet.compress import compress_
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 16, 3), nn.Conv2d(16, 32, 3), nn.Conv2d(32, 32, 3), nn.Conv2d(32, 64, 1))
+    dense = sum(p.numel() for p in net.parameters())
+    compress_(net, [{"method": "jsvd", "budget": 2, "options": {"method": "svd"}}])
+    assert isinstance(net[1], SVDConv2d) and isinstance(net[3], nn.Conv2d)
+    stored = sum(p.numel() for p in net.parameters())
+    assert dense / 2 * 0.8 < stored <= dense / 2
+    with pytest.raises(ValueError, match="budget 8x is unreachable"):  # the dense ones alone exceed it
+        compress_(nn.Sequential(nn.Conv2d(3, 16, 3), nn.Conv2d(16, 16, 3), nn.Conv2d(16, 64, 1)),
+                  [{"method": "jsvd", "budget": 8, "options": {"method": "svd"}}])

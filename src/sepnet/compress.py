@@ -115,14 +115,16 @@ def _search(fits: Callable[[int], bool], top: int) -> int:
     return low
 
 
-def _budget_ranks(spec: CompressionSpec, units: list[tuple[str, int, Callable[[int], int]]]) -> list[int]:
+def _budget_ranks(spec: CompressionSpec, units: list[tuple[str, int, Callable[[int], int]]],
+                  kept: int = 0) -> list[int]:
     """One rank per unit (a layer, or a group sharing factors) for spec.budget over all of them
     together: the largest common rank r (each unit capped where it would store as much as its
     dense parameters) whose total stays within sum(dense) / budget. Small layers (a 10-class
-    classifier) thus keep their full rank while the big ones carry the compression."""
+    classifier) thus keep their full rank while the big ones carry the compression. `kept`:
+    parameters of targets the method leaves as they are; the budget holds for them too."""
     caps = [_search(lambda r, c=cost, d=dense: c(r) <= d, dense) if cost(1) <= dense else 1
             for _, dense, cost in units]
-    allowed = sum(dense for _, dense, _ in units) / spec.budget
+    allowed = (sum(dense for _, dense, _ in units) + kept) / spec.budget - kept
 
     def total(r: int) -> int:
         return sum(cost(min(r, cap)) for (_, _, cost), cap in zip(units, caps))
@@ -269,7 +271,7 @@ def jsvd_(net: nn.Module, spec: CompressionSpec) -> list[str]:
         units.append((group[0][0], sum(_dense(c) for _, c in group),
                       lambda r, n=len(group), a=rows, b=cols: _joint_cost(method, n, a, b, r, opts["split"]) + bias))
     if spec.budget is not None:
-        ranks = _budget_ranks(spec, units)
+        ranks = _budget_ranks(spec, units, kept=sum(_dense(c) for _, c in kept))
     else:
         per_layer = int(opts.get("rank", 8))
         ranks = [equal_budget_rank(method, len(g), g[0][1].in_channels * g[0][1].kernel_size[0],

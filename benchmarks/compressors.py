@@ -165,7 +165,8 @@ def _key(r: dict) -> tuple:
 
 def run_cell(model: str, budget: str, method: str, seed: int, args) -> dict:
     record = {"model": model, "budget": budget, "method": method, "seed": seed, "epochs": args.epochs,
-              "dense_epochs": args.dense_epochs}
+              "dense_epochs": args.dense_epochs, "pgd_images": args.pgd_images, "aa_images": args.aa_images,
+              "honesty_images": args.honesty_images}
     start = dense_start_path(args, model, seed)
     callbacks = [ConstraintMonitor(every_n_steps=50, histograms=False)]
     torch.manual_seed(seed)

@@ -30,6 +30,7 @@ from torch import nn
 from torch.nn.utils import prune
 
 from sepnet.attacks import AttackSpec
+from sepnet.compress import compress_
 from sepnet.constraints import fc_parameter_counts, layer_condition_number, parameter_counts, separable_layers
 from sepnet.data import ImageFolderDataModule
 from sepnet.evaluation import correct, honesty_checks, robust_masks
@@ -164,22 +165,26 @@ def evaluate(net: nn.Module, attacker, pgd_images: int, aa_images: int, honesty_
 
 def prune_from_dense(family: str, dense_state: dict, reference: nn.Module, adv: str = "fgsm",
                      eps: float = EPS) -> ImageClassifier:
-    """The family's dense model, pruned by weight magnitude layer by layer so that each of its
-    Linear layers keeps as many non-zero parameters (weights and bias) as the matching FC layer
-    (separable, or a dense classifier) of the `reference` stores, at least one per output unit.
-    Global magnitude pruning was tried first and removed the whole MLP classifier at 582x (its
-    weights are smaller than the hidden layers'): a broken baseline."""
+    """The family's dense model, pruned by weight magnitude layer by layer (the library's
+    `magnitude` compressor, one entry per layer) so that each of its Linear layers keeps as many
+    non-zero parameters (weights and bias) as the matching FC layer (separable, or a dense
+    classifier) of the `reference` stores, at least one per output unit. Global magnitude
+    pruning was tried first and removed the whole MLP classifier at 582x (its weights are
+    smaller than the hidden layers'): a broken baseline."""
     model = ImageClassifier(**FAMILIES[family]["dense"], **common_kwargs(family, adv, eps))
     model.net.load_state_dict(dense_state)
-    linears = [m for m in model.net.modules() if isinstance(m, nn.Linear)]
+    linears = [(name, m) for name, m in model.net.named_modules() if isinstance(m, nn.Linear)]
     budgets = [sum(p.numel() for p in m.parameters()) for m in reference.modules()
                if isinstance(m, (nn.Linear, SeparableLinear))]
     if len(budgets) != len(linears):
         raise ValueError(f"{family}: {len(linears)} dense Linear layers but {len(budgets)} FC layers to match")
-    for m, budget in zip(linears, budgets):
+    specs = []
+    for (name, m), budget in zip(linears, budgets):
         bias = m.bias.numel() if m.bias is not None else 0
         keep = min(m.weight.numel(), max(budget - bias, m.out_features))
-        prune.l1_unstructured(m, "weight", amount=m.weight.numel() - keep)
+        if keep < m.weight.numel():
+            specs.append({"method": "magnitude", "targets": [name], "budget": m.weight.numel() / keep})
+    compress_(model.net, specs)
     return model  # the masks stay during fine-tuning; removed before measuring
 
 

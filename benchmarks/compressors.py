@@ -280,49 +280,74 @@ def done_keys(path: Path) -> set[tuple]:
 
 
 def report(path: Path) -> None:
+    """One table per model and budget (the dense reference first), the paired difference of the
+    two best methods where they share seeds, and the Pareto plot (benchmarks/../compressors.png)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs: dict[tuple, list[dict]] = {}
+    runs: dict[tuple, dict[int, dict]] = {}  # (model, budget, method, epochs) -> seed -> latest record
     for line in path.read_text().splitlines():
         r = json.loads(line)
-        runs.setdefault((r["model"], r["budget"], r["method"], r["epochs"]), []).append(r)
+        runs.setdefault((r["model"], r["budget"], r["method"], r["epochs"]), {})[r["seed"]] = r
     keys = ("clean_acc", "pgd20_acc", "worst_acc")
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
     for model, ax in zip(("vgg", "vit"), axes):
-        budgets = sorted({b for (m, b, _, _) in runs if m == model}, key=lambda b: (b[:2], float(b.strip("fcmodel-") or 0)))
+        dense = {s: r for (m, b, method, _), seeds in runs.items() if m == model and method == "dense"
+                 for s, r in seeds.items()}
+        dense_seconds = {s: r["train_seconds"] / r["epochs"] for s, r in dense.items()}
+        budgets = sorted({b for (m, b, _, _) in runs if m == model and b != "-"},
+                         key=lambda b: (b[:2], float(b.strip("fcmodel"))))
         curves: dict[str, list] = {}
         for budget in budgets:
             print(f"\n### {model} {budget}\n")
             print("| method | seeds | non-zero params | model compression | FC compression | clean | PGD-20 | "
-                  "worst case | train min | flags |")
-            print("|---" * 10 + "|")
-            for (m, b, method, epochs), group in sorted(runs.items(), key=lambda kv: kv[0][2]):
-                if (m, b) != (model, budget):
-                    continue
-                ok = [r for r in group if r["status"] == "ok"]
+                  "worst case | train min (with dense start) | attacked images (AA / honesty) | flags |")
+            print("|---" * 11 + "|")
+            rows = sorted(((method, seeds) for (m, b, method, _), seeds in runs.items()
+                           if m == model and b in (budget, "-")), key=lambda kv: (kv[0] != "dense", kv[0]))
+            scored = []
+            for method, seeds in rows:
+                ok = [r for r in seeds.values() if r["status"] == "ok"]
                 if not ok:
-                    print(f"| {method} | - | unreachable: {group[-1]['reason'][:90]} | | | | | | | |")
+                    reason = next(iter(seeds.values()))["reason"]
+                    print(f"| {method} | - | cannot reach it: {reason[:110]} |" + " |" * 8)
                     continue
                 mean = {k: sum(r[k] for r in ok) / len(ok) for k in keys}
                 spread = {k: (max(r[k] for r in ok) - min(r[k] for r in ok)) / 2 for k in keys}
                 cell = {k: f"{mean[k]:.3f}" + (f" ±{spread[k]:.3f}" if len(ok) > 1 else "") for k in keys}
-                warnings = sorted({w for r in ok for w in r.get("honesty", {}).get("warnings", [])})
-                minutes = sum(r["train_seconds"] for r in ok) / len(ok) / 60
+                warnings = sorted({w.split(":")[0] for r in ok for w in r.get("honesty", {}).get("warnings", [])})
+                minutes = sum(r["train_seconds"] + (r["dense_epochs"] * dense_seconds.get(r["seed"], 0)
+                                                    if r.get("start", "scratch") != "scratch" else 0)
+                              for r in ok) / len(ok) / 60
+                images = f"{ok[0].get('aa_images', 1000)} / {ok[0].get('honesty_images', 256)}"
                 print(f"| {method} | {len(ok)} | {ok[0]['params_nonzero']:,} | {ok[0]['model_compression']:.1f}x | "
                       f"{ok[0]['fc_compression']:.1f}x | {cell['clean_acc']} | {cell['pgd20_acc']} | "
-                      f"{cell['worst_acc']} | {minutes:.1f} | {'; '.join(warnings) or '-'} |")
-                curves.setdefault(method, []).append((ok[0]["params_nonzero"], mean["worst_acc"], spread["worst_acc"]))
+                      f"{cell['worst_acc']} | {minutes:.1f} | {images} | {'; '.join(warnings) or '-'} |")
+                if method != "dense":
+                    scored.append((mean["worst_acc"], method, {r["seed"]: r["worst_acc"] for r in ok}))
+                    curves.setdefault(method, []).append((ok[0]["params_nonzero"], mean["worst_acc"],
+                                                          spread["worst_acc"]))
+            scored.sort(reverse=True)
+            if len(scored) > 1:
+                (best, first, a), (_, second, b) = scored[:2]
+                shared = sorted(set(a) & set(b))
+                diffs = [a[s] - b[s] for s in shared]
+                print(f"\nbest: {first} {best:.3f}; paired worst-case difference to {second} over seeds "
+                      f"{shared}: {', '.join(f'{d:+.3f}' for d in diffs)}")
+        if dense:
+            r = next(iter(dense.values()))
+            ax.scatter([r["params_nonzero"]], [sum(d["worst_acc"] for d in dense.values()) / len(dense)],
+                       marker="*", s=150, color="black", label="dense", zorder=3)
         for method, points in sorted(curves.items()):
             points.sort()
             ax.errorbar([p[0] for p in points], [p[1] for p in points], yerr=[p[2] for p in points],
-                        marker="o" if method != "dense" else "*", markersize=5 if method != "dense" else 12,
-                        capsize=3, label=method)
+                        marker="o", markersize=5, capsize=3, label=method)
         ax.set(xscale="log", xlabel="non-zero parameters (whole model)", ylabel="worst-case accuracy (Linf 8/255)",
                title=f"{model}: non-zero parameters vs worst-case robust accuracy")
-        ax.legend(fontsize=7)
+        if curves or dense:
+            ax.legend(fontsize=7)
     fig.tight_layout()
     out = HERE.parent / "compressors.png"
     fig.savefig(out, dpi=120)

@@ -292,7 +292,7 @@ def report(path: Path) -> None:
         r = json.loads(line)
         runs.setdefault((r["model"], r["budget"], r["method"], r["epochs"]), {})[r["seed"]] = r
     keys = ("clean_acc", "pgd20_acc", "worst_acc")
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
+    fig, axes = plt.subplots(1, 3, figsize=(19, 4.8))
     for model, ax in zip(("vgg", "vit"), axes):
         dense = {s: r for (m, b, method, _), seeds in runs.items() if m == model and method == "dense"
                  for s, r in seeds.items()}
@@ -348,10 +348,36 @@ def report(path: Path) -> None:
                title=f"{model}: non-zero parameters vs worst-case robust accuracy")
         if curves or dense:
             ax.legend(fontsize=7)
+    kappa_scatter(axes[2], path)
     fig.tight_layout()
     out = HERE.parent / "compressors.png"
     fig.savefig(out, dpi=120)
     print(f"\nplot: {out}")
+
+
+def kappa_scatter(ax, path: Path) -> None:
+    """Issue 12: the largest final kappa of a run's separable layers (implied matrices, exact)
+    vs its worst-case accuracy, over this study's separable runs and the constraint ablation's."""
+    ablation = path.with_name("constraint_ablation.jsonl")
+    points = []
+    for source in (path, ablation):
+        if not source.is_file():
+            continue
+        for line in source.read_text().splitlines():
+            r = json.loads(line)
+            kappas = [k for k in r.get("final_layer_kappa", [])]
+            if r.get("status", "ok") == "ok" and kappas and r.get("worst_acc") is not None:
+                label = r.get("variant") or f"{r['model']} {r['budget']} {r['method']}"
+                points.append((max(kappas), r["worst_acc"], label, source == ablation))
+    for ablated, marker, name in ((False, "o", "compressor study (3 epochs)"), (True, "s", "constraint ablation (10 epochs)")):
+        xs = [min(k, 1e12) for k, _, _, a in points if a == ablated]
+        ax.scatter(xs, [w for _, w, _, a in points if a == ablated], marker=marker, label=name)
+    for k, w, label, _ in points:
+        ax.annotate(label.replace("sep_b_", ""), (min(k, 1e12), w), fontsize=6)
+    ax.set(xscale="log", xlabel="largest final kappa of the separable layers (inf drawn at 1e12)",
+           ylabel="worst-case accuracy", title="Conditioning vs robustness (issue 12)")
+    if points:
+        ax.legend(fontsize=7)
 
 
 def main() -> None:

@@ -323,3 +323,6 @@ def main(args: list[str] | None = None) -> None:
             raise
         print(f"error: {_one_line(err)}", file=sys.stderr)
         sys.exit(2)
+    finally:  # a gloo group left to interpreter exit can abort it ("terminate called without an
+        if torch.distributed.is_available() and torch.distributed.is_initialized():  # active exception")
+            torch.distributed.destroy_process_group()

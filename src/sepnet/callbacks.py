@@ -280,6 +280,8 @@ class RunWatch(L.Callback):
         elif trainer.global_step == 0 and trainer.ckpt_path is None and trainer.is_global_zero:
             folder = Path(trainer.log_dir or "")
             if trainer.loggers and folder.is_dir() and not any(folder.rglob("*.ckpt")):
+                for logger in trainer.loggers:  # close the event files first: a TensorBoard
+                    logger.finalize("failed")  # flush after the folder went would replace the error
                 shutil.rmtree(folder, ignore_errors=True)
                 if folder.parent.is_dir() and not any(folder.parent.iterdir()):
                     folder.parent.rmdir()

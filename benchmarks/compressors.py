@@ -321,6 +321,9 @@ def report(path: Path) -> None:
                 spread = {k: (max(r[k] for r in ok) - min(r[k] for r in ok)) / 2 for k in keys}
                 cell = {k: f"{mean[k]:.3f}" + (f" ±{spread[k]:.3f}" if len(ok) > 1 else "") for k in keys}
                 warnings = sorted({w.split(":")[0] for r in ok for w in r.get("honesty", {}).get("warnings", [])})
+                collapsed = mean["clean_acc"] <= 0.11  # chance: a constant prediction "survives" attacks
+                if collapsed:
+                    warnings.insert(0, "**collapsed to chance** (left out of the best and the plot)")
                 minutes = sum(r["train_seconds"] + (r["dense_epochs"] * dense_seconds.get(r["seed"], 0)
                                                     if r.get("start", "scratch") != "scratch" else 0)
                               for r in ok) / len(ok) / 60
@@ -328,6 +331,8 @@ def report(path: Path) -> None:
                 print(f"| {method} | {len(ok)} | {ok[0]['params_nonzero']:,} | {ok[0]['model_compression']:.1f}x | "
                       f"{ok[0]['fc_compression']:.1f}x | {cell['clean_acc']} | {cell['pgd20_acc']} | "
                       f"{cell['worst_acc']} | {minutes:.1f} | {images} | {'; '.join(warnings) or '-'} |")
+                if collapsed:
+                    continue
                 if method != "dense":
                     scored.append((mean["worst_acc"], method, {r["seed"]: r["worst_acc"] for r in ok}))
                     curves.setdefault(method, []).append((ok[0]["params_nonzero"], mean["worst_acc"],

@@ -320,7 +320,8 @@ def report(path: Path) -> None:
                 mean = {k: sum(r[k] for r in ok) / len(ok) for k in keys}
                 spread = {k: (max(r[k] for r in ok) - min(r[k] for r in ok)) / 2 for k in keys}
                 cell = {k: f"{mean[k]:.3f}" + (f" ±{spread[k]:.3f}" if len(ok) > 1 else "") for k in keys}
-                warnings = sorted({w.split(":")[0] for r in ok for w in r.get("honesty", {}).get("warnings", [])})
+                kinds = [{_warning_kind(w) for w in r.get("honesty", {}).get("warnings", [])} for r in ok]
+                warnings = [f"{k} ({sum(k in ks for ks in kinds)}/{len(ok)})" for k in sorted(set().union(*kinds))]
                 collapsed = mean["clean_acc"] <= 0.11  # chance: a constant prediction "survives" attacks
                 if collapsed:
                     warnings.insert(0, "**collapsed to chance** (left out of the best and the plot)")
@@ -361,6 +362,15 @@ def report(path: Path) -> None:
     out = HERE.parent / "compressors.png"
     fig.savefig(out, dpi=120)
     print(f"\nplot: {out}")
+
+
+def _warning_kind(warning: str) -> str:
+    """An honesty check's warning, without its figures."""
+    for needle, kind in (("Square", "Square beats PGD-20"), ("does not fall", "accuracy does not fall to 0"),
+                         ("stronger", "stronger PGD beats PGD-20")):
+        if needle in warning:
+            return kind
+    return warning.split(":")[0]
 
 
 def kappa_scatter(ax, path: Path) -> None:

@@ -357,6 +357,8 @@ def report(path: Path) -> None:
                title=f"{model}: non-zero parameters vs worst-case robust accuracy")
         if curves or dense:
             ax.legend(fontsize=7)
+        else:
+            ax.set_title(f"{model}: no runs yet")
     kappa_scatter(axes[2], path)
     fig.tight_layout()
     out = HERE.parent / "compressors.png"
@@ -384,7 +386,8 @@ def kappa_scatter(ax, path: Path) -> None:
         for line in source.read_text().splitlines():
             r = json.loads(line)
             kappas = [k for k in r.get("final_layer_kappa", [])]
-            if r.get("status", "ok") == "ok" and kappas and r.get("worst_acc") is not None:
+            if (r.get("status", "ok") == "ok" and kappas and r.get("worst_acc") is not None
+                    and r.get("clean_acc", 1) > 0.11):  # runs collapsed to chance say nothing here
                 label = r.get("variant") or f"{r['model']} {r['budget']} {r['method']}"
                 points.append((max(kappas), r["worst_acc"], label, source == ablation))
     for ablated, marker, name in ((False, "o", "compressor study (3 epochs)"), (True, "s", "constraint ablation (10 epochs)")):

@@ -38,7 +38,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from reproduce import (FAMILIES, VGG, VGG_DENSE_HEAD, common_kwargs, evaluate,  # noqa: E402
+from reproduce import (EPS, FAMILIES, VGG, VGG_DENSE_HEAD, common_kwargs, evaluate,  # noqa: E402
                        exact_kappa, train)
 
 from sepnet.callbacks import ConstraintMonitor  # noqa: E402
@@ -67,6 +67,12 @@ METHODS = {
                   "separable"],
     "vit_model": ["separable", "separable_joint", "tt", "magnitude", "magnitude_global", "hydra", "deadwood"],
 }
+# The PGD-AT control rows: a method name "<method>+pgd7" is the same cell trained with PGD-7
+# (Madry's CIFAR recipe: 7 steps of 2/255, random start) instead of fast FGSM, its dense start
+# included ("dense+pgd7"); at the 10x whole-model budget, for the two best fast-FGSM methods
+# of each model (VGG: global magnitude and dual pruning; ViT: set from its fast-FGSM rows)
+PGD_AT = {"name": "pgd", "eps": EPS, "step_size": 2 / 255, "steps": 7}
+PGD_CONTROLS = {"vgg": ["magnitude_global", "deadwood"], "vit": ["magnitude_global", "deadwood"]}
 
 
 # the GPU cells (conf/experiments/compressors/): full-width models, full CIFAR-10, PGD-10 AT
@@ -158,8 +164,17 @@ class SaveAt(L.Callback):
             torch.save(pl_module.net.state_dict(), self.path)
 
 
-def dense_start_path(args, model: str, seed: int) -> Path:
-    return Path(args.results).with_name(f"compressors_{model}_dense_e{args.dense_epochs}_s{seed}.pt")
+def split_method(method: str) -> tuple[str, str]:
+    """("magnitude_global", "pgd7") for "magnitude_global+pgd7"; ("hydra", "") for "hydra"."""
+    base, _, training = method.partition("+")
+    if training not in ("", "pgd7"):
+        raise ValueError(f"method {method!r}: unknown training {training!r}; expected '<method>' or '<method>+pgd7'")
+    return base, training
+
+
+def dense_start_path(args, model: str, seed: int, training: str = "") -> Path:
+    tag = f"dense{'_' + training if training else ''}"
+    return Path(args.results).with_name(f"compressors_{model}_{tag}_e{args.dense_epochs}_s{seed}.pt")
 
 
 def _key(r: dict) -> tuple:
@@ -170,20 +185,25 @@ def run_cell(model: str, budget: str, method: str, seed: int, args) -> dict:
     record = {"model": model, "budget": budget, "method": method, "seed": seed, "epochs": args.epochs,
               "dense_epochs": args.dense_epochs, "pgd_images": args.pgd_images, "aa_images": args.aa_images,
               "honesty_images": args.honesty_images}
-    start = dense_start_path(args, model, seed)
+    base, training = split_method(method)
+    start = dense_start_path(args, model, seed, training)
     callbacks = [ConstraintMonitor(every_n_steps=50, histograms=False)]
     torch.manual_seed(seed)
-    if method == "dense":
+    kwargs = common_kwargs(model)
+    if training == "pgd7":
+        kwargs["adversarial"] = {"loss": "at", "attack": PGD_AT}
+    record["training"] = kwargs["adversarial"]["attack"]
+    if base == "dense":
         network, constraint, from_dense = DENSE[model], {}, False
         callbacks.append(SaveAt(args.dense_epochs, start))
     else:
-        network, constraint, from_dense = cell_config(model, budget, method, str(start), args.epochs,
+        network, constraint, from_dense = cell_config(model, budget, base, str(start), args.epochs,
                                                       args.dense_epochs)
         if from_dense and not start.is_file():
             raise FileNotFoundError(f"{start}: no dense start for {model} seed {seed}; run the dense cell first")
     epochs = args.epochs - (args.dense_epochs if from_dense else 0)
     try:
-        model_ = ImageClassifier(network=network, constraint=constraint, **common_kwargs(model))
+        model_ = ImageClassifier(network=network, constraint=constraint, **kwargs)
     except ValueError as err:  # a budget the method cannot reach, said by the library
         record.update(status="unreachable", reason=str(err))
         return record
@@ -207,17 +227,19 @@ def run_cell(model: str, budget: str, method: str, seed: int, args) -> dict:
 
 def plan() -> list[tuple[str, str, str, int]]:
     """Every cell, in the order they run: the claims' cells first (VGG 226x FC and 10x whole
-    model, the ViT at 10x), then the other budgets, then the second seed of the key cells."""
+    model, the ViT at 10x), both seeds, then the PGD-AT controls, then the other budgets."""
     cells = [("vgg", "-", "dense", 0)]
     cells += [("vgg", "fc226", m, 0) for m in METHODS["fc"]]
     cells += [("vgg", "model10", m, 0) for m in METHODS["vgg_model"]]
-    cells += [("vit", "-", "dense", 0)] + [("vit", "model10", m, 0) for m in METHODS["vit_model"]]
+    cells += [("vgg", "-", "dense", 1)] + [("vgg", b, m, 1) for b, ms in (("fc226", "fc"), ("model10", "vgg_model"))
+                                           for m in METHODS[ms] if m != "separable" or b == "fc226"]
+    for seed in (0, 1):
+        cells += [("vit", "-", "dense", seed)] + [("vit", "model10", m, seed) for m in METHODS["vit_model"]]
+    cells += [(model, budget, f"{m}+pgd7", 0) for model in ("vgg", "vit")
+              for budget, m in [("-", "dense"), *(("model10", m) for m in PGD_CONTROLS[model])]]
     cells += [("vgg", b, m, 0) for b in ("fc84", "fc11") for m in METHODS["fc"]]
     cells += [("vgg", "model30", m, 0) for m in METHODS["vgg_model"]]
     cells += [("vit", "model30", m, 0) for m in METHODS["vit_model"]]
-    cells += [("vgg", "-", "dense", 1)] + [("vgg", b, m, 1) for b, ms in (("fc226", "fc"), ("model10", "vgg_model"))
-                                           for m in METHODS[ms] if m != "separable" or b == "fc226"]
-    cells += [("vit", "-", "dense", 1)] + [("vit", "model10", m, 1) for m in METHODS["vit_model"]]
     return cells
 
 
@@ -299,7 +321,9 @@ def report(path: Path) -> None:
     for model, ax in zip(("vgg", "vit"), axes):
         dense = {s: r for (m, b, method, _), seeds in runs.items() if m == model and method == "dense"
                  for s, r in seeds.items()}
-        dense_seconds = {s: r["train_seconds"] / r["epochs"] for s, r in dense.items()}
+        dense_seconds = {(s, split_method(method)[1]): r["train_seconds"] / r["epochs"]
+                         for (m, _, method, _), seeds in runs.items() if m == model and method.startswith("dense")
+                         for s, r in seeds.items() if r["status"] == "ok"}
         budgets = sorted({b for (m, b, _, _) in runs if m == model and b != "-"},
                          key=lambda b: (b[:2], float(b.strip("fcmodel"))))
         curves: dict[str, list] = {}
@@ -308,8 +332,10 @@ def report(path: Path) -> None:
             print("| method | seeds | non-zero params | model compression | FC compression | clean | PGD-20 | "
                   "worst case | train min (with dense start) | attacked images (AA / honesty) | flags |")
             print("|---" * 11 + "|")
-            rows = sorted(((method, seeds) for (m, b, method, _), seeds in runs.items()
-                           if m == model and b in (budget, "-")), key=lambda kv: (kv[0] != "dense", kv[0]))
+            trainings = {split_method(method)[1] for (m, b, method, _) in runs if m == model and b == budget}
+            rows = sorted(((method, seeds) for (m, b, method, _), seeds in runs.items()  # the dense rows of
+                           if m == model and (b == budget or b == "-" and split_method(method)[1] in trainings)),
+                          key=lambda kv: (not kv[0].startswith("dense"), split_method(kv[0])[1], kv[0]))
             scored = []
             for method, seeds in rows:
                 ok = [r for r in seeds.values() if r["status"] == "ok"]
@@ -325,7 +351,8 @@ def report(path: Path) -> None:
                 collapsed = mean["clean_acc"] <= 0.11  # chance: a constant prediction "survives" attacks
                 if collapsed:
                     warnings.insert(0, "**collapsed to chance** (left out of the best and the plot)")
-                minutes = sum(r["train_seconds"] + (r["dense_epochs"] * dense_seconds.get(r["seed"], 0)
+                training = split_method(method)[1]
+                minutes = sum(r["train_seconds"] + (r["dense_epochs"] * dense_seconds.get((r["seed"], training), 0)
                                                     if r.get("start", "scratch") != "scratch" else 0)
                               for r in ok) / len(ok) / 60
                 images = f"{ok[0].get('aa_images', 1000)} / {ok[0].get('honesty_images', 256)}"
@@ -334,8 +361,9 @@ def report(path: Path) -> None:
                       f"{cell['worst_acc']} | {minutes:.1f} | {images} | {'; '.join(warnings) or '-'} |")
                 if collapsed:
                     continue
-                if method != "dense":
-                    scored.append((mean["worst_acc"], method, {r["seed"]: r["worst_acc"] for r in ok}))
+                if not method.startswith("dense"):
+                    if not training:  # the PGD-AT control rows are not in the race: other training
+                        scored.append((mean["worst_acc"], method, {r["seed"]: r["worst_acc"] for r in ok}))
                     curves.setdefault(method, []).append((ok[0]["params_nonzero"], mean["worst_acc"],
                                                           spread["worst_acc"]))
             scored.sort(reverse=True)

@@ -104,6 +104,29 @@ def test_compressor_cell_configs_are_current_and_instantiate(tmp_path, monkeypat
         assert (counts.stored < counts.dense or masked) == (not name.endswith("_dense")), (name, counts)
 
 
+def test_compressor_pgd_control_cells_follow_their_dense_start():
+    """The benchmark's PGD-AT control rows ("<method>+pgd7") train with PGD-7, start from the
+    dense run trained the same way (its own start file), and come after it in the plan."""
+    import importlib.util
+    from types import SimpleNamespace
+
+    spec = importlib.util.spec_from_file_location("compressors_bench", REPO / "benchmarks" / "compressors.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.split_method("magnitude_global+pgd7") == ("magnitude_global", "pgd7")
+    assert bench.split_method("hydra") == ("hydra", "")
+    with pytest.raises(ValueError, match="pgd3"):
+        bench.split_method("hydra+pgd3")
+    args = SimpleNamespace(results="r/compressors.jsonl", dense_epochs=1)
+    assert bench.dense_start_path(args, "vgg", 0, "pgd7") != bench.dense_start_path(args, "vgg", 0)
+    plan = bench.plan()
+    controls = [i for i, (_, b, m, _) in enumerate(plan) if m.endswith("+pgd7") and b != "-"]
+    assert {plan[i][0] for i in controls} == {"vgg", "vit"}
+    for i in controls:
+        model, _, _, seed = plan[i]
+        assert (model, "-", "dense+pgd7", seed) in plan[:i]
+
+
 RUN0 = Path("logs/default/version_0")
 TEST_FAST = ["--report.images", "32", "--report.honesty_images", "16", "--report.square_queries", "20"]
 

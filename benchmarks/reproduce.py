@@ -78,6 +78,9 @@ for family in FAMILIES.values():  # ablations at the middle level
     family["sep_b_implied"] = {"network": network, "constraint": dict(condition_weight=1e-3, condition_form="implied")}
     family["sep_b_joint"] = {"network": network, "constraint": dict(condition_weight=1e-3, condition_form="implied",
                                                                     sparsity_target=0.5)}
+    for weight in (1e-4, 1e-2):  # the implied form's weight sweep (on the validation split: --eval-split val)
+        family[f"sep_b_implied_w{weight:g}"] = {"network": network, "constraint": dict(
+            condition_weight=weight, condition_form="implied")}
     for level in "abc":  # pruning baselines at each separable level's budget
         family[f"pruned_{level}"] = f"prune dense layer by layer to the budgets of sep_{level}"
 
@@ -136,20 +139,26 @@ def train(model: ImageClassifier, epochs: int, batch_size: int, callbacks=(), lo
 
 
 def evaluate(net: nn.Module, attacker, pgd_images: int, aa_images: int, honesty_images: int = 256,
-             eps: float = EPS) -> dict:
+             eps: float = EPS, split: str = "test") -> dict:
     """sepnet.evaluation on the test set: clean accuracy on all 10k images, PGD-20 on the first
     `pgd_images`, then the reduced AutoAttack on the PGD survivors among the first `aa_images`
-    (worst_acc: an image counts if it survives all four), and the honesty checks."""
+    (worst_acc: an image counts if it survives all four), and the honesty checks. split "val":
+    the same on the 1,000 held-out training images instead (for choosing weights)."""
+    if split not in ("test", "val"):
+        raise ValueError(f"evaluation split {split!r}: expected 'test' or 'val'")
     dm = datamodule(500)
     dm.setup()
     hits, xs, ys = [], [], []  # the test loader's fixed shuffle makes its prefix a random sample
     subset = max(pgd_images, aa_images, honesty_images)
-    for x, y in dm.test_dataloader():
+    loader = dm.test_dataloader() if split == "test" else dm.val_dataloader()  # val: a random split
+    for x, y in loader:
         hits.append(correct(net, x, y))
         if sum(len(t) for t in ys) < subset:
             xs.append(x), ys.append(y)
     x, y = torch.cat(xs), torch.cat(ys)
-    out = {"clean_acc": torch.cat(hits).float().mean().item()}
+    if len(y) < subset:
+        raise ValueError(f"{split} split: {len(y)} images, fewer than the {subset} to attack")
+    out = {"clean_acc": torch.cat(hits).float().mean().item(), "eval_split": split}
     specs = eval_specs(eps)
     pgd = robust_masks(net, attacker, x[:pgd_images], y[:pgd_images], [specs["pgd20"]])["pgd_linf"]
     out["pgd20_acc"] = pgd.float().mean().item()
@@ -237,7 +246,7 @@ def run(family: str, variant: str, args) -> dict:
         "final_layer_kappa": layer_kappa, "log10_kappa_per_epoch": kappa.history,
         "log10_kappa_layers_per_epoch": kappa.per_layer,
         **evaluate(model.net, model.attacker, args.pgd_images, args.aa_images, args.honesty_images,
-                   args.eps255 / 255),
+                   args.eps255 / 255, args.eval_split),
     }
     results = Path(args.results)
     results.parent.mkdir(parents=True, exist_ok=True)
@@ -250,7 +259,7 @@ def run(family: str, variant: str, args) -> dict:
 def _key(record: dict) -> tuple:
     """A run's identity: records before N-FGSM and the worst case were all fast-FGSM runs."""
     return (record["family"], record["variant"], record["epochs"], record.get("seed", 0),
-            record.get("adv", "fgsm"), record.get("eps255", 8.0))
+            record.get("adv", "fgsm"), record.get("eps255", 8.0), record.get("eval_split", "test"))
 
 
 def report(results: Path) -> None:
@@ -340,6 +349,8 @@ def main() -> None:
     parser.add_argument("--honesty-images", type=int, default=256)
     parser.add_argument("--pgd-images", type=int, default=2000)
     parser.add_argument("--aa-images", type=int, default=1000)
+    parser.add_argument("--eval-split", choices=("test", "val"), default="test",
+                        help="val: evaluate on the held-out 5%% of the training images (to choose weights)")
     parser.add_argument("--report", action="store_true")
     parser.add_argument("--results", default=str(RESULTS), help="JSON-lines file the runs append to")
     args = parser.parse_args()
@@ -355,7 +366,7 @@ def main() -> None:
     done = {_key(json.loads(line)) for line in Path(args.results).read_text().splitlines()} \
         if Path(args.results).is_file() else set()
     for variant in variants:
-        key = (args.family, variant, args.epochs, args.seed, args.adv, args.eps255)
+        key = (args.family, variant, args.epochs, args.seed, args.adv, args.eps255, args.eval_split)
         if key in done:
             print(f"skipped (in {args.results}): {key}")
             continue

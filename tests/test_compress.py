@@ -321,3 +321,15 @@ def test_a_whole_model_budget_fills_up_after_the_earlier_entries():
         assert 29.7 <= counts.nonzero_compression <= 30.3, (method, counts)
     with pytest.raises(ValueError, match="expected 'targets' or 'model'"):
         CompressionSpec(method="tt", budget=2, budget_of="everything")
+
+
+def test_topk_masks_keeps_the_largest_scores_across_tensors():
+    """The one top-k rule of HYDRA's forward, the dual pruning's final mask and the sparsity
+    target: `keep` largest scores over all tensors together, shapes kept."""
+    from sepnet.masks import topk_masks
+
+    first, second = torch.tensor([[3.0, 1.0], [2.0, 0.0]]), torch.tensor([5.0, -1.0])
+    masks = topk_masks([first, second], 3)
+    assert [m.shape for m in masks] == [first.shape, second.shape]
+    assert masks[0].tolist() == [[True, False], [True, False]] and masks[1].tolist() == [True, False]
+    assert topk_masks([first], 1)[0].sum() == 1 and topk_masks([first], 1)[0][0, 0]

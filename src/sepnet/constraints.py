@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from sepnet.layers import SeparableLinear, _kron_all
-from sepnet.masks import masked_layers
+from sepnet.masks import masked_layers, topk_masks
 from sepnet.tt import TTLinear
 
 ConditionForm = Literal["amgm", "logdet", "logcond", "implied"]
@@ -468,15 +468,12 @@ class SparsityTarget(nn.Module):
         among those its mask still keeps (a pruned entry never comes back)."""
         factors = _factors(self._layers[index])
         masks = [getattr(self, f"mask_{index}_{j}") for j in range(len(factors))]
-        magnitude = torch.cat([torch.where(m, f.abs(), -1.0).flatten() for f, m in zip(factors, masks)])
-        keep = max(1, magnitude.numel() - round(level * magnitude.numel()))
-        chosen = torch.zeros(magnitude.numel(), dtype=torch.bool, device=magnitude.device)
-        chosen[magnitude.topk(keep).indices] = True
-        offset = 0
-        for factor, mask in zip(factors, masks):
-            mask &= chosen[offset:offset + factor.numel()].view_as(factor)
+        entries = sum(f.numel() for f in factors)
+        keep = max(1, entries - round(level * entries))
+        magnitudes = [torch.where(m, f.abs(), -1.0) for f, m in zip(factors, masks)]  # pruned: last
+        for factor, mask, chosen in zip(factors, masks, topk_masks(magnitudes, keep)):
+            mask &= chosen
             factor.mul_(mask)
-            offset += factor.numel()
 
 
 def _factors(layer: SeparableLinear) -> list[Tensor]:

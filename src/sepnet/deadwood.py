@@ -21,6 +21,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import prune
 
+from sepnet.masks import topk_masks
+
 __all__ = ["Deadwood", "objectives", "compression_loss", "compression_epoch_"]
 
 
@@ -82,14 +84,8 @@ class Deadwood(nn.Module):
         `keep` weights, for good."""
         self._epoch = epoch
         if int(self.phase) == 0 and epoch >= self.penalty_epochs:
-            weights = self._weights()
-            flat = torch.cat([w.abs().flatten() for w in weights])
-            chosen = torch.zeros_like(flat)
-            chosen[flat.topk(self.keep).indices] = 1
-            offset = 0
-            for m, w in zip(self._layers, weights):
-                m.weight_mask.copy_(chosen[offset:offset + w.numel()].view_as(w))
-                offset += w.numel()
+            for m, chosen in zip(self._layers, topk_masks([w.abs() for w in self._weights()], self.keep)):
+                m.weight_mask.copy_(chosen)
             self.phase.fill_(1)
 
 

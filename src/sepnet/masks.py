@@ -16,7 +16,16 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-__all__ = ["MaskedWeight", "masked_layers", "set_phases_", "remove_masks_"]
+__all__ = ["MaskedWeight", "masked_layers", "set_phases_", "remove_masks_", "topk_masks"]
+
+
+def topk_masks(scores: list[Tensor], keep: int) -> list[Tensor]:
+    """Boolean masks, one per tensor, keeping the `keep` largest scores over all of them
+    together (one tensor: a layer's top-k; several: a global top-k across layers)."""
+    flat = torch.cat([s.flatten() for s in scores])
+    chosen = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
+    chosen[flat.topk(keep).indices] = True
+    return [part.view_as(s) for part, s in zip(chosen.split([s.numel() for s in scores]), scores)]
 
 
 class _TopK(torch.autograd.Function):
@@ -24,9 +33,7 @@ class _TopK(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, scores: Tensor, keep: int) -> Tensor:
-        mask = torch.zeros_like(scores)
-        mask.view(-1)[scores.abs().flatten().topk(keep).indices] = 1
-        return mask
+        return topk_masks([scores.abs()], keep)[0].to(scores.dtype)
 
     @staticmethod
     def backward(ctx, grad: Tensor):

@@ -147,3 +147,20 @@ def test_run_watch_warns_on_divergence(caplog):
         watch.on_train_batch_end(trainer, None, torch.tensor(250.0), None, 0)
         watch.on_train_batch_end(trainer, None, torch.tensor(float("nan")), None, 0)
     assert len(caplog.records) == 1 and "diverging loss: 250" in caplog.records[0].getMessage()
+
+
+def test_run_watch_checks_the_loss_peak_at_logging_steps_and_epoch_end(caplog):
+    """Between logging steps the loss peak stays on the device (no host sync a step); a spike
+    between them is still warned, at the next logging step or the epoch's end."""
+    watch = RunWatch(divergence_factor=100)
+    trainer = SimpleNamespace(is_global_zero=True, current_epoch=0, global_step=3, log_every_n_steps=50)
+    with caplog.at_level(logging.WARNING, logger="sepnet.callbacks"):
+        for batch_idx, loss in enumerate((2.0, 500.0, 3.0)):
+            watch.on_train_batch_end(trainer, None, torch.tensor(loss), None, batch_idx)
+        assert not caplog.records and watch._peak is not None  # not checked yet
+        watch.on_train_epoch_end(trainer, None)
+    assert len(caplog.records) == 1 and "diverging loss: 500 by step 3" in caplog.records[0].getMessage()
+    fresh = RunWatch(divergence_factor=100)
+    with caplog.at_level(logging.WARNING, logger="sepnet.callbacks"):
+        fresh.on_train_batch_end(trainer, None, torch.tensor(float("nan")), None, 0)
+    assert "diverging loss: nan" in caplog.records[-1].getMessage() and "first not finite" in caplog.records[-1].getMessage()

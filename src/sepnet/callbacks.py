@@ -239,6 +239,7 @@ class RunWatch(L.Callback):
         self.tolerance, self.divergence_factor = tolerance, divergence_factor
         self.best_first: float | None = None
         self.first_loss: float | None = None
+        self._peak: torch.Tensor | None = None  # largest loss since the last check, on the device
         self.warned: set[str] = set()
 
     def _warn(self, trainer, message: str) -> None:
@@ -250,12 +251,27 @@ class RunWatch(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if not self.divergence_factor or outputs is None:
             return
-        loss = float(outputs["loss"] if isinstance(outputs, dict) else outputs)
-        if self.first_loss is None and math.isfinite(loss):
-            self.first_loss = abs(loss)
-        elif not math.isfinite(loss) or (self.first_loss and loss > self.divergence_factor * self.first_loss):
-            self._warn(trainer, f"diverging loss: {loss:.3g} at step {trainer.global_step} (first "
-                                f"{self.first_loss:.3g}); lower the lr or the constraint weights")
+        loss = torch.as_tensor(outputs["loss"] if isinstance(outputs, dict) else outputs).detach()
+        if self.first_loss is None:  # one host sync; after it the peak stays on the device
+            first = float(loss)
+            if math.isfinite(first):
+                self.first_loss = abs(first)
+                return
+        self._peak = loss if self._peak is None else torch.maximum(self._peak, loss)  # NaN propagates
+        if batch_idx % max(1, getattr(trainer, "log_every_n_steps", 1)) == 0:  # synced then anyway
+            self._check_peak(trainer)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self._check_peak(trainer)
+
+    def _check_peak(self, trainer) -> None:
+        if self._peak is None:
+            return
+        peak, self._peak = float(self._peak), None
+        if not math.isfinite(peak) or (self.first_loss and peak > self.divergence_factor * self.first_loss):
+            first = "not finite" if self.first_loss is None else f"{self.first_loss:.3g}"
+            self._warn(trainer, f"diverging loss: {peak:.3g} by step {trainer.global_step} (first {first}); "
+                                "lower the lr or the constraint weights")
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         if trainer.sanity_checking:

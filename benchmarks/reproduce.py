@@ -300,6 +300,8 @@ def report(results: Path) -> None:
               f"{r['train_seconds'] / 60:.1f} | {kappa} | {r['flags'] or '-'} |")
     print("\nworst case: per image over PGD-20, APGD-CE, APGD-DLR and Square (1,000 queries); * = an "
           "older record with the reduced AutoAttack alone (PGD-20 not included)")
+    if results.resolve() != RESULTS.resolve():  # reproduce.png is the main study's figure
+        return
     # the plots compare runs of the dense baseline's length
     main_epochs = {f: e for (f, v, e) in runs if v == "dense"}
     records = {(f, v): r for (f, v, e), r in runs.items() if e == main_epochs.get(f, e)}

@@ -300,6 +300,17 @@ def report(results: Path) -> None:
               f"{r['train_seconds'] / 60:.1f} | {kappa} | {r['flags'] or '-'} |")
     print("\nworst case: per image over PGD-20, APGD-CE, APGD-DLR and Square (1,000 queries); * = an "
           "older record with the reduced AutoAttack alone (PGD-20 not included)")
+    for family, variant, epochs in sorted(runs):  # the ablations against sep_b_none, paired by seed
+        if not variant.startswith("sep_b_") or variant == "sep_b_none":
+            continue
+        pairs = sorted((seed, r["worst"] - latest[(family, "sep_b_none", epochs, seed)]["worst"])
+                       for (f, v, e, seed), r in latest.items() if (f, v, e) == (family, variant, epochs)
+                       and (family, "sep_b_none", epochs, seed) in latest)
+        if pairs:
+            diffs = [d for _, d in pairs]
+            print(f"{family} {variant} ({epochs} epochs) - sep_b_none, worst case, paired by seed "
+                  f"{[seed for seed, _ in pairs]}: {', '.join(f'{d:+.3f}' for d in diffs)} "
+                  f"(mean {sum(diffs) / len(diffs):+.3f})")
     if results.resolve() != RESULTS.resolve():  # reproduce.png is the main study's figure
         return
     # the plots compare runs of the dense baseline's length

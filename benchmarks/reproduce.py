@@ -273,6 +273,8 @@ def report(results: Path) -> None:
         r = json.loads(line)
         if r.get("adv", "fgsm") != "fgsm" or r.get("eps255", 8.0) != 8.0:
             r["variant"] = f"{r['variant']}+{r.get('adv', 'fgsm')}@{r.get('eps255', 8.0):g}/255"
+        if r.get("eval_split", "test") != "test":  # evaluated on the validation split
+            r["variant"] = f"{r['variant']}@{r['eval_split']}"
         # records before the worst case hold the reduced AutoAttack alone (marked *)
         r["worst"] = r.get("worst_acc", r.get("autoattack_acc"))
         r["flags"] = ("*" if "worst_acc" not in r else "") + \

@@ -271,6 +271,7 @@ def report(results: Path) -> None:
     latest = {}
     for line in results.read_text().splitlines():
         r = json.loads(line)
+        r["run"] = r["variant"]  # the variant as run; "variant" gets the labels below
         if r.get("adv", "fgsm") != "fgsm" or r.get("eps255", 8.0) != 8.0:
             r["variant"] = f"{r['variant']}+{r.get('adv', 'fgsm')}@{r.get('eps255', 8.0):g}/255"
         if r.get("eval_split", "test") != "test":  # evaluated on the validation split
@@ -302,15 +303,16 @@ def report(results: Path) -> None:
               f"{r['train_seconds'] / 60:.1f} | {kappa} | {r['flags'] or '-'} |")
     print("\nworst case: per image over PGD-20, APGD-CE, APGD-DLR and Square (1,000 queries); * = an "
           "older record with the reduced AutoAttack alone (PGD-20 not included)")
-    for family, variant, epochs in sorted(runs):  # the ablations against sep_b_none, paired by seed
-        if not variant.startswith("sep_b_") or variant == "sep_b_none":
+    for (family, variant, epochs), r in sorted(runs.items()):  # the ablations against sep_b_none, by seed
+        if not r["run"].startswith("sep_b_") or r["run"] == "sep_b_none":
             continue
-        pairs = sorted((seed, r["worst"] - latest[(family, "sep_b_none", epochs, seed)]["worst"])
-                       for (f, v, e, seed), r in latest.items() if (f, v, e) == (family, variant, epochs)
-                       and (family, "sep_b_none", epochs, seed) in latest)
+        none = "sep_b_none" + variant[len(r["run"]):]  # the same labels: training, split
+        pairs = sorted((seed, x["worst"] - latest[(family, none, epochs, seed)]["worst"])
+                       for (f, v, e, seed), x in latest.items() if (f, v, e) == (family, variant, epochs)
+                       and (family, none, epochs, seed) in latest)
         if pairs:
             diffs = [d for _, d in pairs]
-            print(f"{family} {variant} ({epochs} epochs) - sep_b_none, worst case, paired by seed "
+            print(f"{family} {variant} ({epochs} epochs) - {none}, worst case, paired by seed "
                   f"{[seed for seed, _ in pairs]}: {', '.join(f'{d:+.3f}' for d in diffs)} "
                   f"(mean {sum(diffs) / len(diffs):+.3f})")
     if results.resolve() != RESULTS.resolve():  # reproduce.png is the main study's figure

@@ -70,9 +70,9 @@ METHODS = {
 # The PGD-AT control rows: a method name "<method>+pgd7" is the same cell trained with PGD-7
 # (Madry's CIFAR recipe: 7 steps of 2/255, random start) instead of fast FGSM, its dense start
 # included ("dense+pgd7"); at the 10x whole-model budget, for the two best fast-FGSM methods
-# of each model (VGG: global magnitude and dual pruning; ViT: set from its fast-FGSM rows)
+# of each model (VGG: global magnitude and dual pruning; ViT: TT and layer-wise magnitude, seed 0)
 PGD_AT = {"name": "pgd", "eps": EPS, "step_size": 2 / 255, "steps": 7}
-PGD_CONTROLS = {"vgg": ["magnitude_global", "deadwood"], "vit": ["magnitude_global", "deadwood"]}
+PGD_CONTROLS = {"vgg": ["magnitude_global", "deadwood"], "vit": ["tt", "magnitude"]}
 
 
 # the GPU cells (conf/experiments/compressors/): full-width models, full CIFAR-10, PGD-10 AT

@@ -172,6 +172,14 @@ def split_method(method: str) -> tuple[str, str]:
     return base, training
 
 
+def training_kwargs(model: str, training: str) -> dict:
+    """The ImageClassifier arguments of a cell: reproduce.py's (fast FGSM), or PGD-7 AT for "pgd7"."""
+    kwargs = common_kwargs(model)
+    if training == "pgd7":
+        kwargs["adversarial"] = {"loss": "at", "attack": PGD_AT}
+    return kwargs
+
+
 def dense_start_path(args, model: str, seed: int, training: str = "") -> Path:
     tag = f"dense{'_' + training if training else ''}"
     return Path(args.results).with_name(f"compressors_{model}_{tag}_e{args.dense_epochs}_s{seed}.pt")
@@ -189,9 +197,7 @@ def run_cell(model: str, budget: str, method: str, seed: int, args) -> dict:
     start = dense_start_path(args, model, seed, training)
     callbacks = [ConstraintMonitor(every_n_steps=50, histograms=False)]
     torch.manual_seed(seed)
-    kwargs = common_kwargs(model)
-    if training == "pgd7":
-        kwargs["adversarial"] = {"loss": "at", "attack": PGD_AT}
+    kwargs = training_kwargs(model, training)
     record["training"] = kwargs["adversarial"]["attack"]
     if base == "dense":
         network, constraint, from_dense = DENSE[model], {}, False

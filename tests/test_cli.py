@@ -71,20 +71,26 @@ def test_every_config_parses_and_instantiates(path, tmp_path, monkeypatch):
     assert tuple(cli.model.hparams.image_shape) == tuple(cli.datamodule.image_shape)
 
 
+def _compressors_benchmark():
+    """benchmarks/compressors.py as a module (it is a script, not part of the package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("compressors_bench", REPO / "benchmarks" / "compressors.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench
+
+
 def test_compressor_cell_configs_are_current_and_instantiate(tmp_path, monkeypatch):
     """conf/experiments/compressors/ is what `benchmarks/compressors.py --write-configs` writes;
     one cell of each kind instantiates through the CLI (the pruning and joint-SVD cells from a
     dense start written here; the joint-SVD builds take minutes on CPU and are left out)."""
-    import importlib.util
-
     import yaml
 
     from sepnet.constraints import parameter_counts
     from sepnet.network import build_network
 
-    spec = importlib.util.spec_from_file_location("compressors_bench", REPO / "benchmarks" / "compressors.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _compressors_benchmark()
     expected = bench.gpu_configs()
     assert sorted(p.stem for p in COMPRESSOR_CELLS.glob("*.yaml")) == sorted(expected)
     for name, config in expected.items():
@@ -107,16 +113,16 @@ def test_compressor_cell_configs_are_current_and_instantiate(tmp_path, monkeypat
 def test_compressor_pgd_control_cells_follow_their_dense_start():
     """The benchmark's PGD-AT control rows ("<method>+pgd7") train with PGD-7, start from the
     dense run trained the same way (its own start file), and come after it in the plan."""
-    import importlib.util
     from types import SimpleNamespace
 
-    spec = importlib.util.spec_from_file_location("compressors_bench", REPO / "benchmarks" / "compressors.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _compressors_benchmark()
     assert bench.split_method("magnitude_global+pgd7") == ("magnitude_global", "pgd7")
     assert bench.split_method("hydra") == ("hydra", "")
     with pytest.raises(ValueError, match="pgd3"):
         bench.split_method("hydra+pgd3")
+    assert bench.training_kwargs("vgg", "")["adversarial"]["attack"]["name"] == "fgsm"
+    pgd = bench.training_kwargs("vgg", "pgd7")["adversarial"]["attack"]
+    assert (pgd["name"], pgd["steps"]) == ("pgd", 7)
     args = SimpleNamespace(results="r/compressors.jsonl", dense_epochs=1)
     assert bench.dense_start_path(args, "vgg", 0, "pgd7") != bench.dense_start_path(args, "vgg", 0)
     plan = bench.plan()

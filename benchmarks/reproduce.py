@@ -262,7 +262,8 @@ def _key(record: dict) -> tuple:
             record.get("adv", "fgsm"), record.get("eps255", 8.0), record.get("eval_split", "test"))
 
 
-def report(results: Path) -> None:
+def report(results: Path, figures: Path = HERE.parent) -> None:
+    """Print the table and the paired differences; draw the figures into `figures`."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -312,10 +313,15 @@ def report(results: Path) -> None:
                        and (family, none, epochs, seed) in latest)
         if pairs:
             diffs = [d for _, d in pairs]
+            mean = sum(diffs) / len(diffs)
+            # the standard error of the mean paired difference, from the seeds' scatter
+            sem = (math.sqrt(sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1) / len(diffs))
+                   if len(diffs) > 1 else float("nan"))
             print(f"{family} {variant} ({epochs} epochs) - {none}, worst case, paired by seed "
                   f"{[seed for seed, _ in pairs]}: {', '.join(f'{d:+.3f}' for d in diffs)} "
-                  f"(mean {sum(diffs) / len(diffs):+.3f})")
+                  f"(mean {mean:+.3f}" + (f", standard error {sem:.3f})" if len(diffs) > 1 else ")"))
     if results.resolve() != RESULTS.resolve():  # reproduce.png is the main study's figure
+        kappa_scatter(latest.values(), figures / f"{results.stem}_kappa.png")
         return
     # the plots compare runs of the dense baseline's length
     main_epochs = {f: e for (f, v, e) in runs if v == "dense"}
@@ -350,8 +356,34 @@ def report(results: Path) -> None:
     for ax in axes:
         ax.legend(fontsize=6)
     fig.tight_layout()
-    fig.savefig(HERE.parent / "reproduce.png", dpi=120)
-    print(f"plot: {HERE.parent / 'reproduce.png'}")
+    fig.savefig(figures / "reproduce.png", dpi=120)
+    print(f"plot: {figures / 'reproduce.png'}")
+
+
+def kappa_scatter(records, path: Path) -> None:
+    """Every run (each seed its own point): the largest final kappa among its separable layers
+    (log scale) against its worst-case accuracy, one marker and colour per variant."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by_variant: dict[str, list] = {}
+    for r in records:
+        if r.get("final_layer_kappa"):
+            by_variant.setdefault(r["variant"], []).append((max(r["final_layer_kappa"]), r["worst"]))
+    if not by_variant:
+        return
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for (variant, pts), marker in zip(sorted(by_variant.items()), "ovsD^<>pP*"):
+        ax.scatter(*zip(*pts), marker=marker, s=40, alpha=0.8, label=f"{variant} ({len(pts)} runs)")
+    ax.set(xscale="log", xlabel="largest final kappa of the implied separable layers (exact)",
+           ylabel="worst-case accuracy (Linf 8/255)", title="Conditioning vs robust accuracy, every run")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    print(f"plot: {path}")
 
 
 def main() -> None:

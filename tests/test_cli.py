@@ -71,11 +71,11 @@ def test_every_config_parses_and_instantiates(path, tmp_path, monkeypatch):
     assert tuple(cli.model.hparams.image_shape) == tuple(cli.datamodule.image_shape)
 
 
-def _compressors_benchmark():
-    """benchmarks/compressors.py as a module (it is a script, not part of the package)."""
+def _benchmark(name: str = "compressors"):
+    """benchmarks/<name>.py as a module (the benchmarks are scripts, not part of the package)."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("compressors_bench", REPO / "benchmarks" / "compressors.py")
+    spec = importlib.util.spec_from_file_location(f"{name}_bench", REPO / "benchmarks" / f"{name}.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     return bench
@@ -90,7 +90,7 @@ def test_compressor_cell_configs_are_current_and_instantiate(tmp_path, monkeypat
     from sepnet.constraints import parameter_counts
     from sepnet.network import build_network
 
-    bench = _compressors_benchmark()
+    bench = _benchmark()
     expected = bench.gpu_configs()
     assert sorted(p.stem for p in COMPRESSOR_CELLS.glob("*.yaml")) == sorted(expected)
     for name, config in expected.items():
@@ -115,7 +115,7 @@ def test_compressor_pgd_control_cells_follow_their_dense_start():
     dense run trained the same way (its own start file), and come after it in the plan."""
     from types import SimpleNamespace
 
-    bench = _compressors_benchmark()
+    bench = _benchmark()
     assert bench.split_method("magnitude_global+pgd7") == ("magnitude_global", "pgd7")
     assert bench.split_method("hydra") == ("hydra", "")
     with pytest.raises(ValueError, match="pgd3"):
@@ -132,6 +132,30 @@ def test_compressor_pgd_control_cells_follow_their_dense_start():
         model, _, _, seed = plan[i]
         assert (model, "-", "dense+pgd7", seed) in plan[:i]
 
+
+
+def test_ablation_report_pairs_seeds_and_draws_the_kappa_scatter(tmp_path, capsys):
+    """`reproduce.py --report` on an ablation file: each variant's worst case minus sep_b_none's
+    of the same seed (a seed without its none run is left out), the mean and its standard error,
+    and the kappa-vs-robustness scatter of every run, drawn where it is told."""
+    import json
+
+    bench = _benchmark("reproduce")
+    base = dict(family="vgg", epochs=10, fc_stored=6282, fc_nonzero=6282, fc_compression=84.4,
+                params_stored=928122, params_nonzero=928122, clean_acc=0.5, pgd20_acc=0.3,
+                train_seconds=60.0, honesty={"warnings": []})
+    rows = [dict(base, variant="sep_b_none", seed=s, worst_acc=0.25, final_layer_kappa=[7.0, 5000.0])
+            for s in (0, 1, 2)]
+    rows += [dict(base, variant="sep_b_implied", seed=s, worst_acc=0.25 + d, final_layer_kappa=[1.6, 2.1])
+             for s, d in ((0, 0.01), (1, 0.02), (2, 0.03), (3, 0.5))]  # seed 3 has no none run
+    results = tmp_path / "ablation.jsonl"
+    results.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    bench.report(results, figures=tmp_path)
+    out = capsys.readouterr().out
+    assert ("sep_b_implied (10 epochs) - sep_b_none, worst case, paired by seed [0, 1, 2]: "
+            "+0.010, +0.020, +0.030 (mean +0.020, standard error 0.006)") in out
+    assert (tmp_path / "ablation_kappa.png").stat().st_size > 0
+    assert not (tmp_path / "reproduce.png").exists()  # the main study's figure is left alone
 
 RUN0 = Path("logs/default/version_0")
 TEST_FAST = ["--report.images", "32", "--report.honesty_images", "16", "--report.square_queries", "20"]

@@ -38,8 +38,8 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from reproduce import (EPS, FAMILIES, VGG, VGG_DENSE_HEAD, common_kwargs, evaluate,  # noqa: E402
-                       exact_kappa, train)
+from reproduce import (EPS, FAMILIES, VGG, VGG_DENSE_HEAD, VIT_DENSE, common_kwargs,  # noqa: E402
+                       evaluate, exact_kappa, train)
 
 from sepnet.callbacks import ConstraintMonitor  # noqa: E402
 from sepnet.compress import remove_pruning_  # noqa: E402
@@ -49,10 +49,9 @@ from sepnet.network import build_network  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "compressors.jsonl"
-VIT = {"depth": 4, "embed_dim": 128, "num_heads": 2, "patch_size": 4}
 DENSE = {
     "vgg": dict(VGG, head="dense", head_kwargs=VGG_DENSE_HEAD),
-    "vit": dict(backbone="vit", backbone_kwargs=VIT, head="dense", head_kwargs={"hidden": []}),
+    "vit": VIT_DENSE,
 }
 SEP_LEVEL = {"fc11": "a", "fc84": "b", "fc226": "c"}  # FC budgets: the separable heads' non-zero counts
 JOINT = dict(condition_weight=1e-3, condition_form="implied", sparsity_target=0.5)  # issue 12's "joint"

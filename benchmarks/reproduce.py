@@ -84,6 +84,17 @@ for family in FAMILIES.values():  # ablations at the middle level
     for level in "abc":  # pruning baselines at each separable level's budget
         family[f"pruned_{level}"] = f"prune dense layer by layer to the budgets of sep_{level}"
 
+# issue 12's ViT rows: the timm ViT of benchmarks/compressors.py (depth 4, width 128; 98% of its
+# parameters in linear layers) with every linear layer separable at the 10x whole-model budget
+# (2 modes, as compressors.py's `vit model10 separable` cell), and the same four constraints
+VIT = {"depth": 4, "embed_dim": 128, "num_heads": 2, "patch_size": 4}
+VIT_DENSE = dict(backbone="vit", backbone_kwargs=VIT, head="dense", head_kwargs={"hidden": []})
+VIT_SEP = dict(VIT_DENSE, compression=[{"method": "separable", "targets": ["*"], "budget": 10.0,
+                                        "budget_of": "model", "options": {"modes": 2}}])
+FAMILIES["vit"] = {"dense": {"network": VIT_DENSE}, "sep_b_none": {"network": VIT_SEP},
+                   **{v: {"network": VIT_SEP, "constraint": FAMILIES["vgg"][v]["constraint"]}
+                      for v in ("sep_b_target", "sep_b_implied", "sep_b_joint")}}
+
 def eval_specs(eps: float) -> dict[str, AttackSpec]:
     """PGD-20 and the reduced AutoAttack for the CPU (APGD-CE and APGD-DLR with 100 steps and 1
     restart, Square with 1000 queries); steps of eps / 4."""

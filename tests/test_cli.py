@@ -157,6 +157,23 @@ def test_ablation_report_pairs_seeds_and_draws_the_kappa_scatter(tmp_path, capsy
     assert (tmp_path / "ablation_kappa.png").stat().st_size > 0
     assert not (tmp_path / "reproduce.png").exists()  # the main study's figure is left alone
 
+
+def test_vit_ablation_rows_are_the_compressor_studys_separable_vit():
+    """reproduce.py's ViT family (issue 12's ViT rows) is compressors.py's `vit model10 separable`
+    network, with the VGG ablation's constraints, and is compressed 10-12x."""
+    from sepnet.constraints import parameter_counts
+    from sepnet.module import ImageClassifier
+
+    rep, comp = _benchmark("reproduce"), _benchmark()
+    network, constraint, from_dense = comp.cell_config("vit", "model10", "separable", None, 3, 1)
+    vit = rep.FAMILIES["vit"]
+    assert (vit["sep_b_none"]["network"], constraint, from_dense) == (network, {}, False)
+    for variant in ("sep_b_target", "sep_b_implied", "sep_b_joint"):
+        assert vit[variant] == {"network": network, "constraint": rep.FAMILIES["vgg"][variant]["constraint"]}
+    model = ImageClassifier(**vit["sep_b_joint"], **rep.common_kwargs("vit"))
+    counts = parameter_counts(model.net)
+    assert 10 <= counts.dense / counts.stored <= 12, counts  # at least the budget, not far past it
+
 RUN0 = Path("logs/default/version_0")
 TEST_FAST = ["--report.images", "32", "--report.honesty_images", "16", "--report.square_queries", "20"]
 

@@ -385,9 +385,16 @@ def kappa_scatter(records, path: Path) -> None:
             by_variant.setdefault(r["variant"], []).append((max(r["final_layer_kappa"]), r["worst"]))
     if not by_variant:
         return
+    finite = [k for pts in by_variant.values() for k, _ in pts if math.isfinite(k)]
+    ceiling = 10 * max(finite, default=1.0)  # a singular layer (kappa inf) is drawn here, labelled
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     for (variant, pts), marker in zip(sorted(by_variant.items()), "ovsD^<>pP*"):
-        ax.scatter(*zip(*pts), marker=marker, s=40, alpha=0.8, label=f"{variant} ({len(pts)} runs)")
+        singular = sum(not math.isfinite(k) for k, _ in pts)
+        ax.scatter([k if math.isfinite(k) else ceiling for k, _ in pts], [a for _, a in pts], marker=marker,
+                   s=40, alpha=0.8, label=f"{variant} ({len(pts)} runs" + (f", {singular} singular)" if singular else ")"))
+    if len(finite) < sum(map(len, by_variant.values())):
+        ax.axvline(ceiling, color="grey", lw=0.5, ls=":")
+        ax.annotate("singular (kappa inf)", (ceiling, ax.get_ylim()[0]), rotation=90, fontsize=7, ha="right", va="bottom")
     ax.set(xscale="log", xlabel="largest final kappa of the implied separable layers (exact)",
            ylabel="worst-case accuracy (Linf 8/255)", title="Conditioning vs robust accuracy, every run")
     ax.legend(fontsize=7)

@@ -137,15 +137,16 @@ def test_compressor_pgd_control_cells_follow_their_dense_start():
 def test_ablation_report_pairs_seeds_and_draws_the_kappa_scatter(tmp_path, capsys):
     """`reproduce.py --report` on an ablation file: each variant's worst case minus sep_b_none's
     of the same seed (a seed without its none run is left out), the mean and its standard error,
-    and the kappa-vs-robustness scatter of every run, drawn where it is told."""
+    and the kappa-vs-robustness scatter of every run (a singular layer's infinite kappa included),
+    drawn where it is told."""
     import json
 
     bench = _benchmark("reproduce")
     base = dict(family="vgg", epochs=10, fc_stored=6282, fc_nonzero=6282, fc_compression=84.4,
                 params_stored=928122, params_nonzero=928122, clean_acc=0.5, pgd20_acc=0.3,
                 train_seconds=60.0, honesty={"warnings": []})
-    rows = [dict(base, variant="sep_b_none", seed=s, worst_acc=0.25, final_layer_kappa=[7.0, 5000.0])
-            for s in (0, 1, 2)]
+    rows = [dict(base, variant="sep_b_none", seed=s, worst_acc=0.25, final_layer_kappa=[7.0, k])
+            for s, k in ((0, 5000.0), (1, 6000.0), (2, float("inf")))]  # seed 2: a singular layer
     rows += [dict(base, variant="sep_b_implied", seed=s, worst_acc=0.25 + d, final_layer_kappa=[1.6, 2.1])
              for s, d in ((0, 0.01), (1, 0.02), (2, 0.03), (3, 0.5))]  # seed 3 has no none run
     results = tmp_path / "ablation.jsonl"

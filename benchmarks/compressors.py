@@ -447,7 +447,8 @@ def main() -> None:
     parser.add_argument("--pgd-images", type=int, default=1000)
     parser.add_argument("--aa-images", type=int, default=1000)
     parser.add_argument("--results", default=str(RESULTS), help="JSON-lines file the cells append to")
-    parser.add_argument("--tb", default="lightning_logs/compressors", help="TensorBoard directory")
+    parser.add_argument("--tb", default=str(HERE.parent / "lightning_logs" / "compressors"),
+                        help="TensorBoard directory (default: the repository's lightning_logs/compressors)")
     parser.add_argument("--list", action="store_true", help="print the plan and what is done")
     parser.add_argument("--report", action="store_true")
     parser.add_argument("--write-configs", action="store_true", help="write conf/experiments/compressors/")

@@ -3,6 +3,9 @@
     python benchmarks/reproduce.py --family mlp                 # run every variant of a family
     python benchmarks/reproduce.py --family vgg --only sep_a     # one variant
     python benchmarks/reproduce.py --report                      # table + plots from the results
+    python benchmarks/reproduce.py --family vgg --only sep_b_none sep_b_target sep_b_implied
+        sep_b_joint --epochs 10 --seed N --results benchmarks/results/constraint_ablation.jsonl
+                                         # issue 12's constraint ablation (--family vit: its ViT rows)
 
 Data: ../shared/data/cifar10-jpeg (20k train, 10k test) through ImageFolderDataModule.
 Training: the application's ImageClassifier on Lightning, fast-FGSM adversarial training with
@@ -94,6 +97,7 @@ VIT_SEP = dict(VIT_DENSE, compression=[{"method": "separable", "targets": ["*"],
 FAMILIES["vit"] = {"dense": {"network": VIT_DENSE}, "sep_b_none": {"network": VIT_SEP},
                    **{v: {"network": VIT_SEP, "constraint": FAMILIES["vgg"][v]["constraint"]}
                       for v in ("sep_b_target", "sep_b_implied", "sep_b_joint")}}
+
 
 def eval_specs(eps: float) -> dict[str, AttackSpec]:
     """PGD-20 and the reduced AutoAttack for the CPU (APGD-CE and APGD-DLR with 100 steps and 1
@@ -390,11 +394,13 @@ def kappa_scatter(records, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     for (variant, pts), marker in zip(sorted(by_variant.items()), "ovsD^<>pP*"):
         singular = sum(not math.isfinite(k) for k, _ in pts)
+        label = f"{variant} ({len(pts)} runs" + (f", {singular} singular)" if singular else ")")
         ax.scatter([k if math.isfinite(k) else ceiling for k, _ in pts], [a for _, a in pts], marker=marker,
-                   s=40, alpha=0.8, label=f"{variant} ({len(pts)} runs" + (f", {singular} singular)" if singular else ")"))
+                   s=40, alpha=0.8, label=label)
     if len(finite) < sum(map(len, by_variant.values())):
         ax.axvline(ceiling, color="grey", lw=0.5, ls=":")
-        ax.annotate("singular (kappa inf)", (ceiling, ax.get_ylim()[0]), rotation=90, fontsize=7, ha="right", va="bottom")
+        ax.annotate("singular (kappa inf)", (ceiling, ax.get_ylim()[0]), rotation=90, fontsize=7, ha="right",
+                    va="bottom")
     ax.set(xscale="log", xlabel="largest final kappa of the implied separable layers (exact)",
            ylabel="worst-case accuracy (Linf 8/255)", title="Conditioning vs robust accuracy, every run")
     ax.legend(fontsize=7)

@@ -133,7 +133,6 @@ def test_compressor_pgd_control_cells_follow_their_dense_start():
         assert (model, "-", "dense+pgd7", seed) in plan[:i]
 
 
-
 def test_ablation_report_pairs_seeds_and_draws_the_kappa_scatter(tmp_path, capsys):
     """`reproduce.py --report` on an ablation file: each variant's worst case minus sep_b_none's
     of the same seed (a seed without its none run is left out), the mean and its standard error,
@@ -174,6 +173,7 @@ def test_vit_ablation_rows_are_the_compressor_studys_separable_vit():
     model = ImageClassifier(**vit["sep_b_joint"], **rep.common_kwargs("vit"))
     counts = parameter_counts(model.net)
     assert 10 <= counts.dense / counts.stored <= 12, counts  # at least the budget, not far past it
+
 
 RUN0 = Path("logs/default/version_0")
 TEST_FAST = ["--report.images", "32", "--report.honesty_images", "16", "--report.square_queries", "20"]

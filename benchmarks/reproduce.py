@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 import time
 from pathlib import Path
 
@@ -328,13 +329,11 @@ def report(results: Path, figures: Path = HERE.parent) -> None:
                        and (family, none, epochs, seed) in latest)
         if pairs:
             diffs = [d for _, d in pairs]
-            mean = sum(diffs) / len(diffs)
-            # the standard error of the mean paired difference, from the seeds' scatter
-            sem = (math.sqrt(sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1) / len(diffs))
-                   if len(diffs) > 1 else float("nan"))
+            # with 2+ seeds, the standard error of the mean paired difference
+            sem = f", standard error {statistics.stdev(diffs) / math.sqrt(len(diffs)):.3f}" if len(diffs) > 1 else ""
             print(f"{family} {variant} ({epochs} epochs) - {none}, worst case, paired by seed "
                   f"{[seed for seed, _ in pairs]}: {', '.join(f'{d:+.3f}' for d in diffs)} "
-                  f"(mean {mean:+.3f}" + (f", standard error {sem:.3f})" if len(diffs) > 1 else ")"))
+                  f"(mean {statistics.fmean(diffs):+.3f}{sem})")
     if results.resolve() != RESULTS.resolve():  # reproduce.png is the main study's figure
         kappa_scatter(latest.values(), figures / f"{results.stem}_kappa.png")
         return

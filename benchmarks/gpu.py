@@ -17,6 +17,13 @@ Sections (each ratio is against a baseline measured in the same run, on the same
    `--fit-minutes`, then `run.py test` with the worst-case suite on 1,000 test images;
 5. attacks: on that model, sepnet's PGD-10 vs torchattacks vs ART's stock estimator on 1,024
    test images: accuracy agreement and time ratios.
+6. hours: every GPU cell of the compressor benchmark (conf/experiments/compressors/*.yaml,
+   `benchmarks/compressors.py --write-configs`) built by the application's own CLI from its
+   config with the card's trainer (conf/trainer/gpu.yaml) and trained for a few steps on the
+   CIFAR-10 copy: seconds per training step (loader, Lightning, PGD-10 AT, constraint and
+   pruning hooks included) and per validation pass, scaled to the cell's epochs on full
+   CIFAR-10 (45k training images, batch 128): the estimated GPU hours per cell. Not run by
+   default (`--sections hours`).
 A section that fails is recorded under "errors" and the next one runs; the JSON is rewritten
 after every section, so a run stopped at its limit keeps what it measured.
 
@@ -33,11 +40,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import lightning as L
 import torch
 from torch import nn
 
@@ -266,6 +275,143 @@ def attack_section(device, ckpt: Path, tiny: bool, data: Path) -> dict:
     return out
 
 
+# the GPU cells train on full CIFAR-10: 50k images less CIFAR10DataModule's 10% validation split
+HOURS_TRAIN_IMAGES, HOURS_VAL_IMAGES = 45_000, 5_000
+
+
+class StepTimer(L.Callback):
+    """Seconds per training step in the steady state: from the end of batch `warmup - 1` to the
+    end of batch `warmup + steps - 1`, so the loader's waits between batches are included;
+    the device is synchronized at both ends."""
+
+    def __init__(self, warmup: int, steps: int) -> None:
+        self.warmup, self.steps = warmup, steps
+        self.start, self.seconds = None, None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if batch_idx in (self.warmup - 1, self.warmup + self.steps - 1):
+            if pl_module.device.type == "cuda":
+                torch.cuda.synchronize()
+            if batch_idx == self.warmup - 1:
+                self.start = time.perf_counter()
+            else:
+                self.seconds = (time.perf_counter() - self.start) / self.steps
+
+
+def tiny_image_folder(root: Path, per_class: int = 8) -> Path:
+    """A 10-class ImageFolder of random 32x32 JPEGs (train/ and test/), for the CPU check."""
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(0)
+    for split in ("train", "test"):
+        for c in range(10):
+            folder = root / split / f"class{c}"
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                pixels = (torch.rand(32, 32, 3, generator=g) * 255).to(torch.uint8).numpy()
+                Image.fromarray(pixels).save(folder / f"{i}.jpg")
+    return root
+
+
+def hours_cell(path: Path, device: torch.device, tiny: bool, data: Path, work: Path,
+               warmup: int, steps: int) -> dict:
+    """One GPU cell through the application's CLI: its config, the card's trainer, the CIFAR-10
+    copy standing in for full CIFAR-10 (same image size and classes; a 5k validation split as
+    CIFAR10DataModule holds out), `network.init_from` dropped (the dense start's weights do not
+    change the cost of a step); `warmup + steps` training steps, then one validation pass."""
+    import gc
+
+    import yaml
+
+    from sepnet.cli import SepnetCLI
+    from sepnet.constraints import parameter_counts
+    from sepnet.data import VisionDataModule
+
+    config = yaml.safe_load(path.read_text())
+    batch = config["data"]["init_args"]["batch_size"]
+    network = config["model"]["network"]
+    args = ["--config", str(path), "--trainer", str(REPO / "conf/trainer/gpu.yaml"),
+            "--model.network.init_from", "null",
+            "--data", str(REPO / "conf/data/cifar10_jpeg.yaml"), "--data.init_args.root", str(data),
+            "--data.init_args.batch_size", str(8 if tiny else batch),
+            "--data.init_args.num_workers", str(0 if tiny else config["data"]["init_args"]["num_workers"]),
+            "--data.init_args.pin_memory", str(device.type == "cuda").lower(),
+            "--data.init_args.val_fraction", "0.25",  # 5k of the copy's 20k, as full CIFAR-10 holds out
+            "--trainer.max_steps", str(warmup + steps), "--trainer.logger", "false",
+            "--trainer.num_sanity_val_steps", "0", "--trainer.check_val_every_n_epoch", "100000",
+            "--trainer.default_root_dir", str(work / "hours" / path.stem),
+            "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
+    if tiny:  # the CPU check: the same cell at 1/16 width
+        args += ["--trainer.accelerator", "cpu", "--model.network.backbone_kwargs",
+                 json.dumps({**network.get("backbone_kwargs", {}), "width": 1 / 16})]
+    begin = time.perf_counter()
+    cli = SepnetCLI(ImageClassifier, VisionDataModule, subclass_mode_data=True, run=False, args=args,
+                    save_config_kwargs={"overwrite": True}, parser_kwargs={"exit_on_error": False})
+    build = time.perf_counter() - begin
+    timer = StepTimer(warmup, steps)
+    cli.trainer.callbacks.append(timer)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    if timer.seconds is None:
+        raise RuntimeError(f"{path.stem}: fewer than {warmup + steps} training steps ran")
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    cli.trainer.validate(cli.model, datamodule=cli.datamodule, verbose=False)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    val = time.perf_counter() - start
+    counts = parameter_counts(cli.model)
+    epochs = config["trainer"]["max_epochs"]
+    steps_per_epoch = math.ceil(HOURS_TRAIN_IMAGES / batch)
+    # a step at the tiny check's batch stands for a step at the config's batch
+    row = {"cell": path.stem, "from_dense": bool(network.get("init_from")), "epochs": epochs,
+           "batch": batch, "measured_batch": 8 if tiny else batch, "step_s": timer.seconds,
+           "images_per_s": (8 if tiny else batch) / timer.seconds, "val_s": val,
+           "steps_per_epoch": steps_per_epoch, "build_s": build,
+           "params_stored": counts.stored, "params_nonzero": counts.nonzero,
+           "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None}
+    row["hours"] = epochs * (steps_per_epoch * timer.seconds + val) / 3600
+    del cli
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    return row
+
+
+def hours_section(device: torch.device, tiny: bool, data: Path, work: Path, limit_s: float,
+                  warmup: int = 5, steps: int = 20) -> dict:
+    """Estimated GPU hours of every GPU cell (see the module docstring, section 6); cells left
+    when `limit_s` has passed are listed as not measured. A pruning or joint-SVD cell's figure
+    is its own 50 epochs; `with_dense_start` adds the half of the dense run it starts from."""
+    folder = REPO / "conf/experiments/compressors"
+    # dense runs first, then the budgets by priority (model30's pruning cells cost as model10's)
+    order = ("_dense", "_model10_", "_fc226_", "_model30_")
+    paths = sorted(folder.glob("*.yaml"), key=lambda p: (next(i for i, o in enumerate(order + ("",)) if o in p.stem + "_"),
+                                                         "resnet34" in p.stem, p.stem))
+    if tiny:
+        paths = [folder / f"cifar10_vgg16_{name}.yaml" for name in ("dense", "fc226_separable", "model10_hydra")]
+        data, warmup, steps = tiny_image_folder(work / "tiny_images"), 1, 2
+    begin, rows, errors, skipped = time.perf_counter(), [], {}, []
+    for path in paths:
+        if time.perf_counter() - begin > limit_s:
+            skipped.append(path.stem)
+            continue
+        try:
+            rows.append(hours_cell(path, device, tiny, data, work, warmup, steps))
+            print(f"  hours {json.dumps(rows[-1])}", flush=True)
+        except Exception as err:  # noqa: BLE001 - one cell's failure must not cost the others
+            errors[path.stem] = f"{type(err).__name__}: {err}"
+            print(f"  hours {path.stem} FAILED: {errors[path.stem]}", flush=True)
+    dense = {r["cell"].split("_")[1]: r for r in rows if r["cell"].endswith("_dense")}
+    for row in rows:
+        start = dense.get(row["cell"].split("_")[1])
+        if row["from_dense"] and start:  # the dense run's epochs before the start, shared by all its cells
+            row["with_dense_start"] = row["hours"] + start["hours"] * (start["epochs"] - row["epochs"]) / start["epochs"]
+    return {"rows": rows, "errors": errors, "not_measured": skipped,
+            "train_images_per_epoch": HOURS_TRAIN_IMAGES, "warmup": warmup, "steps": steps}
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="every path on the CPU in seconds")
@@ -275,7 +421,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--test-images", type=int, default=1000)
     parser.add_argument("--work", default="gpu_run", help="folder for the run's logs and checkpoints")
     parser.add_argument("--sections", default="layer,training,lightning,run,attacks",
-                        help="comma-separated sections to run (a rerun of the ones that failed)")
+                        help="comma-separated sections to run (a rerun of the ones that failed; "
+                             "hours: the GPU cells' estimated hours, not in the default)")
+    parser.add_argument("--hours-limit-s", type=float, default=300,
+                        help="hours section: no new cell is started after this many seconds")
     args = parser.parse_args(argv)
     wanted = set(args.sections.split(","))
     device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
@@ -317,13 +466,14 @@ def main(argv: list[str] | None = None) -> dict:
     result["run"], ckpt = run if run else (None, None)
     if ckpt is not None:
         result["attacks"] = section("attacks", lambda: attack_section(device, ckpt, args.tiny, data))
+    result["hours"] = section("hours", lambda: hours_section(device, args.tiny, data, work, args.hours_limit_s))
     out.write_text(json.dumps(result, indent=2, default=str))
     print(json.dumps(result["environment"]))
     for row in result.get("layer") or []:
         print("layer", json.dumps(row))
     for row in result.get("training") or []:
         print("train", json.dumps(row))
-    for key in ("lightning", "run", "attacks", "errors", "section_seconds"):
+    for key in ("lightning", "run", "attacks", "hours", "errors", "section_seconds"):
         print(key, json.dumps(result.get(key)))
     return result
 

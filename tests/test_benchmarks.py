@@ -3,6 +3,8 @@
 import importlib.util
 from pathlib import Path
 
+import torch
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -25,3 +27,30 @@ def test_gpu_script_tiny_runs_every_section(tmp_path, monkeypatch):
     assert run["test"]["test/robust_acc/worst"] <= run["test"]["test/robust_acc/pgd_linf"]
     attacks = result["attacks"]
     assert attacks["max_acc_difference"] <= 0.1 and attacks["sepnet_seconds"] > 0
+
+
+def test_gpu_hours_section_times_the_cells_through_the_cli(tmp_path, monkeypatch):
+    """The GPU cells' hour estimate, on the CPU at 1/16 width: each cell is built from its config
+    by the application's CLI (a pruning cell without its dense start) and its figure is its
+    epochs x (steps per epoch x measured step + validation pass)."""
+    spec = importlib.util.spec_from_file_location("gpu_bench", REPO / "benchmarks" / "gpu.py")
+    gpu = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu)
+    monkeypatch.chdir(tmp_path)
+    result = gpu.main(["--tiny", "--sections", "hours", "--out", str(tmp_path / "h.json"), "--work", str(tmp_path)])
+    hours = result["hours"]
+    assert result["errors"] == {} and hours["errors"] == {} and hours["not_measured"] == []
+    rows = {r["cell"]: r for r in hours["rows"]}
+    assert set(rows) == {"cifar10_vgg16_dense", "cifar10_vgg16_fc226_separable", "cifar10_vgg16_model10_hydra"}
+    for row in rows.values():
+        assert row["step_s"] > 0 and row["val_s"] > 0 and row["steps_per_epoch"] == 352
+        assert abs(row["hours"] - row["epochs"] * (352 * row["step_s"] + row["val_s"]) / 3600) < 1e-9
+    dense, hydra = rows["cifar10_vgg16_dense"], rows["cifar10_vgg16_model10_hydra"]
+    assert (dense["epochs"], hydra["epochs"], hydra["from_dense"], dense["from_dense"]) == (100, 50, True, False)
+    assert abs(hydra["with_dense_start"] - (hydra["hours"] + dense["hours"] / 2)) < 1e-9
+    assert "with_dense_start" not in rows["cifar10_vgg16_fc226_separable"]
+    # the cell's own compression was applied: 10x fewer non-zeros than the dense model
+    assert hydra["params_nonzero"] * 9 < dense["params_nonzero"] == hydra["params_stored"]
+    assert rows["cifar10_vgg16_fc226_separable"]["params_stored"] < dense["params_stored"]
+    late = gpu.hours_section(torch.device("cpu"), True, tmp_path, tmp_path, limit_s=-1)
+    assert late["rows"] == [] and len(late["not_measured"]) == 3

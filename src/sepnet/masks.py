@@ -52,7 +52,7 @@ class MaskedWeight(nn.Module):
         self.register_buffer("phase", torch.tensor(0 if scores is not None else 1))
         self.scores = nn.Parameter(scores.clone()) if scores is not None else None
         # the phase on the host as well: reading the buffer in every forward would wait for the
-        # GPU once per masked layer and call (measured on an H200: HYDRA's steps 1.3-2.4x dense)
+        # GPU once per masked layer and call
         self.scoring = scores is not None
         self.register_load_state_dict_post_hook(_phase_from_buffer)
 

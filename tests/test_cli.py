@@ -158,6 +158,43 @@ def test_ablation_report_pairs_seeds_and_draws_the_kappa_scatter(tmp_path, capsy
     assert not (tmp_path / "reproduce.png").exists()  # the main study's figure is left alone
 
 
+def test_benchmark_evaluation_on_the_validation_split(tmp_path, monkeypatch):
+    """`--eval-split val` (how the implied form's weight was chosen): clean accuracy and attacks on
+    the held-out training images, not the test images; a bad split or too few images is one error."""
+    from PIL import Image
+    from sepnet.module import ImageClassifier
+
+    bench = _benchmark("reproduce")
+    g = torch.Generator().manual_seed(0)
+    # class 0 is 60% of the training folder and 10% of the test folder: a model that always
+    # answers 0 scores differently on the two splits
+    for split, counts in (("train", [120] + [9] * 9), ("test", [3] * 10)):
+        for c, n in enumerate(counts):
+            (tmp_path / split / f"c{c}").mkdir(parents=True)
+            for i in range(n):
+                pixels = (torch.rand(32, 32, 3, generator=g) * 255).to(torch.uint8).numpy()
+                Image.fromarray(pixels).save(tmp_path / split / f"c{c}" / f"{i}.png")
+    monkeypatch.setattr(bench, "DATA", tmp_path)
+    torch.manual_seed(0)
+    model = ImageClassifier(**bench.FAMILIES["mlp"]["dense"], **bench.common_kwargs("mlp")).eval()
+    last = [m for m in model.net.modules() if isinstance(m, torch.nn.Linear)][-1]
+    with torch.no_grad():
+        last.bias[0] = 1e4  # always class 0, whatever the attack does
+    dm = bench.datamodule(500)
+    dm.setup()
+    labels = torch.cat([y for _, y in dm.val_dataloader()])
+    assert len(labels) == 10  # 5% of the 201 training images
+    out = bench.evaluate(model.net, model.attacker, 8, 8, 0, split="val")
+    assert out["eval_split"] == "val"
+    assert out["clean_acc"] == pytest.approx((labels == 0).float().mean().item())
+    assert out["pgd20_acc"] == pytest.approx((labels[:8] == 0).float().mean().item())
+    assert bench.evaluate(model.net, model.attacker, 8, 8, 0)["clean_acc"] == pytest.approx(0.1)  # the test split
+    with pytest.raises(ValueError, match="evaluation split 'train': expected 'test' or 'val'"):
+        bench.evaluate(model.net, model.attacker, 8, 8, 0, split="train")
+    with pytest.raises(ValueError, match="val split: 10 images, fewer than the 11 to attack"):
+        bench.evaluate(model.net, model.attacker, 11, 8, 0, split="val")
+
+
 def test_vit_ablation_rows_are_the_compressor_studys_separable_vit():
     """reproduce.py's ViT family (issue 12's ViT rows) is compressors.py's `vit model10 separable`
     network, with the VGG ablation's constraints, and is compressed 10-12x."""

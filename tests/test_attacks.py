@@ -209,3 +209,26 @@ def test_nfgsm_is_a_noisy_unclipped_step_and_training_only(trained, digits):
         ImageClassifier(validation={"attacks": [{"name": "nfgsm"}]})
     with pytest.raises(ValueError, match="nfgsm is an Linf attack"):
         AttackSpec(name="nfgsm", norm="l2")
+
+
+def test_fgsm_takes_its_step_size_and_defaults_to_eps():
+    """Fast FGSM (random start, step ~1.25 eps) must step what it is told: ART's own
+    FastGradientMethod steps eps whatever its eps_step, which made every fast-FGSM run step eps.
+    On a linear model every input coordinate has a non-zero gradient, so after a random start
+    u ~ U(-eps, eps) and a step a * sign(g), a coordinate ends on the ball's boundary with
+    probability min(1, 1/2 + (a - eps) / (2 eps)): 0.5 at a = eps, 0.625 at 1.25 eps, 1 at 2 eps."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 10))
+    attacker = Attacker(net, (3, 8, 8), 10)
+    x, y = torch.rand(256, 3, 8, 8) * 0.6 + 0.2, torch.randint(0, 10, (256,))  # away from 0 and 1
+    for ratio, expected in ((1.0, 0.5), (1.25, 0.625), (2.0, 1.0)):
+        spec = AttackSpec(name="fgsm", eps=EPS, step_size=ratio * EPS, random_start=True)
+        delta = (attacker.generate(x, y, spec) - x).abs()
+        assert delta.max() <= EPS + 1e-6
+        assert abs((delta > EPS - 1e-6).float().mean().item() - expected) < 0.02, ratio
+    # without a random start: exactly x + step * sign(grad), clipped
+    spec = AttackSpec(name="fgsm", eps=EPS, random_start=False)
+    assert spec.step_size == EPS and AttackSpec(name="pgd", eps=EPS).step_size == 2 / 255
+    xr = x.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(nn.functional.cross_entropy(net(xr), y, reduction="sum"), xr)
+    torch.testing.assert_close(attacker.generate(x, y, spec), (x + EPS * grad.sign()).clamp(0, 1))

@@ -20,7 +20,6 @@ from art.attacks.evasion import (
     AutoProjectedGradientDescent,
     CarliniLInfMethod,
     DeepFool,
-    FastGradientMethod,
     ProjectedGradientDescentPyTorch,
     SquareAttack,
 )
@@ -42,7 +41,10 @@ class AttackSpec:
     name: one of ATTACKS ("fgsm", "pgd", "apgd_ce", "apgd_dlr", "autoattack",
         "autoattack_standard", "cw_linf", "deepfool", "square"), or a training-only attack of
         TRAINING_ATTACKS ("nfgsm": N-FGSM, whose examples leave the eps ball by design).
-    norm: "linf" or "l2". eps, step_size: pixel units. steps: iterations (queries for Square).
+    norm: "linf" or "l2". eps, step_size: pixel units; step_size unset is eps for "fgsm" and
+        "nfgsm" (the classic one-step attacks) and 2/255 for the others. FGSM with a random start
+        and step_size ~1.25 eps is fast FGSM (Wong et al.): one PGD step, step_size honoured.
+        steps: iterations (queries for Square).
     random_start: start from a random point of the eps ball (FGSM/PGD).
     restarts: random restarts (PGD, APGD, Square).
     """
@@ -50,7 +52,7 @@ class AttackSpec:
     name: str = "pgd"
     norm: str = "linf"
     eps: float = 8 / 255
-    step_size: float = 2 / 255
+    step_size: float | None = None
     steps: int = 10
     random_start: bool = True
     restarts: int = 1
@@ -63,6 +65,9 @@ class AttackSpec:
             raise ValueError(f"unknown attack norm {self.norm!r}; expected 'linf' or 'l2'")
         if not (isinstance(self.eps, (int, float)) and self.eps >= 0 and math.isfinite(self.eps)):
             raise ValueError(f"attack eps must be a finite number >= 0, got {self.eps}")
+        if self.step_size is None:
+            one_step = self.name in ("fgsm", "nfgsm") and self.eps > 0
+            object.__setattr__(self, "step_size", self.eps if one_step else 2 / 255)
         if self.norm == "linf" and self.eps > 1:
             raise ValueError(f"attack eps {self.eps:g} is above 1: eps is in pixel units (pixels in "
                              "[0, 1]); for 8/255 write 0.0314")
@@ -202,8 +207,12 @@ class TensorPGD(ProjectedGradientDescentPyTorch):
 
 # --------------------------------------------------------------------------- attack factory
 def _fgsm(est, s, bs):
-    return FastGradientMethod(est, norm=_NORMS[s.norm], eps=s.eps, eps_step=s.step_size,
-                              num_random_init=int(s.random_start), batch_size=bs)
+    """FGSM as one step of ART's PGD: from x, or from a random point of the ball (fast FGSM),
+    a step of `step_size`, projected to the ball and [0, 1]. ART's FastGradientMethod always
+    steps eps outside its minimal mode (its eps_step is the minimal search's increment), so
+    fast FGSM's step 1.25 eps would be silently lost there; this also stays on the device."""
+    return TensorPGD(est, norm=_NORMS[s.norm], eps=s.eps, eps_step=s.step_size, max_iter=1,
+                     num_random_init=int(s.random_start), batch_size=bs, verbose=False)
 
 
 def _pgd(est, s, bs):

@@ -1,11 +1,15 @@
-"""PGD throughput: sepnet's ART-based PGD vs ART's stock estimator vs torchattacks, and the cost
-of an adversarial-training epoch.
+"""PGD throughput: sepnet's ART-based PGD vs ART's stock estimator vs torchattacks, the cost
+of an adversarial-training epoch, and fast FGSM: ART's FastGradientMethod vs sepnet's FGSM.
 
     python benchmarks/attacks.py [--images 1024] [--batch 256]
 
 A small CNN is first trained for two clean epochs on 10k images of ../shared/data/cifar10-jpeg so
 that adversarial accuracy means something; then PGD-10 Linf eps 8/255, step 2/255, random start,
 runs on the first `--images` test images with each implementation, on the same model and batch.
+Then fast FGSM (random start, step 1.25 eps as configured) with ART's FastGradientMethod (sepnet's
+FGSM until 2026-11-27) and with sepnet's FGSM (one step of ART's PGD), both on FastClassifier:
+time, and the fraction of coordinates on the ball's boundary (0.5 if the step taken is eps,
+0.625 if it is 1.25 eps).
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import torchattacks
 from torch import nn
 from torchvision import datasets, transforms
 
-from sepnet.attacks import Attacker, AttackSpec
+from sepnet.attacks import Attacker, AttackSpec, attack_guard
 
 ROOT = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg"
 
@@ -95,6 +99,28 @@ def main() -> None:
     for name, seconds, acc in results:
         print(f"{name:30} {seconds:8.2f} {args.images / seconds:8.0f} {art_s / seconds:6.2f}x "
               f"{ta_s / seconds:14.2f}x {acc:8.3f}")
+    fgsm = AttackSpec(name="fgsm", eps=eps, step_size=1.25 * eps, random_start=True)
+    estimator = fast.estimator(torch.device("cpu"))
+
+    def art_fgm(x, y):
+        from art.attacks.evasion import FastGradientMethod
+
+        attack = FastGradientMethod(estimator, norm=float("inf"), eps=eps, eps_step=fgsm.step_size,
+                                    num_random_init=1, batch_size=args.batch)
+        with attack_guard(model):
+            return torch.as_tensor(attack.generate(x.numpy(), y=y.numpy()))
+
+    print(f"fast FGSM Linf eps 8/255, random start, step 1.25 eps configured, batch {args.batch}")
+    print(f"{'implementation':30} {'seconds':>8} {'img/s':>8} {'vs ART':>7} {'on boundary':>12} {'adv acc':>8}")
+    fgsm_results = []
+    for name, fn in (("ART FastGradientMethod", art_fgm),
+                     ("sepnet FGSM (ART PGD, 1 step)", lambda x, y: fast.generate(x, y, fgsm))):
+        adv = fn(x_test[: args.images], y_test[: args.images])
+        boundary = ((adv - x_test[: args.images]).abs() > eps - 1e-6).float().mean().item()
+        _, seconds, acc = run(name, fn)
+        fgsm_results.append(seconds)
+        print(f"{name:30} {seconds:8.2f} {args.images / seconds:8.0f} {fgsm_results[0] / seconds:6.2f}x "
+              f"{boundary:12.3f} {acc:8.3f}")
     model.train()
     adv_epoch = epoch(model, opt, x_train, y_train, 128, attack=lambda x, y: fast.generate(x, y, spec))
     print(f"one training epoch on {args.train} images: clean {clean_epoch:.1f} s, PGD-{steps} adversarial "

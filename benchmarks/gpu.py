@@ -276,7 +276,7 @@ def attack_section(device, ckpt: Path, tiny: bool, data: Path) -> dict:
 
 
 # the GPU cells train on full CIFAR-10: 50k images less CIFAR10DataModule's 10% validation split
-HOURS_TRAIN_IMAGES, HOURS_VAL_IMAGES = 45_000, 5_000
+HOURS_TRAIN_IMAGES = 45_000
 
 
 class StepTimer(L.Callback):

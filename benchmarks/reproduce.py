@@ -380,22 +380,25 @@ def report(results: Path, figures: Path = HERE.parent) -> None:
 
 def kappa_scatter(records, path: Path) -> None:
     """Every run (each seed its own point): the largest final kappa among its separable layers
-    (log scale) against its worst-case accuracy, one marker and colour per variant."""
+    (log scale) against its worst-case accuracy, one marker and colour per variant (per family
+    and variant when the file holds several families)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     by_variant: dict[str, list] = {}
+    several = len({r.get("family") for r in records if r.get("final_layer_kappa")}) > 1
     for r in records:
         if r.get("final_layer_kappa"):
-            by_variant.setdefault(r["variant"], []).append((max(r["final_layer_kappa"]), r["worst"]))
+            key = f"{r['family']} {r['variant']}" if several else r["variant"]
+            by_variant.setdefault(key, []).append((max(r["final_layer_kappa"]), r["worst"]))
     if not by_variant:
         return
     finite = [k for pts in by_variant.values() for k, _ in pts if math.isfinite(k)]
     ceiling = 10 * max(finite, default=1.0)  # a singular layer (kappa inf) is drawn here, labelled
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    for (variant, pts), marker in zip(sorted(by_variant.items()), "ovsD^<>pP*"):
+    for (variant, pts), marker in zip(sorted(by_variant.items()), "ovsD^<>pP*hX"):
         singular = sum(not math.isfinite(k) for k, _ in pts)
         label = f"{variant} ({len(pts)} runs" + (f", {singular} singular)" if singular else ")")
         ax.scatter([k if math.isfinite(k) else ceiling for k, _ in pts], [a for _, a in pts], marker=marker,

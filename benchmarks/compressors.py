@@ -16,8 +16,9 @@ convolutions compressed as well; every linear layer of the ViT).
 
 Training: every cell gets the same number of epochs (--epochs, 3) of fast-FGSM adversarial
 training (Linf 8/255, random start, step 8/255 = eps; reproduce.py's ADV_STEP says why).
-Methods that start from a trained dense model (pruning, joint SVD) start from the dense run of the same seed after --dense-epochs (1) epochs
-and are trained for the remaining epochs, so the dense epochs count. Evaluation: reproduce.py's
+Methods that start from a trained dense model (pruning, joint SVD) start from the dense run of
+the same seed after --dense-epochs (1) epochs and are trained for the remaining epochs, so the
+dense epochs count. Evaluation: reproduce.py's
 (clean on 10k test images; PGD-20, APGD-CE, APGD-DLR, Square on the fixed first 1,000; the
 per-image worst case; the honesty checks). One JSON line per cell in
 benchmarks/results/compressors.jsonl; a rerun skips finished cells; cells a method cannot reach

@@ -51,34 +51,23 @@ class MaskedWeight(nn.Module):
         self.register_buffer("mask", mask.clone().float())
         self.register_buffer("phase", torch.tensor(0 if scores is not None else 1))
         self.scores = nn.Parameter(scores.clone()) if scores is not None else None
-        # the phase on the host as well: reading the buffer in every forward would wait for the
-        # GPU once per masked layer and call
-        self.scoring = scores is not None
-        self.register_load_state_dict_post_hook(_phase_from_buffer)
 
     def forward(self, weight: Tensor) -> Tensor:
-        if self.scoring:
+        if self.scores is not None and int(self.phase) == 0:
             return weight * _TopK.apply(self.scores, self.keep).to(weight.dtype)
         return weight * self.mask.to(weight.dtype)
 
     def current_mask(self) -> Tensor:
-        if self.scoring:
+        if self.scores is not None and int(self.phase) == 0:
             return _TopK.apply(self.scores.detach(), self.keep)
         return self.mask
 
     @torch.no_grad()
     def fix_(self) -> None:
         """End the score phase: the mask becomes the scores' top-k, for good."""
-        if self.scoring:
+        if self.scores is not None and int(self.phase) == 0:
             self.mask.copy_(_TopK.apply(self.scores, self.keep))
             self.phase.fill_(1)
-            self.scoring = False
-
-
-def _phase_from_buffer(module: MaskedWeight, incompatible_keys) -> None:
-    """After a state dict is loaded (a resumed run, a checkpoint): the host's phase follows the
-    loaded buffer."""
-    module.scoring = module.scores is not None and int(module.phase) == 0
 
 
 def hydra_scores(weight: Tensor) -> Tensor:
@@ -107,7 +96,7 @@ def set_phases_(net: nn.Module, epoch: int) -> None:
     for _, _, masked in layers:
         if masked.scores is not None and epoch >= masked.score_epochs:
             masked.fix_()
-    scoring = any(m.scoring for _, _, m in layers)
+    scoring = any(m.scores is not None and int(m.phase) == 0 for _, _, m in layers)
     scores = {id(m.scores) for _, _, m in layers if m.scores is not None}
     for p in net.parameters():
         p.requires_grad_((id(p) in scores) if scoring else (id(p) not in scores))

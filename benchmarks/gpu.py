@@ -39,11 +39,13 @@ unpack to /tmp and pass `--data /tmp/cifar10-jpeg`.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import math
 import subprocess
 import sys
 import time
+from importlib import import_module
 from pathlib import Path
 
 import lightning as L
@@ -275,8 +277,7 @@ def attack_section(device, ckpt: Path, tiny: bool, data: Path) -> dict:
     return out
 
 
-# the GPU cells train on full CIFAR-10: 50k images less CIFAR10DataModule's 10% validation split
-HOURS_TRAIN_IMAGES = 45_000
+CIFAR10_TRAIN = 50_000  # the GPU cells' training set before the data module holds out validation
 
 
 class StepTimer(L.Callback):
@@ -329,6 +330,11 @@ def hours_cell(path: Path, device: torch.device, tiny: bool, data: Path, work: P
 
     config = yaml.safe_load(path.read_text())
     batch = config["data"]["init_args"]["batch_size"]
+    data_cls = import_module(config["data"]["class_path"].rsplit(".", 1)[0])
+    data_cls = getattr(data_cls, config["data"]["class_path"].rsplit(".", 1)[1])
+    val_fraction = config["data"]["init_args"].get(
+        "val_fraction", inspect.signature(data_cls).parameters["val_fraction"].default)
+    train_images = CIFAR10_TRAIN - max(1, round(val_fraction * CIFAR10_TRAIN))  # as VisionDataModule splits
     network = config["model"]["network"]
     args = ["--config", str(path), "--trainer", str(REPO / "conf/trainer/gpu.yaml"),
             "--model.network.init_from", "null",
@@ -362,12 +368,12 @@ def hours_cell(path: Path, device: torch.device, tiny: bool, data: Path, work: P
     val = time.perf_counter() - start
     counts = parameter_counts(cli.model)
     epochs = config["trainer"]["max_epochs"]
-    steps_per_epoch = math.ceil(HOURS_TRAIN_IMAGES / batch)
+    steps_per_epoch = math.ceil(train_images / batch)
     # a step at the tiny check's batch stands for a step at the config's batch
     row = {"cell": path.stem, "from_dense": bool(network.get("init_from")), "epochs": epochs,
            "batch": batch, "measured_batch": 8 if tiny else batch, "step_s": timer.seconds,
            "images_per_s": (8 if tiny else batch) / timer.seconds, "val_s": val,
-           "steps_per_epoch": steps_per_epoch, "build_s": build,
+           "train_images": train_images, "steps_per_epoch": steps_per_epoch, "build_s": build,
            "params_stored": counts.stored, "params_nonzero": counts.nonzero,
            "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None}
     row["hours"] = epochs * (steps_per_epoch * timer.seconds + val) / 3600
@@ -386,9 +392,13 @@ def hours_section(device: torch.device, tiny: bool, data: Path, work: Path, limi
     is its own 50 epochs; `with_dense_start` adds the half of the dense run it starts from."""
     folder = REPO / "conf/experiments/compressors"
     # dense runs first, then the budgets by priority (model30's pruning cells cost as model10's)
-    order = ("_dense", "_model10_", "_fc226_", "_model30_")
-    paths = sorted(folder.glob("*.yaml"), key=lambda p: (next(i for i, o in enumerate(order + ("",)) if o in p.stem + "_"),
-                                                         "resnet34" in p.stem, p.stem))
+    order = ("dense", "model10", "fc226", "model30")
+
+    def priority(path: Path) -> tuple:
+        parts = path.stem.split("_")  # cifar10_<model>_dense or cifar10_<model>_<budget>_<method>
+        return order.index(parts[2]) if parts[2] in order else len(order), parts[1] == "resnet34", path.stem
+
+    paths = sorted(folder.glob("*.yaml"), key=priority)
     if tiny:
         paths = [folder / f"cifar10_vgg16_{name}.yaml" for name in ("dense", "fc226_separable", "model10_hydra")]
         data, warmup, steps = tiny_image_folder(work / "tiny_images"), 1, 2
@@ -408,8 +418,7 @@ def hours_section(device: torch.device, tiny: bool, data: Path, work: Path, limi
         start = dense.get(row["cell"].split("_")[1])
         if row["from_dense"] and start:  # the dense run's epochs before the start, shared by all its cells
             row["with_dense_start"] = row["hours"] + start["hours"] * (start["epochs"] - row["epochs"]) / start["epochs"]
-    return {"rows": rows, "errors": errors, "not_measured": skipped,
-            "train_images_per_epoch": HOURS_TRAIN_IMAGES, "warmup": warmup, "steps": steps}
+    return {"rows": rows, "errors": errors, "not_measured": skipped, "warmup": warmup, "steps": steps}
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -226,6 +226,8 @@ OPTIMIZERS = {  # the separable MLP does not train with SGD at 0.05 (chance afte
 # Wong et al.'s step of 1.25 eps, but every recorded run stepped eps: sepnet's FGSM was ART's
 # FastGradientMethod, which steps eps whatever its eps_step (fixed on 2026-11-27; sepnet now
 # takes step_size). The studies keep the step they actually ran, so that their rows compare.
+# compressors.jsonl records written before the fix say "step_size": 10/255 under "training":
+# what was asked, not what was taken (eps).
 ADV_STEP = {"fgsm": 1.0, "nfgsm": 1.0}  # x eps
 
 

@@ -310,9 +310,9 @@ def done_keys(path: Path) -> set[tuple]:
     return {_key(json.loads(line)) for line in path.read_text().splitlines()} if path.is_file() else set()
 
 
-def report(path: Path) -> None:
+def report(path: Path, figures: Path = HERE.parent) -> None:
     """One table per model and budget (the dense reference first), the paired difference of the
-    two best methods where they share seeds, and the Pareto plot (benchmarks/../compressors.png)."""
+    two best methods where they share seeds, and the Pareto plot (`figures`/compressors.png)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -347,7 +347,8 @@ def report(path: Path) -> None:
                 ok = [r for r in seeds.values() if r["status"] == "ok"]
                 if not ok:
                     reason = next(iter(seeds.values()))["reason"]
-                    print(f"| {method} | - | cannot reach it: {reason[:110]} |" + " |" * 8)
+                    reason = reason.split(": ", 1)[-1]  # the library's message, less "compression <method>: "
+                    print(f"| {method} | - | cannot reach it: {reason} |" + " |" * 8)
                     continue
                 mean = {k: sum(r[k] for r in ok) / len(ok) for k in keys}
                 spread = {k: (max(r[k] for r in ok) - min(r[k] for r in ok)) / 2 for k in keys}
@@ -387,15 +388,15 @@ def report(path: Path) -> None:
             points.sort()
             ax.errorbar([p[0] for p in points], [p[1] for p in points], yerr=[p[2] for p in points],
                         marker="o", markersize=5, capsize=3, label=method)
-        ax.set(xscale="log", xlabel="non-zero parameters (whole model)", ylabel="worst-case accuracy (Linf 8/255)",
-               title=f"{model}: non-zero parameters vs worst-case robust accuracy")
-        if curves or dense:
+        if curves or dense:  # a log axis without data cannot be laid out
+            ax.set(xscale="log", xlabel="non-zero parameters (whole model)", ylabel="worst-case accuracy (Linf 8/255)",
+                   title=f"{model}: non-zero parameters vs worst-case robust accuracy")
             ax.legend(fontsize=7)
         else:
             ax.set_title(f"{model}: no runs yet")
     kappa_scatter(axes[2], path)
     fig.tight_layout()
-    out = HERE.parent / "compressors.png"
+    out = figures / "compressors.png"
     fig.savefig(out, dpi=120)
     print(f"\nplot: {out}")
 
@@ -429,9 +430,10 @@ def kappa_scatter(ax, path: Path) -> None:
         ax.scatter(xs, [w for _, w, _, a in points if a == ablated], marker=marker, label=name)
     for k, w, label, _ in points:
         ax.annotate(label.replace("sep_b_", ""), (min(k, 1e12), w), fontsize=6)
-    ax.set(xscale="log", xlabel="largest final kappa of the separable layers (inf drawn at 1e12)",
+    ax.set(xlabel="largest final kappa of the separable layers (inf drawn at 1e12)",
            ylabel="worst-case accuracy", title="Conditioning vs robustness (issue 12)")
-    if points:
+    if points:  # a log axis without data cannot be laid out
+        ax.set_xscale("log")
         ax.legend(fontsize=7)
 
 

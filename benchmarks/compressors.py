@@ -146,10 +146,35 @@ def cell_config(model: str, budget: str, method: str, dense_start: str | None, e
         return dict(dense, init_from=dense_start, compression=[
             {"method": head, "targets": ["head.*"], "budget": 84},
             {"method": "jsvd", "targets": ["backbone.*"], "budget": factor, "budget_of": "model"}]), {}, True
-    name = "separable" if joint else method  # ViT: every linear layer, from scratch; 3 modes
-    # (128 -> 384 as 4x4x8 -> 4x8x12) so that rank 1 fits the 30x budget, as TT's 3 cores do
-    return dict(dense, compression=[{"method": name, "targets": ["*"], "budget": factor / (2 if joint else 1),
-                                     "budget_of": "model", "options": {"modes": 2 if factor <= 10 else 3}}]), JOINT if joint else {}, False
+    # ViT: every linear layer, from scratch; 3 modes (128 -> 384 as 4x4x8 -> 4x8x12) so that
+    # rank 1 fits the 30x budget, as TT's 3 cores do
+    entry = {"method": "separable" if joint else method, "targets": ["*"], "budget": factor, "budget_of": "model",
+             "options": {"modes": 2 if factor <= 10 else 3}}
+    if joint:
+        entry.update(budget=joint_budget(dense, entry, factor), budget_of="targets")
+    return dict(dense, compression=[entry]), JOINT if joint else {}, False
+
+
+def joint_budget(dense: dict, entry: dict, factor: float) -> float:
+    """The stored budget (of the compressed layers) of a separable network under the joint
+    constraint whose non-zero count, once the sparsity target has zeroed its share of the factor
+    entries, is within the whole-model budget `factor`: the largest such network. The target
+    leaves the biases and everything outside the linear layers (embeddings, norms) dense, and the
+    layer's shape search rounds, so no closed form meets it; bisection over built networks."""
+    allowed = sum(p.numel() for p in build_network(num_classes=10, **dense).parameters()) / factor
+
+    def nonzero(budget: float) -> float:
+        net = build_network(num_classes=10, **dict(dense, compression=[dict(entry, budget=budget, budget_of="targets")]))
+        factors = sum(f.numel() for _, layer in separable_layers(net) for term in layer.factors for f in term)
+        return sum(p.numel() for p in net.parameters()) - JOINT["sparsity_target"] * factors
+
+    low, high = factor / 4, factor * 4  # nonzero(low) > allowed >= nonzero(high): checked below
+    if not nonzero(low) > allowed >= nonzero(high):
+        raise ValueError(f"joint budget at {factor:g}x: expected it between {low:g}x and {high:g}x of the layers")
+    for _ in range(12):  # geometric bisection: the budget to 0.1%
+        middle = (low * high) ** 0.5
+        low, high = (middle, high) if nonzero(middle) > allowed else (low, middle)
+    return high
 
 
 class SaveAt(L.Callback):

@@ -383,6 +383,9 @@ def report(path: Path, figures: Path = HERE.parent) -> None:
                 collapsed = mean["clean_acc"] <= 0.11  # chance: a constant prediction "survives" attacks
                 if collapsed:
                     warnings.insert(0, "**collapsed to chance** (left out of the best and the plot)")
+                over = method.endswith("_over_budget")  # renamed records of a cell configured past its budget
+                if over:
+                    warnings.insert(0, "**over budget** (left out of the best; plotted at its own count)")
                 training = split_method(method)[1]
                 minutes = sum(r["train_seconds"] + (r["dense_epochs"] * dense_seconds.get((r["seed"], training), 0)
                                                     if r.get("start", "scratch") != "scratch" else 0)
@@ -394,7 +397,7 @@ def report(path: Path, figures: Path = HERE.parent) -> None:
                 if collapsed:
                     continue
                 if not method.startswith("dense"):
-                    if not training:  # the PGD-AT control rows are not in the race: other training
+                    if not training and not over:  # nor are the PGD-AT control rows: other training
                         scored.append((mean["worst_acc"], method, {r["seed"]: r["worst_acc"] for r in ok}))
                     curves.setdefault(method, []).append((ok[0]["params_nonzero"], mean["worst_acc"],
                                                           spread["worst_acc"]))

@@ -136,8 +136,8 @@ def test_compressor_pgd_control_cells_follow_their_dense_start():
 def test_compressor_report_tables_best_pair_and_unreachable_cells(tmp_path, capsys):
     """`compressors.py --report`: per model and budget the dense rows first, then each method's
     mean and half-range over seeds; a pruned cell's train minutes include its dense start; an
-    unreachable cell shows the library's whole reason; a run collapsed to chance and a PGD-AT
-    control are not in the race; the best two are paired by seed; the plot goes where it is told."""
+    unreachable cell shows the library's whole reason; a run collapsed to chance, an over-budget
+    record and a PGD-AT control are not in the race; the best two are paired by seed; the plot goes where it is told."""
     import json
 
     bench = _benchmark()
@@ -152,6 +152,7 @@ def test_compressor_report_tables_best_pair_and_unreachable_cells(tmp_path, caps
     rows += [dict(base, budget="model10", method="jsvd_tt", seed=s, worst_acc=w) for s, w in ((0, 0.15), (1, 0.17))]
     rows += [dict(base, budget="model10", method="hydra", seed=0, worst_acc=0.5, clean_acc=0.1),  # collapsed
              dict(base, budget="model10", method="deadwood+pgd7", seed=0, worst_acc=0.4),  # a control
+             dict(base, budget="model10", method="tt_over_budget", seed=0, worst_acc=0.45),  # a renamed record
              dict(model="vgg", budget="model10", method="separable", seed=0, epochs=3, dense_epochs=1,
                   status="unreachable", reason="compression separable: whole-model budget 10x is unreachable: "
                   "the layers outside ['head.*'] already have 921,840 non-zero parameters, 145,228 allowed")]
@@ -161,11 +162,12 @@ def test_compressor_report_tables_best_pair_and_unreachable_cells(tmp_path, caps
     table = capsys.readouterr().out.split("### vgg model10")[1].split("###")[0]
     lines = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line][1:]
     assert [line.split(" | ")[0] for line in lines] == [
-        "| dense", "| hydra", "| jsvd_tt", "| magnitude_global", "| separable", "| deadwood+pgd7"]
+        "| dense", "| hydra", "| jsvd_tt", "| magnitude_global", "| separable", "| tt_over_budget", "| deadwood+pgd7"]
     assert "| dense | 2 | 1,452,282 | 1.0x | 1.0x | 0.300 ±0.000 | 0.200 ±0.000 | 0.180 ±0.010 | 3.0 |" in lines[0]
     assert "| 0.170 ±0.010 | 3.0 | 500 / 128 | Square beats PGD-20 (2/2) |" in lines[3]  # 2 min + 1 dense epoch
     assert "| 0.160 ±0.010 | 2.0 | 500 / 128 | - |" in lines[2]
     assert "**collapsed to chance**" in lines[1]
+    assert "**over budget**" in lines[5]
     assert ("cannot reach it: whole-model budget 10x is unreachable: the layers outside ['head.*'] already have "
             "921,840 non-zero parameters, 145,228 allowed |") in lines[4]
     assert "best: magnitude_global 0.170; paired worst-case difference to jsvd_tt over seeds [0, 1]: +0.030, -0.010" \

@@ -39,17 +39,16 @@ unpack to /tmp and pass `--data /tmp/cifar10-jpeg`.
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import math
 import subprocess
 import sys
 import time
-from importlib import import_module
 from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.cli import instantiate_class
 from torch import nn
 
 from sepnet.attacks import Attacker, AttackSpec
@@ -330,11 +329,7 @@ def hours_cell(path: Path, device: torch.device, tiny: bool, data: Path, work: P
 
     config = yaml.safe_load(path.read_text())
     batch = config["data"]["init_args"]["batch_size"]
-    data_cls = import_module(config["data"]["class_path"].rsplit(".", 1)[0])
-    data_cls = getattr(data_cls, config["data"]["class_path"].rsplit(".", 1)[1])
-    val_fraction = config["data"]["init_args"].get(
-        "val_fraction", inspect.signature(data_cls).parameters["val_fraction"].default)
-    train_images = CIFAR10_TRAIN - max(1, round(val_fraction * CIFAR10_TRAIN))  # as VisionDataModule splits
+    train_images = CIFAR10_TRAIN - instantiate_class((), config["data"]).val_size(CIFAR10_TRAIN)  # the cell's split
     network = config["model"]["network"]
     args = ["--config", str(path), "--trainer", str(REPO / "conf/trainer/gpu.yaml"),
             "--model.network.init_from", "null",

@@ -55,6 +55,10 @@ class VisionDataModule(L.LightningDataModule):
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
 
+    def val_size(self, n: int) -> int:
+        """How many of `n` training images are held out for validation."""
+        return max(1, int(round(self.val_fraction * n)))
+
     # subclasses return (train set with train transform, same set with eval transform, test set)
     def build(self) -> tuple[Dataset, Dataset, Dataset]:
         raise NotImplementedError
@@ -64,7 +68,7 @@ class VisionDataModule(L.LightningDataModule):
             return
         train_aug, train_eval, test = self.build()
         n = len(train_aug)
-        n_val = max(1, int(round(self.val_fraction * n)))
+        n_val = self.val_size(n)
         order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed)).tolist()
         self.train_set = Subset(train_aug, order[n_val:])
         self.val_set = Subset(train_eval, order[:n_val])

@@ -52,20 +52,25 @@ class MaskedWeight(nn.Module):
         self.register_buffer("phase", torch.tensor(0 if scores is not None else 1))
         self.scores = nn.Parameter(scores.clone()) if scores is not None else None
 
+    @property
+    def scoring(self) -> bool:
+        """In HYDRA's score phase: the mask is the scores' top-k, chosen in every forward."""
+        return self.scores is not None and int(self.phase) == 0
+
     def forward(self, weight: Tensor) -> Tensor:
-        if self.scores is not None and int(self.phase) == 0:
+        if self.scoring:
             return weight * _TopK.apply(self.scores, self.keep).to(weight.dtype)
         return weight * self.mask.to(weight.dtype)
 
     def current_mask(self) -> Tensor:
-        if self.scores is not None and int(self.phase) == 0:
+        if self.scoring:
             return _TopK.apply(self.scores.detach(), self.keep)
         return self.mask
 
     @torch.no_grad()
     def fix_(self) -> None:
         """End the score phase: the mask becomes the scores' top-k, for good."""
-        if self.scores is not None and int(self.phase) == 0:
+        if self.scoring:
             self.mask.copy_(_TopK.apply(self.scores, self.keep))
             self.phase.fill_(1)
 
@@ -96,7 +101,7 @@ def set_phases_(net: nn.Module, epoch: int) -> None:
     for _, _, masked in layers:
         if masked.scores is not None and epoch >= masked.score_epochs:
             masked.fix_()
-    scoring = any(m.scores is not None and int(m.phase) == 0 for _, _, m in layers)
+    scoring = any(m.scoring for _, _, m in layers)
     scores = {id(m.scores) for _, _, m in layers if m.scores is not None}
     for p in net.parameters():
         p.requires_grad_((id(p) in scores) if scoring else (id(p) not in scores))

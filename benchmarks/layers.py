@@ -3,6 +3,7 @@ tensorly-torch, at the separable layer's parameter count; and of a VGG 3x3 convo
 TTConv2d (Garipov, and the naive 4-way TT) vs the two-conv SVD layer at a tenth of its parameters.
 
     python benchmarks/layers.py [--batch 128] [--repeats 20] [--device cpu]
+    python benchmarks/layers.py --tt-paths     # TTLinear: core contractions vs the implied matrix
 
 Each variant runs in its own subprocess so that peak memory (ru_maxrss on CPU, the CUDA
 allocator's peak on GPU) is its own. Ratios are against the dense layer of the same run.
@@ -136,13 +137,69 @@ def run_one(variant: str, case: str, batch: int, repeats: int, device: str) -> d
             "peak_mb": peak_mb, "params": sum(p.numel() for p in layer.parameters())}
 
 
+# TTLinear's two paths at the study's shapes (benchmarks/compressors.py): rows = the rows one
+# forward sees (ViT: batch 128 x 65 tokens; VGG head: batch 128)
+TT_PATH_CASES = {
+    "vit_qkv_10x": ((8, 16), (16, 24), 6, 128 * 65),
+    "vit_fc1_10x": ((8, 16), (16, 32), 6, 128 * 65),
+    "vit_qkv_30x": ((4, 4, 8), (6, 8, 8), 2, 128 * 65),
+    "vit_fc1_30x": ((4, 4, 8), (8, 8, 8), 2, 128 * 65),
+    "vgg_head_11x": ((8, 8, 8), (8, 8, 8), 17, 128),
+    "vgg_head_84x": ((8, 8, 8), (8, 8, 8), 5, 128),
+    "vgg_head_226x": ((8, 8, 8), (8, 8, 8), 2, 128),
+}
+
+
+def tt_paths(repeats: int) -> None:
+    """Forward+backward of TTLinear by its core contractions and by the implied matrix (built
+    each step, one GEMM), against nn.Linear, in this process; which one the layer's rule picks."""
+    from torch import nn
+
+    from sepnet.tt import TTLinear
+
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; TTLinear fwd+bwd, median of {repeats}")
+    print(f"{'case':14} {'rows':>6} {'MAC ratio':>9} {'dense ms':>9} {'cores ms':>9} {'matrix ms':>9} "
+          f"{'matrix speedup':>14} {'rule':>7}")
+    for case, (in_modes, out_modes, rank, rows) in TT_PATH_CASES.items():
+        torch.manual_seed(0)
+        layer = TTLinear(in_modes, out_modes, rank)
+        dense = nn.Linear(layer.in_features, layer.out_features)
+        x = torch.randn(rows, layer.in_features, requires_grad=True)
+        rule = layer._materialize(rows)
+
+        def median_ms(module) -> float:
+            times = []
+            for i in range(repeats + 2):
+                start = time.perf_counter()
+                module.zero_grad(set_to_none=True)
+                x.grad = None
+                module(x).square().mean().backward()
+                if i >= 2:
+                    times.append(time.perf_counter() - start)
+            return 1e3 * sorted(times)[len(times) // 2]
+
+        dense_ms = median_ms(dense)
+        paths = {}
+        for materialize in (False, True):
+            layer._materialize = lambda n, m=materialize: m
+            paths[materialize] = median_ms(layer)
+        ratio = layer.in_features * layer.out_features / layer.macs_per_row()
+        print(f"{case:14} {rows:6} {ratio:9.1f} {dense_ms:9.2f} {paths[False]:9.2f} {paths[True]:9.2f} "
+              f"{paths[False] / paths[True]:13.1f}x {'matrix' if rule else 'cores':>7}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--one", nargs=2, metavar=("VARIANT", "CASE"), help=argparse.SUPPRESS)
+    parser.add_argument("--tt-paths", action="store_true",
+                        help="only TTLinear's two paths (cores vs implied matrix) at the compressor study's shapes")
     args = parser.parse_args()
+    if args.tt_paths:
+        tt_paths(args.repeats)
+        return
     if args.one:
         print(json.dumps(run_one(*args.one, args.batch, args.repeats, args.device)))
         return

@@ -101,6 +101,31 @@ def test_both_contraction_orders_equal_the_dense_weight(in_modes, out_modes):
     assert layer._reversed == (in_modes[-1] > in_modes[0])  # the cheaper end; the two cases take both
 
 
+@pytest.mark.parametrize("autocast", [False, True])
+def test_implied_matrix_path_matches_the_core_contractions(autocast):
+    """Many rows through a small TT layer (a ViT's tokens at 10x) take one GEMM with the implied
+    matrix; the result and every gradient equal the core-by-core contraction's."""
+    torch.manual_seed(0)
+    layer = TTLinear((8, 16), (16, 24), rank=6)
+    assert layer.macs_per_row() == 36864  # more than a third of the dense layer's 49,152
+    assert layer._materialize(128) and not layer._materialize(1)  # the rule: rows and multiply-adds
+    assert layer.build_macs() == 8 * 16 * 6 * 16 * 24  # (8, 16, 6) x (6, 16, 24)
+    assert not TTLinear((8, 8, 8), (8, 8, 8), rank=1)._materialize(10**6)  # 21x the contractions' work
+    x = torch.randn(2, 64, 128)
+    results = []
+    for materialize in (True, False):
+        layer._materialize = lambda rows, m=materialize: m
+        xi = x.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            y = layer(xi)
+        assert y.shape == (2, 64, 384)
+        y.float().square().sum().backward()
+        results.append([y.detach().float(), xi.grad] + [p.grad.clone() for p in layer.parameters()])
+        layer.zero_grad()
+    for a, b in zip(*results):  # bf16: relative error of the whole tensor
+        assert (a - b).norm() / b.norm() < (5e-2 if autocast else 1e-5)
+
+
 @pytest.mark.parametrize("naive", [False, True])
 @pytest.mark.parametrize("stride,padding", [(1, 1), (2, 0), (2, 1)])
 def test_tt_conv_equals_conv2d_with_its_rebuilt_kernel(naive, stride, padding):

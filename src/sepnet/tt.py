@@ -171,6 +171,11 @@ class TTLinear(nn.Module):
                              f"{tuple(x.shape)}")
         lead = x.shape[:-1]
         x = x.reshape(-1, self.in_features)
+        if self._materialize(x.shape[0]):  # small layer, many rows: one GEMM with the implied matrix
+            w, bias = self.dense_weight(), self.bias
+            if not torch.is_autocast_enabled(x.device.type):  # autocast casts them itself
+                w, bias = w.to(x.dtype), bias.to(x.dtype) if bias is not None else None
+            return nn.functional.linear(x, w, bias).reshape(*lead, self.out_features)
         if self._reversed:  # last core first: the same sum with every mode order reversed
             d = len(self.in_modes)
             flip = (0, *range(d, 0, -1))
@@ -182,6 +187,28 @@ class TTLinear(nn.Module):
             y = _contract(x, list(self.cores), self.in_modes, self.out_modes)
         y = y.reshape(*lead, self.out_features)
         return y + self.bias if self.bias is not None else y
+
+    def macs_per_row(self) -> int:
+        """Multiply-adds of the core contractions for one input row, in the order forward uses."""
+        if self._reversed:
+            return _macs(self.in_modes[::-1], self.out_modes[::-1], self.ranks[::-1])
+        return _macs(self.in_modes, self.out_modes, self.ranks)
+
+    def build_macs(self) -> int:
+        """Multiply-adds of `dense_weight` (the chain of core products)."""
+        total, rows, cols = 0, self.in_modes[0], self.out_modes[0]
+        for k in range(1, len(self.in_modes)):
+            total += rows * cols * self.ranks[k] * self.in_modes[k] * self.out_modes[k] * self.ranks[k + 1]
+            rows, cols = rows * self.in_modes[k], cols * self.out_modes[k]
+        return total
+
+    def _materialize(self, rows: int) -> bool:
+        """Use the implied matrix when building it and one GEMM with it cost at most 8x the core
+        contractions' multiply-adds for these rows, the rule SeparableLinear uses: d small GEMMs
+        with their permutes run far below one GEMM's speed per multiply-add on a CPU (a ViT's
+        token layers at 10x do *more* multiply-adds as TT than dense and trained 3x slower;
+        benchmarks/layers.py --tt-paths)."""
+        return self.build_macs() + rows * self.in_features * self.out_features <= 8 * rows * self.macs_per_row()
 
     def dense_weight(self) -> Tensor:
         """The implied (out_features, in_features) weight, from the cores alone."""

@@ -107,7 +107,7 @@ def test_implied_matrix_path_matches_the_core_contractions(autocast):
     matrix; the result and every gradient equal the core-by-core contraction's."""
     torch.manual_seed(0)
     layer = TTLinear((8, 16), (16, 24), rank=6)
-    assert layer.macs_per_row() == 36864  # more than a third of the dense layer's 49,152
+    assert layer.macs_per_row() == 36864  # three quarters of the dense layer's 49,152
     assert layer._materialize(128) and not layer._materialize(1)  # the rule: rows and multiply-adds
     assert layer.build_macs() == 8 * 16 * 6 * 16 * 24  # (8, 16, 6) x (6, 16, 24)
     assert not TTLinear((8, 8, 8), (8, 8, 8), rank=1)._materialize(10**6)  # 21x the contractions' work

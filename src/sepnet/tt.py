@@ -204,7 +204,8 @@ class TTLinear(nn.Module):
 
     def _materialize(self, rows: int) -> bool:
         """Use the implied matrix when building it and one GEMM with it cost at most 8x the core
-        contractions' multiply-adds for these rows, the rule SeparableLinear uses: d small GEMMs
+        contractions' multiply-adds for these rows (SeparableLinear's factor 8; its build cost is
+        counted here, as a rank-17 head's is not negligible at a batch of 128): d small GEMMs
         with their permutes run far below one GEMM's speed per multiply-add on a CPU (a ViT's
         token layers at 10x do *more* multiply-adds as TT than dense and trained 3x slower;
         benchmarks/layers.py --tt-paths)."""

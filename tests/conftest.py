@@ -15,6 +15,24 @@ from PIL import Image
 torch.set_num_threads(1)
 
 
+def matrix_and_product_paths_agree(layer, x, autocast: bool) -> None:
+    """A layer with an implied-matrix path (`_materialize`): its output and every gradient (input
+    and parameters) are the same by the matrix and by its structured products, in fp32 or under
+    bf16 autocast (relative error of the whole tensor)."""
+    results = []
+    for materialize in (True, False):
+        layer._materialize = lambda rows, m=materialize: m
+        xi = x.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            y = layer(xi)
+        y.float().square().sum().backward()
+        results.append([y.detach().float(), xi.grad] + [p.grad.clone() for p in layer.parameters()])
+        layer.zero_grad()
+    del layer._materialize
+    for a, b in zip(*results):
+        assert (a - b).norm() / b.norm() < (5e-2 if autocast else 1e-5)
+
+
 def _cifar_batch(n, labels_key, num_classes, seed):
     rng = np.random.default_rng(seed)
     data = rng.integers(0, 256, (n, 3072), dtype=np.uint8)

@@ -2,6 +2,7 @@ import math
 
 import pytest
 import torch
+from conftest import matrix_and_product_paths_agree
 from torch import nn
 
 from sepnet.constraints import condition_number
@@ -147,17 +148,7 @@ def test_implied_matrix_path_matches_the_mode_products(autocast):
     x = torch.randn(2, 64, 128)
     assert layer._materialize(128) and not layer._materialize(8)  # the rule: rows and multiply-adds
     assert not FlatSeparableLinear((32, 32), (32, 32), rank=1)._materialize(10**6)  # 16x the products' work
-    results = []
-    for materialize in (True, False):
-        layer._materialize = lambda rows, m=materialize: m
-        xi = x.clone().requires_grad_(True)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            y = layer(xi)
-        y.float().square().sum().backward()
-        results.append([y.detach().float(), xi.grad] + [p.grad.clone() for p in layer.parameters()])
-        layer.zero_grad()
-    for a, b in zip(*results):  # bf16: relative error of the whole tensor, as above
-        assert (a - b).norm() / b.norm() < (5e-2 if autocast else 1e-5)
+    matrix_and_product_paths_agree(layer, x, autocast)
 
 
 @pytest.mark.parametrize("in_shape,out_shape,input_dtype", [

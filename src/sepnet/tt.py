@@ -17,6 +17,8 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
+from sepnet.layers import MATRIX_WORK_FACTOR
+
 __all__ = ["TTLinear", "TTConv2d", "tensor_train", "tt_ranks", "tt_parameters", "tt_svd"]
 
 
@@ -151,6 +153,8 @@ class TTLinear(nn.Module):
                           < _macs(in_modes, out_modes, self.ranks))
         bound = 1 / math.sqrt(self.in_features)
         self.bias = nn.Parameter(torch.empty(self.out_features).uniform_(-bound, bound)) if bias else None
+        # the implied matrix's cost against the contractions' (shapes and ranks are fixed): see _materialize
+        self._path_costs = (self.build_macs(), self.in_features * self.out_features, self.macs_per_row())
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, in_modes: Sequence[int], out_modes: Sequence[int],
@@ -204,12 +208,13 @@ class TTLinear(nn.Module):
 
     def _materialize(self, rows: int) -> bool:
         """Use the implied matrix when building it and one GEMM with it cost at most 8x the core
-        contractions' multiply-adds for these rows (SeparableLinear's factor 8; its build cost is
+        contractions' multiply-adds for these rows (SeparableLinear's factor; its build cost is
         counted here, as a rank-17 head's is not negligible at a batch of 128): d small GEMMs
         with their permutes run far below one GEMM's speed per multiply-add on a CPU (a ViT's
         token layers at 10x do *more* multiply-adds as TT than dense and trained 3x slower;
         benchmarks/layers.py --tt-paths)."""
-        return self.build_macs() + rows * self.in_features * self.out_features <= 8 * rows * self.macs_per_row()
+        build, dense, cores = self._path_costs
+        return build + rows * dense <= MATRIX_WORK_FACTOR * rows * cores
 
     def dense_weight(self) -> Tensor:
         """The implied (out_features, in_features) weight, from the cores alone."""

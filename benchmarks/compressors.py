@@ -64,7 +64,7 @@ METHODS = {
     # whole-model budgets: VGG convs by joint SVD with a separable or TT head, or pruning everywhere;
     # "separable" (the head alone) shows that FC compression cannot reach them
     "vgg_model": ["jsvd_separable", "jsvd_tt", "magnitude", "magnitude_global", "hydra", "deadwood",
-                  "separable"],
+                  "separable", "ttconv_tt"],
     "vit_model": ["separable", "separable_joint", "tt", "magnitude", "magnitude_global", "hydra", "deadwood"],
 }
 # The PGD-AT control rows: a method name "<method>+pgd7" is the same cell trained with PGD-7
@@ -139,6 +139,11 @@ def cell_config(model: str, budget: str, method: str, dense_start: str | None, e
         if method == "separable":  # the separable head alone, everything else dense
             return dict(dense, compression=[{"method": "separable", "targets": ["head.*"], "budget": factor,
                                              "budget_of": "model"}]), {}, False
+        if method == "ttconv_tt":  # every conv but the RGB stem as Garipov's TT-conv, and a TT head, from scratch
+            return dict(dense, compression=[
+                {"method": "tt", "targets": ["head.*"], "budget": 84},
+                {"method": "tt_conv", "targets": ["backbone.*"], "exclude": ["backbone.0"], "budget": factor,
+                 "budget_of": "model"}]), {}, False
         # the head factorized from a random init: approximating the trained head (init
         # from_linear) at 84x started it at chance and it stayed there (loss 2.30 for 30 steps,
         # both separable and TT; seed-0 records *_from_linear), while a random init trains

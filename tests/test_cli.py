@@ -276,6 +276,26 @@ def test_joint_vit_cell_meets_the_non_zero_budget_after_its_sparsity_target():
     assert 0.95 * allowed <= counts.nonzero <= allowed, (counts, allowed)
 
 
+def test_vgg_ttconv_cell_meets_the_whole_model_budget_with_tt_convolutions():
+    """The VGG's TT-conv cell: every convolution but the RGB stem as a TTConv2d and a TT head,
+    from scratch, within the whole-model budget (not past it) at 10x and 30x."""
+    from sepnet.constraints import parameter_counts
+    from sepnet.network import build_network
+    from sepnet.tt import TTConv2d, TTLinear
+
+    comp = _benchmark()
+    for factor, slack in ((10, 1.1), (30, 1.25)):  # TT ranks are integers: small layers round down
+        network, constraint, from_dense = comp.cell_config("vgg", f"model{factor}", "ttconv_tt", None, 3, 1)
+        assert (constraint, from_dense) == ({}, False)
+        net = build_network(num_classes=10, **network)
+        kinds = {type(m).__name__ for name, m in net.named_modules() if name.startswith("backbone.")}
+        assert "TTConv2d" in kinds and type(net.backbone[0]).__name__ == "Conv2d"
+        assert any(isinstance(m, TTLinear) for m in net.head.modules())
+        assert sum(isinstance(m, TTConv2d) for m in net.modules()) >= 10
+        counts = parameter_counts(net)
+        assert counts.dense / slack <= factor * counts.nonzero <= counts.dense, (factor, counts)
+
+
 RUN0 = Path("logs/default/version_0")
 TEST_FAST = ["--report.images", "32", "--report.honesty_images", "16", "--report.square_queries", "20"]
 

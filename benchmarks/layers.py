@@ -3,7 +3,7 @@ tensorly-torch, at the separable layer's parameter count; and of a VGG 3x3 convo
 TTConv2d (Garipov, and the naive 4-way TT) vs the two-conv SVD layer at a tenth of its parameters.
 
     python benchmarks/layers.py [--batch 128] [--repeats 20] [--device cpu]
-    python benchmarks/layers.py --tt-paths     # TTLinear: core contractions vs the implied matrix
+    python benchmarks/layers.py --tt-paths     # TTLinear / TTConv2d: structured vs implied matrix / kernel
 
 Each variant runs in its own subprocess so that peak memory (ru_maxrss on CPU, the CUDA
 allocator's peak on GPU) is its own. Ratios are against the dense layer of the same run.
@@ -148,44 +148,70 @@ TT_PATH_CASES = {
     "vgg_head_84x": ((8, 8, 8), (8, 8, 8), 5, 128),
     "vgg_head_226x": ((8, 8, 8), (8, 8, 8), 2, 128),
 }
+# TTConv2d's two paths (structured forward vs the built kernel): the VGG-16/4 TT-conv cell's
+# layers (compressors.py ttconv_tt: channel modes, ranks, map size at batch 128) and the
+# 256-channel case above
+TT_CONV_PATH_CASES = {
+    "cell10_conv3_32x32": ((4, 4), (4, 4), [9, 13], 32),
+    "cell10_conv17_8x8": ((8, 8), (8, 8), [9, 19], 8),
+    "cell10_conv40_2x2": ((8, 16), (8, 16), [9, 19], 2),
+    "cell30_conv3_32x32": ((4, 4), (4, 4), [6, 6], 32),
+    "cell30_conv40_2x2": ((8, 16), (8, 16), [6, 6], 2),
+    "vgg_conv3x3_256": None,
+}
 
 
-def tt_paths(repeats: int) -> None:
-    """Forward+backward of TTLinear by its core contractions and by the implied matrix (built
-    each step, one GEMM), against nn.Linear, in this process; which one the layer's rule picks."""
+def tt_paths(repeats: int, batch: int = 128) -> None:
+    """Forward+backward of TTLinear by its core contractions and by the implied matrix, and of
+    TTConv2d by its structured forward and by the kernel built from its cores (rebuilt each
+    step), against the dense layer, in this process; which path the layer's rule picks."""
     from torch import nn
 
-    from sepnet.tt import TTLinear
+    from sepnet.tt import TTConv2d, TTLinear
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; TTLinear fwd+bwd, median of {repeats}")
-    print(f"{'case':14} {'rows':>6} {'MAC ratio':>9} {'dense ms':>9} {'cores ms':>9} {'matrix ms':>9} "
+    def median_ms(module, x) -> float:
+        times = []
+        for i in range(repeats + 2):
+            start = time.perf_counter()
+            module.zero_grad(set_to_none=True)
+            x.grad = None
+            module(x).square().mean().backward()
+            if i >= 2:
+                times.append(time.perf_counter() - start)
+        return 1e3 * sorted(times)[len(times) // 2]
+
+    def row(case, rows, layer, dense, x, rule, ratio):
+        dense_ms = median_ms(dense, x)
+        paths = {}
+        for materialize in (False, True):
+            layer._materialize = lambda n, m=materialize: m
+            paths[materialize] = median_ms(layer, x)
+        print(f"{case:19} {rows:7} {ratio:9.1f} {dense_ms:9.2f} {paths[False]:11.2f} {paths[True]:9.2f} "
+              f"{paths[False] / paths[True]:13.1f}x {'matrix' if rule else 'cores':>7}")
+
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; fwd+bwd, median of {repeats}")
+    print(f"{'TTLinear':19} {'rows':>7} {'MAC ratio':>9} {'dense ms':>9} {'cores ms':>11} {'matrix ms':>9} "
           f"{'matrix speedup':>14} {'rule':>7}")
     for case, (in_modes, out_modes, rank, rows) in TT_PATH_CASES.items():
         torch.manual_seed(0)
         layer = TTLinear(in_modes, out_modes, rank)
-        dense = nn.Linear(layer.in_features, layer.out_features)
         x = torch.randn(rows, layer.in_features, requires_grad=True)
-        rule = layer._materialize(rows)
-
-        def median_ms(module) -> float:
-            times = []
-            for i in range(repeats + 2):
-                start = time.perf_counter()
-                module.zero_grad(set_to_none=True)
-                x.grad = None
-                module(x).square().mean().backward()
-                if i >= 2:
-                    times.append(time.perf_counter() - start)
-            return 1e3 * sorted(times)[len(times) // 2]
-
-        dense_ms = median_ms(dense)
-        paths = {}
-        for materialize in (False, True):
-            layer._materialize = lambda n, m=materialize: m
-            paths[materialize] = median_ms(layer)
-        ratio = layer.in_features * layer.out_features / layer.macs_per_row()
-        print(f"{case:14} {rows:6} {ratio:9.1f} {dense_ms:9.2f} {paths[False]:9.2f} {paths[True]:9.2f} "
-              f"{paths[False] / paths[True]:13.1f}x {'matrix' if rule else 'cores':>7}")
+        row(case, rows, layer, nn.Linear(layer.in_features, layer.out_features), x, layer._materialize(rows),
+            layer.in_features * layer.out_features / layer.macs_per_row())
+    print(f"{'TTConv2d, batch ' + str(batch):19} {'pixels':>7} {'MAC ratio':>9} {'dense ms':>9} "
+          f"{'structured ms':>11} {'kernel ms':>9} {'kernel speedup':>14} {'rule':>7}")
+    for case, spec in TT_CONV_PATH_CASES.items():
+        torch.manual_seed(0)
+        if spec is None:
+            layer, size = build_conv("tt_conv", *CONV_CASES[case][:2]), CONV_CASES[case][2]
+        else:
+            in_modes, out_modes, ranks, size = spec
+            layer = TTConv2d(in_modes, out_modes, 3, ranks, padding=1)
+        dense = nn.Conv2d(layer.in_channels, layer.out_channels, 3, padding=1)
+        x = torch.randn(batch, layer.in_channels, size, size, requires_grad=True)
+        pixels = layer._output_pixels(x)
+        row(case, pixels, layer, dense, x, layer._materialize(pixels),
+            layer.in_channels * layer.out_channels * 9 / layer.macs_per_pixel())
 
 
 def main() -> None:
@@ -195,10 +221,11 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--one", nargs=2, metavar=("VARIANT", "CASE"), help=argparse.SUPPRESS)
     parser.add_argument("--tt-paths", action="store_true",
-                        help="only TTLinear's two paths (cores vs implied matrix) at the compressor study's shapes")
+                        help="only TTLinear's and TTConv2d's two paths (structured vs the implied matrix / kernel) "
+                             "at the compressor study's shapes")
     args = parser.parse_args()
     if args.tt_paths:
-        tt_paths(args.repeats)
+        tt_paths(args.repeats, args.batch)
         return
     if args.one:
         print(json.dumps(run_one(*args.one, args.batch, args.repeats, args.device)))

@@ -124,9 +124,34 @@ def test_tt_conv_equals_conv2d_with_its_rebuilt_kernel(naive, stride, padding):
 
     torch.manual_seed(0)
     layer = TTConv2d((2, 4), (4, 2), 3, rank=3, stride=stride, padding=padding, naive=naive).double()
+    layer._materialize = lambda pixels: False  # the structured forward (a naive layer has no other)
     x = torch.randn(2, 8, 9, 9, dtype=torch.float64)
     expected = nn.functional.conv2d(x, layer.kernel(), layer.bias, stride, padding)
     torch.testing.assert_close(layer(x), expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+@pytest.mark.parametrize("stride,padding", [(1, 1), (2, 0)])
+def test_tt_conv_kernel_path_matches_the_structured_forward(autocast, stride, padding):
+    """A TT convolution at a CIFAR-sized batch convolves with its kernel built from the cores
+    (the rule: building it and the dense conv cost at most 8x the structured forward); output and
+    every gradient equal the structured forward's; a layer whose structured forward is far
+    cheaper than its dense conv keeps it."""
+    from sepnet.tt import TTConv2d
+
+    torch.manual_seed(0)
+    layer = TTConv2d((4, 4), (4, 8), 3, rank=[9, 19], stride=stride, padding=padding)  # the VGG cell's 2nd conv
+    assert layer.macs_per_pixel() == 16 * 9 * 9 + (16 * 9 * 4 * 19 + 4 * 19 * 4 * 8)  # grouped conv + 2 cores
+    assert layer.build_macs() == 9 * 9 * 16 * 19 + 9 * 16 * 19 * 32  # (9, r0) x (r0, c1 s1 r1), then x (r1, c2 s2)
+    x = torch.randn(2, 16, 7, 7)
+    pixels = 2 * (7 * 7 if stride == 1 else 3 * 3)
+    assert layer._output_pixels(x) == pixels == layer(x).shape[0] * layer(x)[0, 0].numel()
+    assert layer._materialize(pixels)
+    last = TTConv2d((8, 16), (8, 16), 3, rank=[9, 19])  # the cell's last conv, on 2x2 maps
+    assert last._materialize(128 * 2 * 2) and not last._materialize(1)  # the kernel's build is counted
+    big = TTConv2d((16, 16), (16, 16), 3, rank=[1, 1])  # 256 -> 256 at rank 1: 56x fewer multiply-adds
+    assert not big._materialize(10**6)
+    matrix_and_product_paths_agree(layer, x, autocast)
 
 
 @pytest.mark.parametrize("naive", [False, True])

@@ -244,9 +244,13 @@ class TTConv2d(nn.Module):
         K[x, y, (c1..cd), (s1..sd)] = G0[x, y, :] G1[:, c1, s1, :] ... Gd[:, cd, sd, :]
 
     a spatial core G0 of shape (kH, kW, r0), then channel cores (r_{k-1}, c_k, s_k, r_k), r_d = 1.
-    The forward convolves every input channel with the r0 spatial filters (one grouped conv,
-    stride / padding / dilation as nn.Conv2d's) and contracts the (channel, r0) maps with the
-    channel cores at every pixel; the kernel is never built.
+    The structured forward convolves every input channel with the r0 spatial filters (one grouped
+    conv, stride / padding / dilation as nn.Conv2d's) and contracts the (channel, r0) maps with
+    the channel cores at every pixel, never building the kernel. Where building the kernel and
+    one convolution with it cost at most `MATRIX_WORK_FACTOR` times that (`_materialize`: every
+    CIFAR-sized layer at a training batch), the forward builds the kernel from the cores and runs
+    one convolution at nn.Conv2d's speed instead: the same function and gradients, 6-33x faster
+    forward+backward on a CPU at the VGG-16/4 layers (benchmarks/layers.py --tt-paths).
 
     naive=True stores the plain 4-way TT of the kernel, cores over (kH, kW, C, S), and convolves
     with the rebuilt kernel: the baseline the paper compares against.
@@ -278,6 +282,9 @@ class TTConv2d(nn.Module):
                                       for k, n in enumerate(sizes))
         bound = 1 / math.sqrt(fan_in)
         self.bias = nn.Parameter(torch.empty(self.out_channels).uniform_(-bound, bound)) if bias else None
+        # the kernel path's cost against the structured one's (shapes and ranks are fixed): see _materialize
+        self._path_costs = (self.build_macs(), self.in_channels * self.out_channels * math.prod(self.kernel_size),
+                            self.macs_per_pixel())
 
     def _sizes(self) -> list[int]:
         """Mode sizes of the cores: (kH kW, c1 s1, ..., cd sd), or (kH, kW, C, S) when naive."""
@@ -321,11 +328,46 @@ class TTConv2d(nn.Module):
         k = k.permute(order).reshape(*self.kernel_size, self.in_channels, self.out_channels)
         return k.permute(3, 2, 0, 1)
 
+    def macs_per_pixel(self) -> int:
+        """Multiply-adds of the structured forward per output pixel (grouped spatial conv and
+        channel contractions); a naive layer always convolves with its kernel."""
+        if self.naive:
+            return self.in_channels * self.out_channels * math.prod(self.kernel_size)
+        spatial = self.in_channels * self.ranks[1] * math.prod(self.kernel_size)
+        return spatial + _macs(self.in_modes, self.out_modes, self.ranks[1:])
+
+    def build_macs(self) -> int:
+        """Multiply-adds of `kernel` (the chain of core products)."""
+        total, rows = 0, self.cores[0].shape[1]
+        for core in self.cores[1:]:
+            total += rows * core.shape[0] * core.shape[1] * core.shape[2]
+            rows *= core.shape[1]
+        return total
+
+    def _output_pixels(self, x: Tensor) -> int:
+        pixels = 1
+        for size, k, s, p, d in zip(x.shape[-2:], self.kernel_size, *(
+                (v, v) if isinstance(v, int) else v for v in (self.stride, self.padding, self.dilation))):
+            pixels *= (size + 2 * p - d * (k - 1) - 1) // s + 1
+        return x.shape[0] * pixels
+
+    def _materialize(self, pixels: int) -> bool:
+        """Convolve with the built kernel when building it and the dense convolution cost at most
+        `MATRIX_WORK_FACTOR` x the structured forward's multiply-adds over these output pixels
+        (TTLinear's rule): the structured forward's grouped conv into C r0 maps and its
+        per-pixel contractions run far below a dense convolution's speed per multiply-add (7x
+        slower than the dense conv at a tenth of its parameters, 256 channels on 8x8 maps)."""
+        build, dense, structured = self._path_costs
+        return build + pixels * dense <= MATRIX_WORK_FACTOR * pixels * structured
+
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"TTConv2d expects (N, {self.in_channels}, H, W) input, got {tuple(x.shape)}")
-        if self.naive:
-            return nn.functional.conv2d(x, self.kernel(), self.bias, self.stride, self.padding, self.dilation)
+        if self.naive or self._materialize(self._output_pixels(x)):
+            kernel, bias = self.kernel(), self.bias
+            if not torch.is_autocast_enabled(x.device.type):  # autocast casts them itself
+                kernel, bias = kernel.to(x.dtype), bias.to(x.dtype) if bias is not None else None
+            return nn.functional.conv2d(x, kernel, bias, self.stride, self.padding, self.dilation)
         batch, channels = x.shape[:2]
         r0 = self.ranks[1]
         spatial = self.cores[0].reshape(*self.kernel_size, r0).permute(2, 0, 1).unsqueeze(1)  # (r0, 1, kH, kW)

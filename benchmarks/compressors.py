@@ -73,6 +73,9 @@ METHODS = {
 # of each model (VGG: global magnitude and dual pruning; ViT: TT and layer-wise magnitude, seed 0)
 PGD_AT = {"name": "pgd", "eps": EPS, "step_size": 2 / 255, "steps": 7}
 PGD_CONTROLS = {"vgg": ["magnitude_global", "deadwood"], "vit": ["tt", "magnitude"]}
+# a second seed at the VGG's 30x whole-model budget for the leaders of seed 0 (TT-conv 4.8 worst-
+# case points ahead of the best pruning, layer-wise and global magnitude), to pair them by seed
+SECOND_SEED_VGG30 = ["ttconv_tt", "magnitude", "magnitude_global"]
 
 
 # the GPU cells (conf/experiments/compressors/): full-width models, full CIFAR-10, PGD-10 AT
@@ -275,6 +278,7 @@ def plan() -> list[tuple[str, str, str, int]]:
               for budget, m in [("-", "dense"), *(("model10", m) for m in PGD_CONTROLS[model])]]
     cells += [("vgg", b, m, 0) for b in ("fc84", "fc11") for m in METHODS["fc"]]
     cells += [("vgg", "model30", m, 0) for m in METHODS["vgg_model"]]
+    cells += [("vgg", "model30", m, 1) for m in SECOND_SEED_VGG30]
     cells += [("vit", "model30", m, 0) for m in METHODS["vit_model"]]
     return cells
 

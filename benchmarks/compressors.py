@@ -357,7 +357,11 @@ def report(path: Path, figures: Path = HERE.parent) -> None:
         r = json.loads(line)
         runs.setdefault((r["model"], r["budget"], r["method"], r["epochs"]), {})[r["seed"]] = r
     keys = ("clean_acc", "pgd20_acc", "worst_acc")
-    fig, axes = plt.subplots(1, 3, figsize=(19, 4.8))
+    fig, axes = plt.subplots(1, 3, figsize=(19, 6.2))
+    # one colour and marker per method, the same in both panels (more methods than a 10-colour cycle);
+    # PGD-AT controls dashed
+    names = sorted({split_method(method)[0] for (_, _, method, _) in runs if not method.startswith("dense")})
+    style = {name: (plt.get_cmap("tab20")(i % 20), "os^Dv<>PXh"[i % 10]) for i, name in enumerate(names)}
     for model, ax in zip(("vgg", "vit"), axes):
         dense = {s: r for (m, b, method, _), seeds in runs.items() if m == model and method == "dense"
                  for s, r in seeds.items()}
@@ -423,12 +427,14 @@ def report(path: Path, figures: Path = HERE.parent) -> None:
                        marker="*", s=150, color="black", label="dense", zorder=3)
         for method, points in sorted(curves.items()):
             points.sort()
+            color, marker = style[split_method(method)[0]]
             ax.errorbar([p[0] for p in points], [p[1] for p in points], yerr=[p[2] for p in points],
-                        marker="o", markersize=5, capsize=3, label=method)
+                        color=color, marker=marker, markersize=5, capsize=3, label=method,
+                        linestyle="--" if split_method(method)[1] else "-")
         if curves or dense:  # a log axis without data cannot be laid out
             ax.set(xscale="log", xlabel="non-zero parameters (whole model)", ylabel="worst-case accuracy (Linf 8/255)",
                    title=f"{model}: non-zero parameters vs worst-case robust accuracy")
-            ax.legend(fontsize=7)
+            ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=3)  # below: no point hidden
         else:
             ax.set_title(f"{model}: no runs yet")
     kappa_scatter(axes[2], path)

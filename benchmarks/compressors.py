@@ -285,7 +285,9 @@ def plan() -> list[tuple[str, str, str, int]]:
 
 GPU_EPOCHS, GPU_DENSE_EPOCHS = 100, 50
 GPU_CELLS = [("fc226", m) for m in METHODS["fc"]] + [
-    (b, m) for b in ("model10", "model30") for m in ("jsvd_separable", "magnitude_global", "hydra", "deadwood")]
+    (b, m) for b in ("model10", "model30") for m in ("jsvd_separable", "magnitude_global", "hydra", "deadwood",
+                                                     "ttconv_tt")]
+VGG_ONLY = {"ttconv_tt"}  # its TT head stands for the VGG's 512-wide FC head; ResNet-34 has one 5k FC layer
 PGD10 = {"name": "pgd", "eps": 8 / 255, "step_size": 2 / 255, "steps": 10}
 
 
@@ -297,7 +299,8 @@ def gpu_configs() -> dict[str, dict]:
     configs = {}
     for model in GPU_MODELS:
         cells = [("-", "dense")] + [(b, m.replace("jsvd_separable", "jsvd") if model == "resnet34" else m)
-                                    for b, m in GPU_CELLS if model == "vgg16" or b.startswith("model")]
+                                    for b, m in GPU_CELLS
+                                    if model == "vgg16" or b.startswith("model") and m not in VGG_ONLY]
         start = f"logs/compressors/cifar10_{model}_dense/starts/dense-epoch={GPU_DENSE_EPOCHS - 1}.ckpt"
         for budget, method in cells:
             name = f"cifar10_{model}_dense" if method == "dense" else f"cifar10_{model}_{budget}_{method}"

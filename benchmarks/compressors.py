@@ -143,10 +143,11 @@ def cell_config(model: str, budget: str, method: str, dense_start: str | None, e
             return dict(dense, compression=[{"method": "separable", "targets": ["head.*"], "budget": factor,
                                              "budget_of": "model"}]), {}, False
         if method == "ttconv_tt":  # every conv but the RGB stem as Garipov's TT-conv, and a TT head, from scratch
-            return dict(dense, compression=[
-                {"method": "tt", "targets": ["head.*"], "budget": 84},
-                {"method": "tt_conv", "targets": ["backbone.*"], "exclude": ["backbone.0"], "budget": factor,
-                 "budget_of": "model"}]), {}, False
+            convs = {"method": "tt_conv", "targets": ["backbone.*"], "exclude": ["backbone.0"], "budget": factor,
+                     "budget_of": "model"}
+            if model == "resnet34":  # its one 5k-parameter FC layer stays dense; the convolutions carry it all
+                return dict(dense, compression=[convs]), {}, False
+            return dict(dense, compression=[{"method": "tt", "targets": ["head.*"], "budget": 84}, convs]), {}, False
         # the head factorized from a random init: approximating the trained head (init
         # from_linear) at 84x started it at chance and it stayed there (loss 2.30 for 30 steps,
         # both separable and TT; seed-0 records *_from_linear), while a random init trains
@@ -287,7 +288,6 @@ GPU_EPOCHS, GPU_DENSE_EPOCHS = 100, 50
 GPU_CELLS = [("fc226", m) for m in METHODS["fc"]] + [
     (b, m) for b in ("model10", "model30") for m in ("jsvd_separable", "magnitude_global", "hydra", "deadwood",
                                                      "ttconv_tt")]
-VGG_ONLY = {"ttconv_tt"}  # its TT head stands for the VGG's 512-wide FC head; ResNet-34 has one 5k FC layer
 PGD10 = {"name": "pgd", "eps": 8 / 255, "step_size": 2 / 255, "steps": 10}
 
 
@@ -299,8 +299,7 @@ def gpu_configs() -> dict[str, dict]:
     configs = {}
     for model in GPU_MODELS:
         cells = [("-", "dense")] + [(b, m.replace("jsvd_separable", "jsvd") if model == "resnet34" else m)
-                                    for b, m in GPU_CELLS
-                                    if model == "vgg16" or b.startswith("model") and m not in VGG_ONLY]
+                                    for b, m in GPU_CELLS if model == "vgg16" or b.startswith("model")]
         start = f"logs/compressors/cifar10_{model}_dense/starts/dense-epoch={GPU_DENSE_EPOCHS - 1}.ckpt"
         for budget, method in cells:
             name = f"cifar10_{model}_dense" if method == "dense" else f"cifar10_{model}_{budget}_{method}"

@@ -97,7 +97,8 @@ def test_compressor_cell_configs_are_current_and_instantiate(tmp_path, monkeypat
         assert yaml.safe_load((COMPRESSOR_CELLS / f"{name}.yaml").read_text()) == config, name
     monkeypatch.chdir(tmp_path)
     for name in ("cifar10_vgg16_dense", "cifar10_vgg16_fc226_separable_joint", "cifar10_vgg16_fc226_tt",
-                 "cifar10_vgg16_model10_hydra", "cifar10_resnet34_model30_deadwood", "cifar10_vgg16_model30_ttconv_tt"):
+                 "cifar10_vgg16_model10_hydra", "cifar10_resnet34_model30_deadwood", "cifar10_vgg16_model30_ttconv_tt",
+                 "cifar10_resnet34_model10_ttconv_tt"):
         args = ["--config", str(COMPRESSOR_CELLS / f"{name}.yaml")]
         network = expected[name]["model"]["network"]
         if "init_from" in network:

@@ -131,7 +131,7 @@ def test_tt_conv_equals_conv2d_with_its_rebuilt_kernel(naive, stride, padding):
 
 
 @pytest.mark.parametrize("autocast", [False, True])
-@pytest.mark.parametrize("stride,padding", [(1, 1), (2, 0)])
+@pytest.mark.parametrize("stride,padding", [(1, 1), (2, 0), (1, "same")])
 def test_tt_conv_kernel_path_matches_the_structured_forward(autocast, stride, padding):
     """A TT convolution at a CIFAR-sized batch convolves with its kernel built from the cores
     (the rule: building it and the dense conv cost at most 8x the structured forward); output and

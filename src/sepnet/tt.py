@@ -345,9 +345,15 @@ class TTConv2d(nn.Module):
         return total
 
     def _output_pixels(self, x: Tensor) -> int:
+        """Output pixels of this call over the batch (nn.Conv2d's output size; padding "same" keeps
+        the size, "valid" is 0)."""
+        padding = {"same": None, "valid": 0}.get(self.padding, self.padding) if isinstance(self.padding, str) \
+            else self.padding
+        if padding is None:
+            return x.shape[0] * x.shape[-2] * x.shape[-1]
         pixels = 1
         for size, k, s, p, d in zip(x.shape[-2:], self.kernel_size, *(
-                (v, v) if isinstance(v, int) else v for v in (self.stride, self.padding, self.dilation))):
+                (v, v) if isinstance(v, int) else v for v in (self.stride, padding, self.dilation))):
             pixels *= (size + 2 * p - d * (k - 1) - 1) // s + 1
         return x.shape[0] * pixels
 

@@ -20,6 +20,14 @@ from torch import Tensor, nn
 # products' multiply-adds: one GEMM runs several times faster per multiply-add on a CPU
 MATRIX_WORK_FACTOR = 8
 
+
+def built_matrix_pays(build_macs: int, dense_macs: int, structured_macs: int, rows: int) -> bool:
+    """Whether a factorized layer should build its implied matrix (or kernel) and run one dense
+    GEMM / convolution over `rows` rows (or output pixels): building it plus the dense work costs
+    at most MATRIX_WORK_FACTOR x the structured products' multiply-adds (per row: `dense_macs`,
+    `structured_macs`)."""
+    return build_macs + rows * dense_macs <= MATRIX_WORK_FACTOR * rows * structured_macs
+
 __all__ = [
     "SeparableLinear",
     "FlatSeparableLinear",
@@ -162,7 +170,7 @@ class SeparableLinear(nn.Module):
         self.bias = nn.Parameter(torch.empty(self.out_shape)) if bias else None
         self.order = contraction_order(self.in_shape, self.out_shape)
         # the implied matrix's GEMM against the mode products (shapes and rank are fixed): see _materialize
-        self._dense_is_cheap = self.in_features * self.out_features <= MATRIX_WORK_FACTOR * self.macs_per_row()
+        self._dense_is_cheap = built_matrix_pays(0, self.in_features * self.out_features, self.macs_per_row(), 1)
         # set by from_linear: relative Frobenius error of the Kronecker approximation
         self.approximation_error: float | None = None
         self.reset_parameters()

@@ -17,7 +17,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from sepnet.layers import MATRIX_WORK_FACTOR
+from sepnet.layers import built_matrix_pays
 
 __all__ = ["TTLinear", "TTConv2d", "tensor_train", "tt_ranks", "tt_parameters", "tt_svd"]
 
@@ -213,8 +213,7 @@ class TTLinear(nn.Module):
         with their permutes run far below one GEMM's speed per multiply-add on a CPU (a ViT's
         token layers at 10x do *more* multiply-adds as TT than dense and trained 3x slower;
         benchmarks/layers.py --tt-paths)."""
-        build, dense, cores = self._path_costs
-        return build + rows * dense <= MATRIX_WORK_FACTOR * rows * cores
+        return built_matrix_pays(*self._path_costs, rows)
 
     def dense_weight(self) -> Tensor:
         """The implied (out_features, in_features) weight, from the cores alone."""
@@ -247,7 +246,7 @@ class TTConv2d(nn.Module):
     The structured forward convolves every input channel with the r0 spatial filters (one grouped
     conv, stride / padding / dilation as nn.Conv2d's) and contracts the (channel, r0) maps with
     the channel cores at every pixel, never building the kernel. Where building the kernel and
-    one convolution with it cost at most `MATRIX_WORK_FACTOR` times that (`_materialize`: every
+    one convolution with it cost at most `layers.MATRIX_WORK_FACTOR` times that (`_materialize`: every
     CIFAR-sized layer at a training batch), the forward builds the kernel from the cores and runs
     one convolution at nn.Conv2d's speed instead: the same function and gradients, 6-33x faster
     forward+backward on a CPU at the VGG-16/4 layers (benchmarks/layers.py --tt-paths).
@@ -347,10 +346,9 @@ class TTConv2d(nn.Module):
     def _output_pixels(self, x: Tensor) -> int:
         """Output pixels of this call over the batch (nn.Conv2d's output size; padding "same" keeps
         the size, "valid" is 0)."""
-        padding = {"same": None, "valid": 0}.get(self.padding, self.padding) if isinstance(self.padding, str) \
-            else self.padding
-        if padding is None:
+        if self.padding == "same":
             return x.shape[0] * x.shape[-2] * x.shape[-1]
+        padding = 0 if self.padding == "valid" else self.padding
         pixels = 1
         for size, k, s, p, d in zip(x.shape[-2:], self.kernel_size, *(
                 (v, v) if isinstance(v, int) else v for v in (self.stride, padding, self.dilation))):
@@ -359,12 +357,11 @@ class TTConv2d(nn.Module):
 
     def _materialize(self, pixels: int) -> bool:
         """Convolve with the built kernel when building it and the dense convolution cost at most
-        `MATRIX_WORK_FACTOR` x the structured forward's multiply-adds over these output pixels
+        `layers.MATRIX_WORK_FACTOR` x the structured forward's multiply-adds over these output pixels
         (TTLinear's rule): the structured forward's grouped conv into C r0 maps and its
         per-pixel contractions run far below a dense convolution's speed per multiply-add (7x
         slower than the dense conv at a tenth of its parameters, 256 channels on 8x8 maps)."""
-        build, dense, structured = self._path_costs
-        return build + pixels * dense <= MATRIX_WORK_FACTOR * pixels * structured
+        return built_matrix_pays(*self._path_costs, pixels)
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() != 4 or x.shape[1] != self.in_channels:

@@ -98,7 +98,8 @@ VIT_SEP = dict(VIT_DENSE, compression=[{"method": "separable", "targets": ["*"],
                                         "budget_of": "model", "options": {"modes": 2}}])
 FAMILIES["vit"] = {"dense": {"network": VIT_DENSE}, "sep_b_none": {"network": VIT_SEP},
                    **{v: {"network": VIT_SEP, "constraint": FAMILIES["vgg"][v]["constraint"]}
-                      for v in ("sep_b_target", "sep_b_implied", "sep_b_joint")}}
+                      for v in ("sep_b_target", "sep_b_implied", "sep_b_joint", "sep_b_implied_w0.0001",
+                                "sep_b_implied_w0.01")}}  # the last two: the ViT's own weight sweep (--eval-split val)
 
 
 def eval_specs(eps: float) -> dict[str, AttackSpec]:

@@ -248,7 +248,7 @@ def test_vit_ablation_rows_are_the_compressor_studys_separable_vit():
     network, constraint, from_dense = comp.cell_config("vit", "model10", "separable", None, 3, 1)
     vit = rep.FAMILIES["vit"]
     assert (vit["sep_b_none"]["network"], constraint, from_dense) == (network, {}, False)
-    for variant in ("sep_b_target", "sep_b_implied", "sep_b_joint"):
+    for variant in ("sep_b_target", "sep_b_implied", "sep_b_joint", "sep_b_implied_w0.0001", "sep_b_implied_w0.01"):
         assert vit[variant] == {"network": network, "constraint": rep.FAMILIES["vgg"][variant]["constraint"]}
     model = ImageClassifier(**vit["sep_b_joint"], **rep.common_kwargs("vit"))
     counts = parameter_counts(model.net)

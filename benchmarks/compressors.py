@@ -44,7 +44,7 @@ from reproduce import (EPS, FAMILIES, VGG, VGG_DENSE_HEAD, VIT_DENSE, common_kwa
 
 from sepnet.callbacks import ConstraintMonitor  # noqa: E402
 from sepnet.compress import remove_pruning_  # noqa: E402
-from sepnet.constraints import fc_parameter_counts, parameter_counts, separable_layers  # noqa: E402
+from sepnet.measures import fc_parameter_counts, parameter_counts, separable_layers  # noqa: E402
 from sepnet.module import ImageClassifier  # noqa: E402
 from sepnet.network import build_network  # noqa: E402
 
@@ -60,12 +60,13 @@ PRUNING = {"magnitude": ("magnitude", {"scope": "layer"}), "magnitude_global": (
            "hydra": ("hydra", {"score_epochs": 1}), "deadwood": ("deadwood", {"kick_in": 0})}
 METHODS = {
     # FC budgets (VGG): the separable head itself, TT, pruning of the dense head
-    "fc": ["separable", "separable_joint", "tt", "magnitude", "magnitude_global", "hydra", "deadwood"],
+    "fc": ["separable", "separable_joint", "tt", "magnitude", "magnitude_global", "hydra", "deadwood", "lowrank"],
     # whole-model budgets: VGG convs by joint SVD with a separable or TT head, or pruning everywhere;
     # "separable" (the head alone) shows that FC compression cannot reach them
     "vgg_model": ["jsvd_separable", "jsvd_tt", "magnitude", "magnitude_global", "hydra", "deadwood",
-                  "separable", "ttconv_tt"],
-    "vit_model": ["separable", "separable_joint", "tt", "magnitude", "magnitude_global", "hydra", "deadwood"],
+                  "separable", "ttconv_tt", "lowrank"],
+    "vit_model": ["separable", "separable_joint", "tt", "magnitude", "magnitude_global", "hydra", "deadwood",
+                  "lowrank"],
 }
 # The PGD-AT control rows: a method name "<method>+pgd7" is the same cell trained with PGD-7
 # (Madry's CIFAR recipe: 7 steps of 2/255, random start) instead of fast FGSM, its dense start
@@ -125,8 +126,8 @@ def cell_config(model: str, budget: str, method: str, dense_start: str | None, e
         target = fc_budget(model, level)
         probe = build_network(num_classes=10, **dense)
         fc = fc_parameter_counts(probe)
-        if method == "tt":
-            return dict(dense, compression=[{"method": "tt", "targets": ["head.*"], "budget": fc.dense / target}]), {}, False
+        if method in ("tt", "lowrank"):  # the head factorized, from a random init
+            return dict(dense, compression=[{"method": method, "targets": ["head.*"], "budget": fc.dense / target}]), {}, False
         weights, biases = _weights_and_biases(probe, "head")
         entry = {"method": pruning[0], "targets": ["head.*"], "budget": weights / (target - biases),
                  "options": pruning[1]}
@@ -135,6 +136,9 @@ def cell_config(model: str, budget: str, method: str, dense_start: str | None, e
     if pruning:
         entry = {"method": pruning[0], "targets": ["*"], "budget": factor, "budget_of": "model", "options": pruning[1]}
         return dict(dense, init_from=dense_start, compression=[entry]), {}, True
+    if method == "lowrank":  # every conv (Tucker-2) but the RGB stem / patch embedding and every FC (U V), from scratch
+        return dict(dense, compression=[{"method": "lowrank", "targets": ["*"], "budget": factor, "budget_of": "model",
+                                         "exclude": ["backbone.0", "*patch_embed*"]}]), {}, False
     if model in ("vgg", "vgg16", "resnet34"):
         if method == "jsvd":  # ResNet: the convolutions carry it all (its FC layer is 5k parameters)
             return dict(dense, init_from=dense_start, compression=[
@@ -187,15 +191,17 @@ def joint_budget(dense: dict, entry: dict, factor: float) -> float:
 
 
 class SaveAt(L.Callback):
-    """The network's weights after `epoch` epochs (the pruning methods' dense start)."""
+    """The network's weights after `epoch` epochs (the pruning methods' dense start); `stop`
+    ends the run there (the schedule stays the whole run's)."""
 
-    def __init__(self, epoch: int, path: Path) -> None:
-        self.epoch, self.path = epoch, path
+    def __init__(self, epoch: int, path: Path, stop: bool = False) -> None:
+        self.epoch, self.path, self.stop = epoch, path, stop
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         if trainer.current_epoch + 1 == self.epoch:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             torch.save(pl_module.net.state_dict(), self.path)
+            trainer.should_stop = self.stop
 
 
 def split_method(method: str) -> tuple[str, str]:
@@ -239,8 +245,8 @@ def run_cell(model: str, budget: str, method: str, seed: int, args) -> dict:
     else:
         network, constraint, from_dense = cell_config(model, budget, base, str(start), args.epochs,
                                                       args.dense_epochs)
-        if from_dense and not start.is_file():
-            raise FileNotFoundError(f"{start}: no dense start for {model} seed {seed}; run the dense cell first")
+        if from_dense and not start.is_file():  # the dense cell is recorded but its start file (git-ignored) is
+            dense_start(model, seed, training, start, args)  # not here: the same seeded epochs again
     epochs = args.epochs - (args.dense_epochs if from_dense else 0)
     try:
         model_ = ImageClassifier(network=network, constraint=constraint, **kwargs)
@@ -263,6 +269,17 @@ def run_cell(model: str, budget: str, method: str, seed: int, args) -> dict:
     record.update(evaluate(model_.net, model_.attacker, args.pgd_images, args.aa_images, args.honesty_images))
     record["eval_seconds"] = time.perf_counter() - begin
     return record
+
+
+def dense_start(model: str, seed: int, training: str, path: Path, args) -> None:
+    """The dense run's weights after --dense-epochs, trained again (same seed, data order and
+    training as the dense cell) and saved to `path`: nothing evaluated, nothing recorded."""
+    print(f"{path.name}: training the dense start ({args.dense_epochs} epoch(s), seed {seed})", flush=True)
+    torch.manual_seed(seed)
+    model_ = ImageClassifier(network=DENSE[model], **training_kwargs(model, training))
+    train(model_, args.epochs, args.batch, callbacks=[SaveAt(args.dense_epochs, path, stop=True)], logger=False)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: the dense start was not written")
 
 
 def plan() -> list[tuple[str, str, str, int]]:
@@ -398,7 +415,7 @@ def report(path: Path, figures: Path = HERE.parent) -> None:
                 collapsed = mean["clean_acc"] <= 0.11  # chance: a constant prediction "survives" attacks
                 if collapsed:
                     warnings.insert(0, "**collapsed to chance** (left out of the best and the plot)")
-                over = method.endswith("_over_budget")  # renamed records of a cell configured past its budget
+                over = split_method(method)[0].endswith("_over_budget")  # renamed records of a cell past its budget
                 if over:
                     warnings.insert(0, "**over budget** (left out of the best; plotted at its own count)")
                 training = split_method(method)[1]

@@ -16,13 +16,8 @@ import time
 import torch
 from torch import nn
 
-from sepnet.constraints import (
-    condition_number,
-    condition_penalty,
-    constraint_penalties,
-    implied_penalty,
-    layer_condition_number,
-)
+from sepnet.measures import condition_number, layer_condition_number
+from sepnet.constraints import condition_penalty, constraint_penalties, implied_penalty
 from sepnet.layers import SeparableLinear
 
 

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.nn.utils import prune
 
-from sepnet.constraints import fc_parameter_counts, parameter_counts
+from sepnet.measures import fc_parameter_counts, parameter_counts
 from sepnet.export import sparse_state_dict, to_torchscript
 from sepnet.module import ImageClassifier
 

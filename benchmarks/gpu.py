@@ -324,7 +324,7 @@ def hours_cell(path: Path, device: torch.device, tiny: bool, data: Path, work: P
     import yaml
 
     from sepnet.cli import SepnetCLI
-    from sepnet.constraints import parameter_counts
+    from sepnet.measures import parameter_counts
     from sepnet.data import VisionDataModule
 
     config = yaml.safe_load(path.read_text())

@@ -43,11 +43,11 @@ def build(variant: str, in_shape, out_shape, budget: int):
     if variant == "separable":
         return SeparableLinear(in_shape, out_shape), False
     if variant.startswith("tt"):  # "tt3": three cores on the flat features, rank nearest the budget
-        from sepnet.compress import _modes
-        from sepnet.tt import TTLinear
+        from sepnet.compress.factorize import mode_split
+        from sepnet.compress.tt import TTLinear
 
         cores = int(variant[2:])
-        in_modes, out_modes = _modes(math.prod(in_shape), cores), _modes(math.prod(out_shape), cores)
+        in_modes, out_modes = mode_split(math.prod(in_shape), cores), mode_split(math.prod(out_shape), cores)
         rank = min(range(1, 257), key=lambda r: abs(TTLinear(in_modes, out_modes, r).stored_parameters() - budget))
         return TTLinear(in_modes, out_modes, rank), True
     import tltorch
@@ -74,9 +74,9 @@ CONV_VARIANTS = ["dense", "tt_conv", "tt_conv_naive", "svd_conv"]
 def build_conv(variant: str, channels_in: int, channels_out: int):
     from torch import nn
 
-    from sepnet.compress import _modes
-    from sepnet.jsvd import SVDConv2d
-    from sepnet.tt import TTConv2d
+    from sepnet.compress.factorize import mode_split
+    from sepnet.compress.jsvd import SVDConv2d
+    from sepnet.compress.tt_conv import TTConv2d
 
     conv = nn.Conv2d(channels_in, channels_out, 3, padding=1)
     budget = sum(p.numel() for p in conv.parameters()) / 10
@@ -87,7 +87,7 @@ def build_conv(variant: str, channels_in: int, channels_out: int):
         return min((make(r) for r in range(1, 257)),
                    key=lambda m: abs(sum(p.numel() for p in m.parameters()) - budget))
 
-    modes_in, modes_out = _modes(channels_in, 2), _modes(channels_out, 2)
+    modes_in, modes_out = mode_split(channels_in, 2), mode_split(channels_out, 2)
     if variant == "svd_conv":
         return nearest(lambda r: SVDConv2d(conv, [r]))
     return nearest(lambda r: TTConv2d(modes_in, modes_out, 3, r, padding=1, naive=variant.endswith("naive")))
@@ -167,7 +167,8 @@ def tt_paths(repeats: int, batch: int = 128) -> None:
     step), against the dense layer, in this process; which path the layer's rule picks."""
     from torch import nn
 
-    from sepnet.tt import TTConv2d, TTLinear
+    from sepnet.compress.tt_conv import TTConv2d
+    from sepnet.compress.tt import TTLinear
 
     def median_ms(module, x) -> float:
         times = []
@@ -184,8 +185,9 @@ def tt_paths(repeats: int, batch: int = 128) -> None:
         dense_ms = median_ms(dense, x)
         paths = {}
         for materialize in (False, True):
-            layer._materialize = lambda n, m=materialize: m
+            layer.implied_path = "always" if materialize else "never"
             paths[materialize] = median_ms(layer, x)
+        layer.implied_path = "auto"
         print(f"{case:19} {rows:7} {ratio:9.1f} {dense_ms:9.2f} {paths[False]:11.2f} {paths[True]:9.2f} "
               f"{paths[False] / paths[True]:13.1f}x {'matrix' if rule else 'cores':>7}")
 
@@ -196,7 +198,7 @@ def tt_paths(repeats: int, batch: int = 128) -> None:
         torch.manual_seed(0)
         layer = TTLinear(in_modes, out_modes, rank)
         x = torch.randn(rows, layer.in_features, requires_grad=True)
-        row(case, rows, layer, nn.Linear(layer.in_features, layer.out_features), x, layer._materialize(rows),
+        row(case, rows, layer, nn.Linear(layer.in_features, layer.out_features), x, layer.uses_implied(rows),
             layer.in_features * layer.out_features / layer.macs_per_row())
     print(f"{'TTConv2d, batch ' + str(batch):19} {'pixels':>7} {'MAC ratio':>9} {'dense ms':>9} "
           f"{'structured ms':>11} {'kernel ms':>9} {'kernel speedup':>14} {'rule':>7}")
@@ -210,7 +212,7 @@ def tt_paths(repeats: int, batch: int = 128) -> None:
         dense = nn.Conv2d(layer.in_channels, layer.out_channels, 3, padding=1)
         x = torch.randn(batch, layer.in_channels, size, size, requires_grad=True)
         pixels = layer._output_pixels(x)
-        row(case, pixels, layer, dense, x, layer._materialize(pixels),
+        row(case, pixels, layer, dense, x, layer.uses_implied(pixels),
             layer.in_channels * layer.out_channels * 9 / layer.macs_per_pixel())
 
 

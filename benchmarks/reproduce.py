@@ -36,7 +36,7 @@ from torch.nn.utils import prune
 
 from sepnet.attacks import AttackSpec
 from sepnet.compress import compress_
-from sepnet.constraints import fc_parameter_counts, layer_condition_number, parameter_counts, separable_layers
+from sepnet.measures import fc_parameter_counts, layer_condition_number, parameter_counts, separable_layers
 from sepnet.data import ImageFolderDataModule
 from sepnet.evaluation import correct, honesty_checks, robust_masks
 from sepnet.layers import SeparableLinear

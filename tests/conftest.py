@@ -16,19 +16,19 @@ torch.set_num_threads(1)
 
 
 def matrix_and_product_paths_agree(layer, x, autocast: bool) -> None:
-    """A layer with an implied-matrix path (`_materialize`): its output and every gradient (input
-    and parameters) are the same by the matrix and by its structured products, in fp32 or under
-    bf16 autocast (relative error of the whole tensor)."""
+    """A factorized layer's output and every gradient (input and parameters) are the same by its
+    implied weight and by its structured products (`implied_path` "always" / "never"), in fp32 or
+    under bf16 autocast (relative error of the whole tensor)."""
     results = []
-    for materialize in (True, False):
-        layer._materialize = lambda rows, m=materialize: m
+    for path in ("always", "never"):
+        layer.implied_path = path
         xi = x.clone().requires_grad_(True)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             y = layer(xi)
         y.float().square().sum().backward()
         results.append([y.detach().float(), xi.grad] + [p.grad.clone() for p in layer.parameters()])
         layer.zero_grad()
-    del layer._materialize
+    layer.implied_path = "auto"
     for a, b in zip(*results):
         assert (a - b).norm() / b.norm() < (5e-2 if autocast else 1e-5)
 

@@ -11,6 +11,8 @@ import torch
 from conftest import write_image_folder
 from sepnet.cli import SepnetCLI, main
 
+pytestmark = pytest.mark.cli  # whole runs through run.py: `pytest -m "not cli"` skips them locally; CI runs all
+
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
 # small and quick: 1 hidden layer, 2 PGD steps, few batches
@@ -87,7 +89,7 @@ def test_compressor_cell_configs_are_current_and_instantiate(tmp_path, monkeypat
     dense start written here; the joint-SVD builds take minutes on CPU and are left out)."""
     import yaml
 
-    from sepnet.constraints import parameter_counts
+    from sepnet.measures import parameter_counts
     from sepnet.network import build_network
 
     bench = _benchmark()
@@ -241,7 +243,7 @@ def test_benchmark_evaluation_on_the_validation_split(tmp_path, monkeypatch):
 def test_vit_ablation_rows_are_the_compressor_studys_separable_vit():
     """reproduce.py's ViT family (issue 12's ViT rows) is compressors.py's `vit model10 separable`
     network, with the VGG ablation's constraints, and is compressed 10-12x."""
-    from sepnet.constraints import parameter_counts
+    from sepnet.measures import parameter_counts
     from sepnet.module import ImageClassifier
 
     rep, comp = _benchmark("reproduce"), _benchmark()
@@ -259,7 +261,8 @@ def test_joint_vit_cell_meets_the_non_zero_budget_after_its_sparsity_target():
     """The ViT's joint-constraint cell stores more than the budget so that, once the sparsity
     target has zeroed its share of the factor entries, its non-zero count meets the whole-model
     budget like every other cell's (it was 46% over at 30x when the cell halved the compression)."""
-    from sepnet.constraints import SparsityTarget, parameter_counts
+    from sepnet.constraints import SparsityTarget
+    from sepnet.measures import parameter_counts
     from sepnet.network import build_network
 
     comp = _benchmark()
@@ -280,9 +283,10 @@ def test_joint_vit_cell_meets_the_non_zero_budget_after_its_sparsity_target():
 def test_vgg_ttconv_cell_meets_the_whole_model_budget_with_tt_convolutions():
     """The VGG's TT-conv cell: every convolution but the RGB stem as a TTConv2d and a TT head,
     from scratch, within the whole-model budget (not past it) at 10x and 30x."""
-    from sepnet.constraints import parameter_counts
+    from sepnet.measures import parameter_counts
     from sepnet.network import build_network
-    from sepnet.tt import TTConv2d, TTLinear
+    from sepnet.compress.tt_conv import TTConv2d
+    from sepnet.compress.tt import TTLinear
 
     comp = _benchmark()
     for factor, slack in ((10, 1.1), (30, 1.25)):  # TT ranks are integers: small layers round down
@@ -305,7 +309,9 @@ def test_default_fit_then_test_reports_the_worst_case(tmp_path):
     out = run(["fit", *FAST, "--trainer.max_epochs", "1"], cwd=tmp_path)
     assert "TensorBoard logs: logs/default/version_0" in out.stdout
     assert "final validation: acc " in out.stdout and "robust_acc/worst" in out.stdout
-    assert "Epoch 0:" not in out.stderr  # no progress bar when the output is not a terminal
+    assert "Epoch 0:" not in out.stderr  # no progress bar when the output is not a terminal ...
+    assert "epoch 1/1, train loss " in out.stderr and ", val worst case " in out.stderr  # ... but a line an epoch
+    assert "litlogger" not in out.stderr + out.stdout and "LeafSpec" not in out.stderr
     run0 = tmp_path / RUN0
     assert (run0 / "checkpoints/last.ckpt").is_file() and (run0 / "config.yaml").is_file()
     assert len(list((run0 / "checkpoints").glob("best-*.ckpt"))) == 1
@@ -554,6 +560,32 @@ def test_a_fixed_checkpoint_folder_is_never_shared_by_two_runs(tmp_path, monkeyp
     assert exit_info.value.code == 2 and "ckpts already holds last.ckpt of another run" in last
     assert sorted(p.name for p in (tmp_path / "ckpts").iterdir())[-1] == "last.ckpt"
     assert not list((tmp_path / "ckpts").glob("last-v*.ckpt"))
+    main(["test", *FAST, *TEST_FAST, "--ckpt_path", "ckpts/last.ckpt", "--checkpoint.dirpath", "ckpts"])  # its own
+    assert "test report" in capfd.readouterr().err
+
+
+def test_a_dataset_switch_brings_its_threat_model_unless_the_attacks_are_set(tmp_path, monkeypatch, caplog):
+    import logging
+
+    import yaml
+
+    caplog.set_level(logging.INFO, logger="sepnet")
+    monkeypatch.chdir(tmp_path)
+    write_image_folder(tmp_path / "imgs", classes=("a", "b"), per_class=4, size=16)
+    folder = ["--data", "sepnet.data.ImageFolderDataModule", "--data.root", "imgs", "--data.batch_size", "4",
+              "--data.num_workers", "0", "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "1",
+              "--trainer.limit_val_batches", "1", "--trainer.enable_model_summary", "false"]
+    main(["fit", *folder])  # default.yaml's digits attacks (eps 0.1): CIFAR-like data gets 8/255
+    assert "threat model: Linf eps 0.0314 (8.0/255), ImageFolderDataModule's" in caplog.text
+    model = yaml.safe_load((tmp_path / RUN0 / "config.yaml").read_text())["model"]
+    assert model["adversarial"]["attack"]["eps"] == pytest.approx(8 / 255)
+    assert model["adversarial"]["attack"]["step_size"] == pytest.approx(1.25 * 8 / 255)  # 1.25 eps, as set
+    assert [a["eps"] for a in model["validation"]["attacks"]] == pytest.approx([8 / 255] * 2)
+    assert model["validation"]["attacks"][0]["step_size"] == pytest.approx(2 / 255)
+    main(["fit", *folder, "--model.adversarial.attack.eps", "0.05"])  # a user's choice stays
+    model = yaml.safe_load((tmp_path / "logs/default/version_1/config.yaml").read_text())["model"]
+    assert model["adversarial"]["attack"]["eps"] == 0.05
+    assert model["validation"]["attacks"][0]["eps"] == pytest.approx(8 / 255)
 
 
 def test_robust_evaluation_every_other_epoch_keeps_the_best_checkpoint(tmp_path, monkeypatch):
@@ -575,6 +607,7 @@ FC_COMPRESSORS = [
 CONV_COMPRESSORS = [
     '{"method": "tt_conv", "targets": ["backbone.*"], "exclude": ["backbone.0"], "budget": 4}',
     '{"method": "jsvd", "targets": ["backbone.*"], "budget": 4, "options": {"method": "ljsvd"}}',
+    '{"method": "lowrank", "targets": ["*"], "exclude": ["backbone.0"], "budget": 4}',
 ]
 
 

@@ -4,11 +4,12 @@ import pytest
 import torch
 from torch import nn
 
-from sepnet.compress import CompressionSpec, compress_, pruned_layers, remove_pruning_
-from sepnet.constraints import fc_parameter_counts, parameter_counts
+from sepnet.compress import CompressionSpec, compress_, remove_pruning_
+from sepnet.measures import pruned_layers
+from sepnet.measures import fc_parameter_counts, parameter_counts
 from sepnet.layers import FlatSeparableLinear
 from sepnet.network import build_network
-from sepnet.tt import TTLinear
+from sepnet.compress.tt import TTLinear
 
 DENSE_MLP = dict(num_classes=10, image_shape=(1, 8, 8), mean=(0.3,), std=(0.4,), backbone="mlp",
                  backbone_kwargs={"hidden_shapes": [[4, 16, 16], [4, 16, 16]], "dense": True}, head="dense")
@@ -107,6 +108,38 @@ def test_global_magnitude_never_empties_an_output_unit():
     assert net(torch.rand(2, 3, 32, 32)).shape == (2, 10)
 
 
+def _vgg4(compression):
+    torch.manual_seed(0)
+    return build_network(num_classes=10, image_shape=(3, 32, 32), backbone="vgg16", backbone_kwargs={"width": 1 / 4},
+                         head="dense", head_kwargs={"hidden": [512, 512], "dropout": 0.5}, compression=compression)
+
+
+@pytest.mark.parametrize("method", ["magnitude", "hydra"])
+def test_layerwise_pruning_leaves_no_output_unit_empty(method):
+    """Layer-scope pruning kept the layer's top-k: on the VGG/4 at budget 10 the RGB stem
+    (backbone.0, 16 x 27 weights, 43 kept) lost 2 of its 16 output channels."""
+    from sepnet.masks import masked_layers
+
+    net = _vgg4([{"method": method, "targets": ["*"], "budget": 10}])
+    masks = ([(n, m.weight_mask) for n, m in pruned_layers(net)] if method == "magnitude" else
+             [(n, masked.current_mask()) for n, _, masked in masked_layers(net)])
+    assert len(masks) == 16
+    for name, mask in masks:
+        assert (mask.flatten(1).sum(1) >= 1).all(), name
+        assert int(mask.sum()) == max(round(mask.numel() / 10), mask.shape[0]), name
+
+
+def test_global_magnitude_meets_a_whole_model_budget_exactly():
+    """The weights given back to empty output units were added on top of the global top-k: the
+    VGG/4 at model30 kept 48,949 non-zero parameters against 48,409 allowed."""
+    dense = parameter_counts(_vgg4([]))
+    net = _vgg4([{"method": "magnitude", "targets": ["*"], "budget": 30, "budget_of": "model",
+                  "options": {"scope": "global"}}])
+    assert parameter_counts(net).nonzero <= dense.dense / 30 + 1
+    for name, m in pruned_layers(net):
+        assert (m.weight_mask.flatten(1).sum(1) >= 1).all(), name
+
+
 @pytest.mark.parametrize("spec,match", [
     ({"method": "tucker"}, "unknown compression method 'tucker'"),
     ({"method": "tt", "budget": 1.0}, "expected a compression factor > 1"),
@@ -160,7 +193,7 @@ def test_init_from_that_does_not_fit_is_a_one_line_error(tmp_path):
 
 
 def test_tt_conv_compresses_the_convolutions_to_a_budget():
-    from sepnet.tt import TTConv2d
+    from sepnet.compress.tt_conv import TTConv2d
 
     def vgg(compression):
         torch.manual_seed(0)
@@ -188,12 +221,13 @@ def _hydra(budget=10, score_epochs=1):
 
 
 def test_hydra_starts_from_magnitude_pruning_and_trains_only_scores_then_only_weights():
-    from sepnet.masks import masked_layers, set_phases_
+    from sepnet.masks import masked_layers
+    from sepnet.compress import compression_epoch_
 
     hydra, magnitude = _hydra(), _net([{"method": "magnitude", "targets": ["backbone.*", "head.*"], "budget": 10}])
     for (_, _, a), (_, b) in zip(masked_layers(hydra), pruned_layers(magnitude)):
         assert torch.equal(a.current_mask(), b.weight_mask)  # the first mask is magnitude pruning's
-    set_phases_(hydra, epoch=0)
+    compression_epoch_(hydra, 0)
     weights = {n: p.detach().clone() for n, p in hydra.named_parameters() if "scores" not in n}
     scores = {n: p.detach().clone() for n, p in hydra.named_parameters() if "scores" in n}
     opt = torch.optim.SGD([p for p in hydra.parameters() if p.requires_grad], lr=1.0)
@@ -208,7 +242,7 @@ def test_hydra_starts_from_magnitude_pruning_and_trains_only_scores_then_only_we
     assert any(not torch.equal(named[n], s) for n, s in scores.items())  # scores moved
     for _, _, masked in masked_layers(hydra):
         assert int(masked.current_mask().sum()) == masked.keep
-    set_phases_(hydra, epoch=1)  # score phase over: mask fixed, weights train, scores frozen
+    compression_epoch_(hydra, 1)  # score phase over: mask fixed, weights train, scores frozen
     fixed = [masked.mask.clone() for _, _, masked in masked_layers(hydra)]
     assert all(int(m.phase) == 1 for _, _, m in masked_layers(hydra))
     assert all(p.requires_grad != ("scores" in n) for n, p in hydra.named_parameters())
@@ -222,13 +256,14 @@ def test_hydra_starts_from_magnitude_pruning_and_trains_only_scores_then_only_we
 
 
 def test_hydra_phase_and_mask_survive_a_checkpoint_and_export_keeps_the_logits():
-    from sepnet.masks import masked_layers, set_phases_
+    from sepnet.masks import masked_layers
+    from sepnet.compress import compression_epoch_
 
     net = _hydra()
     with torch.no_grad():
         for _, _, masked in masked_layers(net):
             masked.scores.mul_(torch.rand_like(masked.scores))  # another ranking than at init
-    set_phases_(net, epoch=1)
+    compression_epoch_(net, 1)
     other = _hydra()
     other.load_state_dict(net.state_dict())
     for (_, _, a), (_, _, b) in zip(masked_layers(net), masked_layers(other)):
@@ -252,11 +287,12 @@ def _deadwood(**options):
 
 
 def test_deadwood_dual_variable_grows_while_violated_and_the_penalty_works():
-    from sepnet.deadwood import compression_epoch_, compression_loss, objectives
+    """tolerance 0: the constraint cannot be met before the mask, and lambda only ramps."""
+    from sepnet.compress.hooks import compression_epoch_, compression_hooks, compression_loss
 
     torch.manual_seed(0)
-    net = _deadwood(kd_weight=0.0)
-    (dead,) = objectives(net)
+    net = _deadwood(kd_weight=0.0, tolerance=0.0)
+    (dead,) = compression_hooks(net)
     x, y = torch.rand(64, 1, 8, 8), torch.randint(0, 10, (64,))
     opt = torch.optim.SGD(net.parameters(), lr=0.5)
     lams, violations = [], []
@@ -277,11 +313,37 @@ def test_deadwood_dual_variable_grows_while_violated_and_the_penalty_works():
     assert violations[-1] < violations[5]  # the penalty pushes mass into the budget
 
 
+def test_deadwood_uses_this_steps_lambda_and_its_dual_settles_once_the_constraint_is_met():
+    from sepnet.compress.hooks import compression_epoch_, compression_hooks
+    from sepnet.masks import topk_masks
+
+    net = _deadwood(kd_weight=0.0, tolerance=0.3, kick_in=0)
+    (dead,) = compression_hooks(net)
+    compression_epoch_(net, 0)
+    x = torch.rand(4, 1, 8, 8)
+    dead.lam.fill_(2.0)
+    extra, parts = dead.loss(x, net(x))
+    violation = float(parts["train/deadwood_violation"])
+    assert float(extra.detach()) == pytest.approx(2.0 * violation)  # lambda before this step's update
+    assert float(parts["train/deadwood_lambda"]) == 2.0
+    assert float(dead.lam) == pytest.approx(2.0 + 0.5 * (violation - 0.3))
+    with torch.no_grad():  # the mass moves inside the top-k: the constraint is met
+        inside = topk_masks([layer.weight_orig.abs() for layer in dead._layers], dead.keep)
+        for layer, keep in zip(dead._layers, inside):
+            layer.weight_orig[~keep] *= 1e-3
+    lams = []
+    for _ in range(20):
+        dead.loss(x, net(x))
+        lams.append(float(dead.lam))
+    assert float(dead.violation()) < 0.3
+    assert all(b <= a for a, b in zip(lams, lams[1:])) and lams[-1] == 0.0  # falls, then rests at 0
+
+
 def test_deadwood_final_mask_keeps_exactly_the_budget_and_resumes():
-    from sepnet.deadwood import compression_epoch_, objectives
+    from sepnet.compress.hooks import compression_epoch_, compression_hooks
 
     net = _deadwood()
-    (dead,) = objectives(net)
+    (dead,) = compression_hooks(net)
     total = sum(m.weight.numel() for _, m in pruned_layers(net))
     assert dead.keep == round(total / 10)
     compression_epoch_(net, 2)
@@ -290,11 +352,11 @@ def test_deadwood_final_mask_keeps_exactly_the_budget_and_resumes():
     assert int(dead.phase) == 1
     assert sum(int(m.weight_mask.sum()) for _, m in pruned_layers(net)) == dead.keep
     x = torch.rand(4, 1, 8, 8)
-    extra, parts = objectives(net)[0].loss(x, net(x))
+    extra, parts = compression_hooks(net)[0].loss(x, net(x))
     assert float(extra) == 0 and not parts  # fine-tuning: the mask alone
     other = _deadwood()  # a fresh build (penalty phase, all-ones masks) loads either phase
     other.load_state_dict(net.state_dict())
-    assert int(objectives(other)[0].phase) == 1
+    assert int(compression_hooks(other)[0].phase) == 1
     torch.testing.assert_close(other(x), net(x))
     assert parameter_counts(other).nonzero == parameter_counts(_net()).nonzero - (total - dead.keep)
 
@@ -312,7 +374,7 @@ def test_a_whole_model_budget_fills_up_after_the_earlier_entries():
     assert 10 <= counts.nonzero_compression < 11, counts
     with pytest.raises(ValueError, match=r"whole-model budget 100x is unreachable: the layers outside \['head.\*'\]"):
         vgg([{"method": "tt", "targets": ["head.*"], "budget": 100, "budget_of": "model"}])
-    from sepnet.deadwood import compression_epoch_
+    from sepnet.compress.hooks import compression_epoch_
 
     for method in ("magnitude", "hydra", "deadwood"):  # pruning keeps biases: the weights carry the budget
         net = vgg([{"method": method, "budget": 30, "budget_of": "model"}])

@@ -6,18 +6,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from sepnet.constraints import (
-    condition_number,
-    condition_penalty,
-    constraint_penalties,
-    fc_parameter_counts,
-    layer_condition_number,
-    parameter_counts,
-    proximal_step_,
-    separable_layers,
-    sparsity,
-    sparsity_penalty,
-)
+from sepnet.measures import (condition_number, fc_parameter_counts, layer_condition_number, parameter_counts, separable_layers, sparsity)
+from sepnet.constraints import condition_penalty, constraint_penalties, proximal_step_, sparsity_penalty
 from sepnet.layers import SeparableLinear
 
 FORMS = ["amgm", "logdet", "logcond"]
@@ -68,7 +58,7 @@ def test_layer_condition_dense_and_bound_for_rank_two():
     torch.manual_seed(0)
     small = SeparableLinear((3, 4), (3, 4), rank=2).double()
     exact = layer_condition_number(small)
-    s = torch.linalg.svdvals(small.dense_weight().detach())
+    s = torch.linalg.svdvals(small.implied_weight().detach())
     assert not exact.is_bound and exact.value == pytest.approx((s[0] / s[-1]).item(), rel=1e-9)
     big = SeparableLinear((64, 64, 2), (64, 64, 2), rank=2)  # 2^26 entries: bound path
     bound = layer_condition_number(big)
@@ -83,7 +73,7 @@ def test_layer_condition_dense_and_bound_for_rank_two():
 def test_layer_condition_gram_route_matches_svd():
     torch.manual_seed(0)
     layer = SeparableLinear((16, 32), (16, 40), rank=3)  # 640x512: sides >= 256, Gram route
-    s = torch.linalg.svdvals(layer.dense_weight().detach().double())
+    s = torch.linalg.svdvals(layer.implied_weight().detach().double())
     result = layer_condition_number(layer)
     assert not result.is_bound and result.value == pytest.approx((s[0] / s[-1]).item(), rel=1e-6)
     with torch.no_grad():  # a rank-deficient layer: one input column of every term is zero
@@ -275,7 +265,8 @@ def test_sparsity_target_is_met_exactly_and_its_zeros_survive_resume_and_export(
 
 
 def test_sparsity_target_ramps_cubically_keeps_pruned_entries_and_nnz_compounds():
-    from sepnet.constraints import SparsityTarget, implied_nonzeros
+    from sepnet.constraints import SparsityTarget
+    from sepnet.measures import implied_nonzeros
 
     torch.manual_seed(0)
     net = nn.Sequential(SeparableLinear((4, 8), (4, 8)), SeparableLinear((8, 8), (4, 4), rank=2))
@@ -294,10 +285,10 @@ def test_sparsity_target_ramps_cubically_keeps_pruned_entries_and_nnz_compounds(
     assert bool(control.frozen.all()) and all(abs(z - 0.9) <= 0.01 for z in control.zero_fractions())
     rank1 = net[0]
     nnz, exact = implied_nonzeros(rank1)
-    assert exact and nnz == int(rank1.dense_weight().count_nonzero())
+    assert exact and nnz == int(rank1.implied_weight().count_nonzero())
     assert nnz == math.prod(int(f.count_nonzero()) for f in rank1.factors[0])
     bound, exact = implied_nonzeros(net[1])
-    assert not exact and bound >= int(net[1].dense_weight().count_nonzero())
+    assert not exact and bound >= int(net[1].implied_weight().count_nonzero())
     with pytest.raises(ValueError, match="no separable layer"):
         SparsityTarget(nn.Linear(4, 4), 0.5)
 

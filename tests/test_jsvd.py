@@ -5,9 +5,9 @@ import pytest
 import torch
 from torch import nn
 
-from sepnet.compress import _joint_cost, equal_budget_rank
-from sepnet.constraints import parameter_counts
-from sepnet.jsvd import SVDConv2d, fold_kernel, joint_svd, unfold_kernel
+from sepnet.compress.jsvd import _joint_cost, equal_budget_rank
+from sepnet.measures import parameter_counts
+from sepnet.compress.jsvd import SVDConv2d, fold_kernel, joint_svd, unfold_kernel
 from sepnet.network import build_network
 
 
@@ -17,7 +17,7 @@ def test_two_conv_layer_equals_the_conv_with_its_rebuilt_kernel(stride, padding,
     conv = nn.Conv2d(6, 5, 3, stride=stride, padding=padding, dilation=dilation).double()
     layer = SVDConv2d(conv, [4, 2]).double()  # two branches, random factors
     x = torch.randn(2, 6, 11, 11, dtype=torch.float64)
-    expected = nn.functional.conv2d(x, layer.kernel(), layer.bias, stride, padding, dilation)
+    expected = nn.functional.conv2d(x, layer.implied_weight(), layer.bias, stride, padding, dilation)
     torch.testing.assert_close(layer(x), expected, rtol=1e-12, atol=1e-12)
     # at full rank the factors of the unfolded kernel give back the convolution itself
     matrix = unfold_kernel(conv.weight)

@@ -5,14 +5,8 @@ import torch
 from conftest import matrix_and_product_paths_agree
 from torch import nn
 
-from sepnet.constraints import condition_number
-from sepnet.layers import (
-    FlatSeparableLinear,
-    SeparableLinear,
-    _mode_product,
-    contraction_order,
-    nearest_kronecker,
-)
+from sepnet.measures import condition_number
+from sepnet.layers import FlatSeparableLinear, SeparableLinear, _mode_product, contraction_order, nearest_kronecker
 
 SHAPES = [((5,), (3,)), ((4, 3), (2, 5)), ((3, 4, 2), (2, 3, 5))]
 
@@ -37,7 +31,7 @@ def test_forward_equals_dense_kron(in_shape, out_shape, rank):
             for f in term:
                 f.normal_()
     weight = _kron_sum([[f.detach() for f in term] for term in layer.factors])
-    assert torch.equal(layer.dense_weight().detach(), weight)
+    assert torch.equal(layer.implied_weight().detach(), weight)
     x = torch.randn(6, *in_shape, dtype=torch.float64)
     expected = x.reshape(6, -1) @ weight.T + layer.bias.detach().reshape(-1)
     torch.testing.assert_close(layer(x).reshape(6, -1), expected, rtol=1e-12, atol=1e-12)
@@ -85,13 +79,13 @@ def test_init_is_orthogonal_with_default_linear_variance():
     layer = SeparableLinear((64, 8, 8), (16, 8, 8), rank=1)
     for f in layer.factors[0]:
         assert condition_number(f) == pytest.approx(1.0, abs=1e-4)
-    w = layer.dense_weight().detach()
+    w = layer.implied_weight().detach()
     expected = 1 / (3 * layer.in_features)
     assert (w.square().mean() / expected).item() == pytest.approx(1.0, rel=1e-3)
     ref = nn.Linear(layer.in_features, 8)
     assert ref.weight.var().item() == pytest.approx(expected, rel=0.1)
     layer3 = SeparableLinear((16, 16), (8, 32), rank=3)
-    ms = layer3.dense_weight().detach().square().mean().item()
+    ms = layer3.implied_weight().detach().square().mean().item()
     assert ms == pytest.approx(1 / (3 * 256), rel=0.3)
 
 
@@ -106,7 +100,7 @@ def test_from_linear_recovers_exact_kronecker():
                 linear.weight.copy_(_kron_sum(factors))
             layer = SeparableLinear.from_linear(linear, in_shape, out_shape, rank=rank)
             assert layer.approximation_error < 1e-9
-            torch.testing.assert_close(layer.dense_weight().detach(), linear.weight.detach())
+            torch.testing.assert_close(layer.implied_weight().detach(), linear.weight.detach())
             x = torch.randn(5, math.prod(in_shape), dtype=torch.float64)
             torch.testing.assert_close(layer(x.reshape(5, *in_shape)).reshape(5, -1), linear(x))
 
@@ -134,7 +128,7 @@ def test_flat_layer_on_tokens_matches_dense():
     x = torch.randn(2, 5, 24, dtype=torch.float64)
     y = layer(x)
     assert y.shape == (2, 5, 24)
-    expected = x @ layer.dense_weight().detach().T + layer.bias.detach().reshape(-1)
+    expected = x @ layer.implied_weight().detach().T + layer.bias.detach().reshape(-1)
     torch.testing.assert_close(y, expected)
     assert (layer.in_features, layer.out_features) == (24, 24)
 
@@ -146,8 +140,8 @@ def test_implied_matrix_path_matches_the_mode_products(autocast):
     torch.manual_seed(0)
     layer = FlatSeparableLinear((8, 16), (16, 24), rank=6)
     x = torch.randn(2, 64, 128)
-    assert layer._materialize(128) and not layer._materialize(8)  # the rule: rows and multiply-adds
-    assert not FlatSeparableLinear((32, 32), (32, 32), rank=1)._materialize(10**6)  # 16x the products' work
+    assert layer._implied_pays(128) and not layer._implied_pays(8)  # the rule: rows and multiply-adds
+    assert not FlatSeparableLinear((32, 32), (32, 32), rank=1)._implied_pays(10**6)  # 16x the products' work
     matrix_and_product_paths_agree(layer, x, autocast)
 
 

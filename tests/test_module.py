@@ -6,7 +6,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from sepnet.attacks import AttackSpec, attack_guard
-from sepnet.constraints import separable_layers
+from sepnet.measures import separable_layers
 from sepnet.layers import SeparableLinear
 from sepnet.module import ImageClassifier
 

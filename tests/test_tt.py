@@ -7,7 +7,7 @@ import torch
 from conftest import matrix_and_product_paths_agree
 from torch import nn
 
-from sepnet.tt import TTLinear, tt_parameters, tt_ranks, tt_svd
+from sepnet.compress.tt import TTLinear, tt_parameters, tt_ranks, tt_svd
 
 
 @pytest.mark.parametrize("in_modes,out_modes,rank", [((4, 3, 2), (2, 5, 3), 3), ((8, 8), (4, 16), 5),
@@ -18,7 +18,7 @@ def test_forward_equals_the_dense_weight_built_from_the_cores(in_modes, out_mode
     x = torch.randn(3, 5, math.prod(in_modes), dtype=torch.float64)  # leading dims kept
     y = layer(x)
     assert y.shape == (3, 5, math.prod(out_modes))
-    torch.testing.assert_close(y, x @ layer.dense_weight().t() + layer.bias, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(y, x @ layer.implied_weight().t() + layer.bias, rtol=1e-12, atol=1e-12)
 
 
 def test_tt_svd_reconstructs_an_exact_low_tt_rank_matrix():
@@ -26,10 +26,10 @@ def test_tt_svd_reconstructs_an_exact_low_tt_rank_matrix():
     source = TTLinear((4, 3, 5), (3, 4, 2), rank=3).double()  # random cores: TT ranks (1, 3, 3, 1)
     linear = nn.Linear(60, 24).double()
     with torch.no_grad():
-        linear.weight.copy_(source.dense_weight())
+        linear.weight.copy_(source.implied_weight())
     layer, error = TTLinear.from_linear(linear, (4, 3, 5), (3, 4, 2), rank=3)
     assert error < 1e-10
-    torch.testing.assert_close(layer.dense_weight(), linear.weight, rtol=0, atol=1e-10)
+    torch.testing.assert_close(layer.implied_weight(), linear.weight, rtol=0, atol=1e-10)
     torch.testing.assert_close(layer.bias, linear.bias)
     # rank 2 cannot: the error is real and reported
     _, truncated = TTLinear.from_linear(linear, (4, 3, 5), (3, 4, 2), rank=2)
@@ -50,7 +50,7 @@ def test_initialization_has_the_variance_of_nn_linear():
     weights = []
     for seed in range(16):
         torch.manual_seed(seed)
-        weights.append(TTLinear((8, 8, 8), (4, 4, 8), rank=4).dense_weight().flatten())
+        weights.append(TTLinear((8, 8, 8), (4, 4, 8), rank=4).implied_weight().flatten())
     variance = float(torch.cat(weights).var())
     target = 1 / (3 * 512)  # nn.Linear: U(-1/sqrt(in), 1/sqrt(in))
     assert abs(variance / target - 1) < 0.15, variance / target
@@ -98,7 +98,7 @@ def test_both_contraction_orders_equal_the_dense_weight(in_modes, out_modes):
     torch.manual_seed(0)
     layer = TTLinear(in_modes, out_modes, rank=3).double()
     x = torch.randn(6, math.prod(in_modes), dtype=torch.float64)
-    torch.testing.assert_close(layer(x), x @ layer.dense_weight().t() + layer.bias, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(layer(x), x @ layer.implied_weight().t() + layer.bias, rtol=1e-12, atol=1e-12)
     assert layer._reversed == (in_modes[-1] > in_modes[0])  # the cheaper end; the two cases take both
 
 
@@ -109,9 +109,9 @@ def test_implied_matrix_path_matches_the_core_contractions(autocast):
     torch.manual_seed(0)
     layer = TTLinear((8, 16), (16, 24), rank=6)
     assert layer.macs_per_row() == 36864  # three quarters of the dense layer's 49,152
-    assert layer._materialize(128) and not layer._materialize(1)  # the rule: rows and multiply-adds
+    assert layer._implied_pays(128) and not layer._implied_pays(1)  # the rule: rows and multiply-adds
     assert layer.build_macs() == 8 * 16 * 6 * 16 * 24  # (8, 16, 6) x (6, 16, 24)
-    assert not TTLinear((8, 8, 8), (8, 8, 8), rank=1)._materialize(10**6)  # 21x the contractions' work
+    assert not TTLinear((8, 8, 8), (8, 8, 8), rank=1)._implied_pays(10**6)  # 21x the contractions' work
     x = torch.randn(2, 64, 128)
     assert layer(x).shape == (2, 64, 384)
     matrix_and_product_paths_agree(layer, x, autocast)
@@ -120,13 +120,13 @@ def test_implied_matrix_path_matches_the_core_contractions(autocast):
 @pytest.mark.parametrize("naive", [False, True])
 @pytest.mark.parametrize("stride,padding", [(1, 1), (2, 0), (2, 1)])
 def test_tt_conv_equals_conv2d_with_its_rebuilt_kernel(naive, stride, padding):
-    from sepnet.tt import TTConv2d
+    from sepnet.compress.tt_conv import TTConv2d
 
     torch.manual_seed(0)
     layer = TTConv2d((2, 4), (4, 2), 3, rank=3, stride=stride, padding=padding, naive=naive).double()
-    layer._materialize = lambda pixels: False  # the structured forward (a naive layer has no other)
+    layer.implied_path = "never"  # the structured forward (a naive layer has no other)
     x = torch.randn(2, 8, 9, 9, dtype=torch.float64)
-    expected = nn.functional.conv2d(x, layer.kernel(), layer.bias, stride, padding)
+    expected = nn.functional.conv2d(x, layer.implied_weight(), layer.bias, stride, padding)
     torch.testing.assert_close(layer(x), expected, rtol=1e-12, atol=1e-12)
 
 
@@ -136,7 +136,7 @@ def test_tt_conv_kernel_path_matches_the_structured_forward(autocast, stride, pa
     """A TT convolution at a CIFAR-sized batch convolves with its kernel built from the cores
     (the rule: building it and the dense conv cost at most 8x the structured forward); output and
     every gradient equal the structured forward's."""
-    from sepnet.tt import TTConv2d
+    from sepnet.compress.tt_conv import TTConv2d
 
     torch.manual_seed(0)
     layer = TTConv2d((4, 4), (4, 8), 3, rank=[9, 19], stride=stride, padding=padding)  # the VGG cell's 2nd conv
@@ -145,29 +145,29 @@ def test_tt_conv_kernel_path_matches_the_structured_forward(autocast, stride, pa
     x = torch.randn(2, 16, 7, 7)
     pixels = 2 * (7 * 7 if stride == 1 else 3 * 3)
     assert layer._output_pixels(x) == pixels == layer(x).shape[0] * layer(x)[0, 0].numel()
-    assert layer._materialize(pixels)
+    assert layer._implied_pays(pixels)
     matrix_and_product_paths_agree(layer, x, autocast)
 
 
 def test_tt_conv_keeps_the_structured_forward_where_it_is_far_cheaper():
     """The kernel path's rule counts the kernel's build (a few pixels do not pay for it) and
     leaves a layer whose structured forward is over 8x cheaper on it."""
-    from sepnet.tt import TTConv2d
+    from sepnet.compress.tt_conv import TTConv2d
 
     last = TTConv2d((8, 16), (8, 16), 3, rank=[9, 19])  # the VGG cell's last conv, on 2x2 maps
-    assert last._materialize(128 * 2 * 2) and not last._materialize(1)  # the kernel's build is counted
+    assert last._implied_pays(128 * 2 * 2) and not last._implied_pays(1)  # the kernel's build is counted
     big = TTConv2d((16, 16), (16, 16), 3, rank=[1, 1])  # 256 -> 256 at rank 1: 56x fewer multiply-adds
-    assert not big._materialize(10**6)
+    assert not big._implied_pays(10**6)
 
 
 @pytest.mark.parametrize("naive", [False, True])
 def test_tt_conv_svd_is_exact_for_a_low_rank_kernel_and_counts_by_formula(naive):
-    from sepnet.tt import TTConv2d
+    from sepnet.compress.tt_conv import TTConv2d
 
     torch.manual_seed(0)
     conv = nn.Conv2d(8, 8, 3, padding=1).double()
     with torch.no_grad():
-        conv.weight.copy_(TTConv2d((2, 4), (4, 2), 3, rank=3, naive=naive).double().kernel())
+        conv.weight.copy_(TTConv2d((2, 4), (4, 2), 3, rank=3, naive=naive).double().implied_weight())
     layer, error = TTConv2d.from_conv(conv, (2, 4), (4, 2), rank=3, naive=naive)
     assert error < 1e-10
     x = torch.randn(1, 8, 6, 6, dtype=torch.float64)
@@ -179,11 +179,11 @@ def test_tt_conv_svd_is_exact_for_a_low_rank_kernel_and_counts_by_formula(naive)
 
 
 def test_tt_conv_initialization_has_the_variance_of_conv2d():
-    from sepnet.tt import TTConv2d
+    from sepnet.compress.tt_conv import TTConv2d
 
     kernels = []
     for seed in range(20):
         torch.manual_seed(seed)
-        kernels.append(TTConv2d((4, 4), (4, 8), 3, rank=4).kernel().flatten())
+        kernels.append(TTConv2d((4, 4), (4, 8), 3, rank=4).implied_weight().flatten())
     target = 1 / (3 * 16 * 9)  # nn.Conv2d: U(-1/sqrt(fan_in), 1/sqrt(fan_in)), fan_in = C kH kW
     assert abs(float(torch.cat(kernels).var()) / target - 1) < 0.2

@@ -26,7 +26,7 @@ from art.attacks.evasion import (
 from art.estimators.classification import PyTorchClassifier
 from torch import Tensor, nn
 
-from sepnet.modes import eval_mode
+from sepnet.guards import eval_mode
 
 __all__ = ["AttackSpec", "attack_guard", "eval_mode", "FastClassifier", "Attacker", "ATTACKS",
            "TRAINING_ATTACKS", "project", "adversarial_batch", "trades_loss"]

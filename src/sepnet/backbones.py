@@ -19,7 +19,7 @@ from torch import nn
 
 from sepnet.convert import separable_
 from sepnet.layers import SeparableLinear
-from sepnet.modes import eval_mode
+from sepnet.guards import eval_mode
 
 __all__ = ["Backbone", "BACKBONES", "build_backbone"]
 

@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -16,13 +17,13 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from sepnet.compress import pruned_layers
-from sepnet.constraints import (
+from sepnet.measures import (
     condition_number,
     factorized_layers,
     implied_nonzeros,
     layer_condition_number,
     parameter_counts,
+    pruned_layers,
     separable_layers,
     singular_values,
     sparsity,
@@ -33,7 +34,7 @@ from sepnet.masks import masked_layers
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ConstraintMonitor", "EvalReport", "RunWatch", "last_checkpoint"]
+__all__ = ["ConstraintMonitor", "EpochLine", "EvalReport", "RunWatch", "last_checkpoint"]
 
 
 def last_checkpoint(dirpath: str | None = None) -> ModelCheckpoint:
@@ -89,9 +90,9 @@ class ConstraintMonitor(L.Callback):
             metrics[f"{key}/implied_nnz{'' if exact else '_bound'}"] = float(nnz)
             counts = parameter_counts(layer)
             metrics[f"{key}/compression"] = counts.compression
-        for name, layer in factorized_layers(pl_module):  # TT, TT-conv, joint-SVD layers
+        for name, layer in factorized_layers(pl_module):  # TT, TT-conv, joint-SVD, low-rank layers
             if not isinstance(layer, SeparableLinear):
-                metrics[f"compression/{name}/compression"] = layer.dense_parameters() / layer.stored_parameters()
+                metrics[f"compression/{name}/compression"] = layer.compression()
         for name, layer in pruned_layers(pl_module):  # magnitude, Lagrangian-dual pruning
             metrics[f"compression/{name}/kept_fraction"] = float(layer.weight_mask.float().mean())
         for name, _, masked in masked_layers(pl_module):  # HYDRA
@@ -216,6 +217,42 @@ def _first_images(trainer, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         if total >= n:
             break
     return torch.cat(xs)[:n], torch.cat(ys)[:n]
+
+
+class EpochLine(L.Callback):
+    """One log line per training epoch: epoch, mean training loss, validation accuracy, validation
+    worst case (where that epoch ran the attacks) and seconds. `run.py` adds it when there is no
+    progress bar (no terminal: a scheduler's log file), which would otherwise stay silent from
+    the model summary to the end. The loss is summed on the device: one host sync an epoch."""
+
+    def __init__(self) -> None:
+        self._loss_sum: torch.Tensor | None = None
+        self._batches, self._start = 0, 0.0
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._loss_sum, self._batches, self._start = None, 0, time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        if isinstance(loss, torch.Tensor):
+            loss = loss.detach()
+            self._loss_sum = loss if self._loss_sum is None else self._loss_sum + loss
+            self._batches += 1
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if not trainer.is_global_zero or trainer.sanity_checking:
+            return
+        metrics = trainer.callback_metrics
+        parts = [f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}"]
+        if self._batches:
+            parts.append(f"train loss {float(self._loss_sum) / self._batches:.4f}")
+        every = getattr(getattr(pl_module, "validation", None), "every_n_epochs", 1)
+        attacked = (trainer.current_epoch + 1) % max(1, every) == 0  # else the worst case is an old one
+        for key, label in (("val/acc", "val acc"), ("val/robust_acc/worst", "val worst case")):
+            if key in metrics and (attacked or key == "val/acc"):
+                parts.append(f"{label} {float(metrics[key]):.4f}")
+        parts.append(f"{time.perf_counter() - self._start:.0f} s")
+        log.info(", ".join(parts))
 
 
 class RunWatch(L.Callback):

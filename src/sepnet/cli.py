@@ -9,10 +9,12 @@ A checkpoint's model hyperparameters define the model: flags that contradict the
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import logging
 import os
 import re
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +23,8 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from sepnet.callbacks import ConstraintMonitor, EvalReport, RunWatch, last_checkpoint
-from sepnet.constraints import parameter_counts
+from sepnet.callbacks import ConstraintMonitor, EpochLine, EvalReport, RunWatch, last_checkpoint
+from sepnet.measures import parameter_counts
 from sepnet.data import VisionDataModule
 from sepnet.module import ImageClassifier
 
@@ -129,7 +131,7 @@ class SepnetCLI(LightningCLI):
                 cfg.ckpt_path = ckpt = None
             else:
                 cfg.ckpt_path = ckpt = str(found)
-        self._check_folders(cfg, resuming=ckpt is not None and subcommand == "fit")
+        self._check_folders(cfg, resuming=ckpt is not None and subcommand == "fit", fitting=subcommand == "fit")
         if ckpt is None:
             return
         path = Path(ckpt)
@@ -169,9 +171,10 @@ class SepnetCLI(LightningCLI):
                 if (m := re.fullmatch(r"version_(\d+)", p.parent.parent.name))]
         return max(runs)[1] if runs else None
 
-    def _check_folders(self, cfg, resuming: bool) -> None:
-        """Folders that cannot be written, or a fixed checkpoint folder that already holds another
-        run's last.ckpt (Lightning would write last-v1.ckpt beside it), fail before training."""
+    def _check_folders(self, cfg, resuming: bool, fitting: bool) -> None:
+        """Folders that cannot be written, or, for a fit, a fixed checkpoint folder that already
+        holds another run's last.ckpt (Lightning would write last-v1.ckpt beside it), fail before
+        training. test / validate / predict write no checkpoint: they may read the folder's own."""
         logger = cfg.trainer.get("logger")
         folders = [("checkpoint.dirpath", cfg.checkpoint.dirpath)]
         if hasattr(logger, "init_args") and "save_dir" in logger.init_args:
@@ -180,7 +183,8 @@ class SepnetCLI(LightningCLI):
             for parent in [Path(folder or "."), *Path(folder or ".").parents]:
                 if parent.exists() and not parent.is_dir():
                     raise ValueError(f"--{key} {folder}: {parent} is a file; expected a folder")
-        if cfg.checkpoint.dirpath and not resuming and (Path(cfg.checkpoint.dirpath) / "last.ckpt").exists():
+        dirpath = cfg.checkpoint.dirpath
+        if fitting and dirpath and not resuming and (Path(dirpath) / "last.ckpt").exists():
             raise ValueError(f"--checkpoint.dirpath {cfg.checkpoint.dirpath} already holds last.ckpt of "
                              "another run: expected --ckpt_path last to resume it, or a new folder")
 
@@ -245,9 +249,36 @@ class SepnetCLI(LightningCLI):
         for key, value in getattr(self, "_evaluation_overrides", {}).items():
             log.info("--model.%s given: used instead of the checkpoint's value", key)
             cfg.model[key] = value
+        if not cfg.get("ckpt_path"):
+            self._data_threat_model(cfg)
         every = cfg.model.get("validation.every_n_epochs") or 1
         if cfg.checkpoint.get("every_n_epochs") in (None, 1) and str(cfg.checkpoint.monitor).startswith("val/robust_acc"):
             cfg.checkpoint.every_n_epochs = every
+
+    def _data_threat_model(self, cfg) -> None:
+        """A dataset switch brings the dataset's threat model. conf/default.yaml is the digits
+        experiment (Linf eps 0.1 = 25.5/255); an attack left at its values takes the chosen data
+        module's `threat_eps` (CIFAR, SVHN, class folders 8/255, ImageNet 4/255), its step size in
+        proportion, and the run says so. An attack set by a flag or a config stays as it is."""
+        module, _, name = str(cfg.data.get("class_path", "")).rpartition(".")
+        try:
+            data_class = getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError, ValueError):
+            return  # jsonargparse has already refused an unknown class; nothing to adapt
+        eps = getattr(data_class, "threat_eps", None)
+        parser = self._sepnet_parsers[list(self.subcommands()).index(self.subcommand)]
+        defaults = parser.get_defaults().get("model")
+        pairs = [(cfg.model.adversarial.attack, defaults.adversarial.attack)]
+        pairs += list(zip(cfg.model.validation.attacks or [], defaults.validation.attacks or []))
+        changed = []
+        for spec, default in pairs:
+            if eps is None or _plain(spec) != _plain(default) or spec.eps == eps:
+                continue
+            spec.step_size, spec.eps = spec.step_size * eps / spec.eps, eps
+            changed.append(spec.name)
+        if changed:
+            log.info("threat model: Linf eps %.4f (%.1f/255), %s's, for %s (set model.adversarial.attack.eps "
+                     "and model.validation.attacks for another)", eps, 255 * eps, name, ", ".join(changed))
 
     def before_fit(self) -> None:
         self._check_checkpoint_shapes()
@@ -255,6 +286,8 @@ class SepnetCLI(LightningCLI):
             self.trainer.callbacks.append(last_checkpoint(self.trainer.checkpoint_callback.dirpath))
         if self.trainer.loggers:
             self.trainer.callbacks.append(LearningRateMonitor(logging_interval="epoch"))
+        if self.trainer.progress_bar_callback is None:  # no terminal (a scheduler's log): a line an epoch
+            self.trainer.callbacks.append(EpochLine())
 
     def before_validate(self) -> None:
         self._check_checkpoint_shapes()
@@ -295,9 +328,18 @@ def _one_line(err: BaseException) -> str:
     return reasons[0] if reasons else lines[0]
 
 
+def _quiet_third_party() -> None:
+    """Silence what is not ours to fix: Lightning's advertisement for its cloud logger at every
+    run, and its own use of torch's deprecated LeafSpec."""
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logging.getLogger(name).addFilter(lambda record: "litlogger" not in record.getMessage())
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+    logging.getLogger("art").setLevel(logging.WARNING)
+
+
 def main(args: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    logging.getLogger("art").setLevel(logging.WARNING)
+    _quiet_third_party()
     default_config = Path(__file__).resolve().parents[2] / "conf" / "default.yaml"
     defaults = [str(default_config)] if default_config.is_file() else []
     subcommands = ("fit", "validate", "test", "predict")

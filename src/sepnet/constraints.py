@@ -1,5 +1,6 @@
-"""Pure functions on factors and models: condition numbers, sparsity, parameter counts, and the
-sparsity + condition-number regularizers with their proximal step.
+"""The joint constraint on separable factors: the condition-number and sparsity penalties, their
+proximal step, the sparsity target and the `model.constraint` section. The measures they build
+on (kappa, sparsity, counts) are pure functions in sepnet.measures.
 
 Everything numerical runs in float64 with autocast off, so results are finite for zero,
 rank-deficient, tiny and huge factors in any training precision.
@@ -9,222 +10,34 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Literal
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
-from sepnet.layers import SeparableLinear, _kron_all
-from sepnet.masks import masked_layers, topk_masks
-from sepnet.tt import TTLinear
+from sepnet.layers import SeparableLinear
+from sepnet.masks import topk_masks
+from sepnet.measures import factor_list, implied_core, separable_layers, structural_rank
 
 ConditionForm = Literal["amgm", "logdet", "logcond", "implied"]
 SparsityForm = Literal["l1", "tl1"]
 
 LOGDET_EPS = 1e-5
 LOGCOND_EPS = 1e-6
-_DENSE_KAPPA_MAX_ELEMENTS = 2**22
-_GRAM_MIN_SIDE = 256  # from here on the Gram route is exact enough (see _dense_singular_values)
 
 __all__ = [
-    "singular_values",
-    "condition_number",
-    "layer_condition_number",
-    "LayerCondition",
-    "sparsity",
-    "parameter_counts",
-    "ParameterCounts",
-    "fc_parameter_counts",
+    "ConditionForm",
+    "SparsityForm",
     "condition_penalty",
     "sparsity_penalty",
+    "implied_penalty",
     "constraint_penalties",
     "proximal_step_",
-    "separable_layers",
+    "ConstraintConfig",
+    "constraint_loss",
+    "proximal_constraint_",
+    "SparsityTarget",
 ]
-
-
-def separable_layers(model: nn.Module) -> Iterator[tuple[str, SeparableLinear]]:
-    """(qualified name, layer) for every SeparableLinear inside `model`."""
-    for name, module in model.named_modules():
-        if isinstance(module, SeparableLinear):
-            yield name, module
-
-
-# --------------------------------------------------------------------------- condition numbers
-def singular_values(matrix: Tensor) -> Tensor:
-    """Singular values in descending order, float64, no gradient."""
-    with torch.no_grad(), torch.autocast(matrix.device.type, enabled=False):
-        return torch.linalg.svdvals(matrix.detach().to(torch.float64))
-
-
-def _dense_singular_values(matrix: Tensor) -> Tensor:
-    """Singular values of a large implied matrix: square roots of the float64 Gram matrix's
-    eigenvalues when both sides have at least _GRAM_MIN_SIDE entries (7x faster than the SVD of
-    a 2048x3072 matrix on 2 cores). In float64 the Gram route resolves sigma_min down to ~1e-6
-    sigma_max, well below the float32 rank tolerance (sigma_max x side x eps, >= 3e-5 sigma_max
-    from side 256) under which kappa is inf anyway: kappa moves by under 0.1%. Smaller matrices
-    take the SVD."""
-    if min(matrix.shape) < _GRAM_MIN_SIDE:
-        return singular_values(matrix)
-    with torch.no_grad(), torch.autocast(matrix.device.type, enabled=False):
-        w = matrix.detach().to(torch.float64)
-        gram = w @ w.T if w.shape[0] <= w.shape[1] else w.T @ w
-        return torch.linalg.eigvalsh(gram).clamp_min(0).sqrt().flip(0)
-
-
-def _kappa_from_singular_values(s: Tensor, shape: tuple[int, int], dtype: torch.dtype) -> float:
-    """sigma_max / sigma_min, inf when the matrix is numerically rank-deficient (or zero): sigma_min
-    at or below sigma_max x max(shape) x eps of the matrix's own dtype, as matrix_rank decides."""
-    s_max, s_min = float(s[0]), float(s[-1])
-    eps = torch.finfo(dtype).eps if dtype.is_floating_point else torch.finfo(torch.float64).eps
-    tolerance = s_max * max(shape) * eps
-    if s_max == 0.0 or s_min <= tolerance or not math.isfinite(s_max):
-        return math.inf
-    return s_max / s_min
-
-
-def condition_number(matrix: Tensor) -> float:
-    """kappa = sigma_max / sigma_min over the min(rows, cols) singular values; inf, never NaN,
-    for a rank-deficient or zero matrix."""
-    return _kappa_from_singular_values(singular_values(matrix), tuple(matrix.shape), matrix.dtype)
-
-
-@dataclass(frozen=True)
-class LayerCondition:
-    """Condition number of a separable layer's implied matrix; `is_bound` marks an upper bound."""
-
-    value: float
-    is_bound: bool
-
-
-def layer_condition_number(layer: SeparableLinear,
-                           max_dense_elements: int = _DENSE_KAPPA_MAX_ELEMENTS) -> LayerCondition:
-    """kappa of the implied dense matrix, over its structural rank.
-
-    The singular values of kron(U1, ..., UN) are the products of the factors' singular values
-    (prod_k min(O_k, I_k) of them), so for rank 1 kappa is the product of the factors' kappas.
-    For rank > 1 it is computed from the dense matrix when that has at most `max_dense_elements`
-    entries (4M by default: cheap enough to log every epoch), else from `implied_core` (same
-    non-zero singular values, often far smaller) when that fits; above both,
-    Weyl's inequalities give an upper bound (sum of the terms' sigma_max over the best term's
-    sigma_min minus the others' sigma_max), inf when that is vacuous.
-    """
-    if layer.rank == 1:
-        kappas = [condition_number(f) for f in layer.factors[0]]
-        return LayerCondition(math.prod(kappas), is_bound=False)
-    if layer.in_features * layer.out_features <= max_dense_elements:
-        weight = layer.dense_weight()
-        s = _dense_singular_values(weight)
-        structural = min(s.numel(), layer.rank * math.prod(
-            min(o, i) for o, i in zip(layer.out_shape, layer.in_shape)))
-        s = s[:structural]
-        return LayerCondition(_kappa_from_singular_values(s, tuple(weight.shape), weight.dtype), False)
-    with torch.no_grad():  # the compressed core has W's non-zero singular values
-        core_elements = math.prod(min(o, layer.rank * i) for o, i in zip(layer.out_shape, layer.in_shape)) * \
-            math.prod(min(i, layer.rank * o) for o, i in zip(layer.out_shape, layer.in_shape))
-        if core_elements <= max_dense_elements:
-            core = implied_core(layer)
-            s = _dense_singular_values(core)[:_structural_rank(layer, core)]
-            return LayerCondition(_kappa_from_singular_values(s, tuple(core.shape), core.dtype), False)
-    extremes = []
-    for term in layer.factors:
-        svs = [singular_values(f) for f in term]
-        extremes.append((math.prod(float(s[0]) for s in svs), math.prod(float(s[-1]) for s in svs)))
-    total_max = sum(hi for hi, _ in extremes)
-    best_min = max(lo - (total_max - hi) for hi, lo in extremes)
-    return LayerCondition(total_max / best_min if best_min > 0 else math.inf, is_bound=True)
-
-
-# --------------------------------------------------------------------------- sparsity and counts
-def sparsity(tensors: Iterable[Tensor], threshold: float = 1e-3) -> dict[str, float]:
-    """Counts of exact zeros and of |u| <= threshold over the given tensors, and their fractions."""
-    total = zeros = small = 0
-    with torch.no_grad():
-        for t in tensors:
-            total += t.numel()
-            zeros += int((t == 0).sum())
-            small += int((t.abs() <= threshold).sum())
-    total = max(total, 1)
-    return {"numel": total, "zeros": zeros, "near_zero": small,
-            "zero_fraction": zeros / total, "near_zero_fraction": small / total}
-
-
-@dataclass(frozen=True)
-class ParameterCounts:
-    """Stored, non-zero and dense-equivalent parameter counts."""
-
-    stored: int
-    nonzero: int
-    dense: int
-
-    @property
-    def compression(self) -> float:
-        """Dense-equivalent parameters per stored parameter."""
-        return self.dense / max(self.stored, 1)
-
-    @property
-    def nonzero_compression(self) -> float:
-        """Dense-equivalent parameters per non-zero parameter."""
-        return self.dense / max(self.nonzero, 1)
-
-
-def factorized_layers(module: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    """Outermost layers that stand for a dense layer they do not store (SeparableLinear,
-    TTLinear, ...): those with a `dense_parameters()` method."""
-    inside: list[str] = []
-    for name, m in module.named_modules():
-        if callable(getattr(m, "dense_parameters", None)) and not any(name.startswith(f"{p}.") for p in inside):
-            inside.append(name)
-            yield name, m
-
-
-def parameter_counts(module: nn.Module) -> ParameterCounts:
-    """Counts over every parameter of `module` (convs, norms, embeddings, heads included).
-
-    A factorized layer (SeparableLinear, TTLinear, TTConv2d, SVDConv2d) counts as the layer it
-    stands for in `dense`, shared factors once; a masked weight (torch.nn.utils.prune, or a
-    sepnet.masks.MaskedWeight) counts its unmasked entries as non-zero, its full size as stored;
-    HYDRA's scores are training-only state and not counted.
-    """
-    stored = nonzero = dense = 0
-    seen: set[int] = set()
-    with torch.no_grad():
-        for _, layer in factorized_layers(module):
-            params = [p for p in layer.parameters() if id(p) not in seen]  # shared factors once
-            seen.update(id(p) for p in params)
-            stored += sum(p.numel() for p in params)
-            nonzero += sum(int(p.count_nonzero()) for p in params)
-            dense += layer.dense_parameters()
-        for _, m, masked in masked_layers(module):
-            orig = m.parametrizations["weight"].original
-            if masked.scores is not None:
-                seen.add(id(masked.scores))  # training-only state, not part of the model
-            if id(orig) not in seen:
-                seen.add(id(orig))
-                stored += orig.numel()
-                nonzero += int((orig * masked.current_mask()).count_nonzero())
-                dense += orig.numel()
-        for m in module.modules():
-            mask = getattr(m, "weight_mask", None)
-            orig = getattr(m, "weight_orig", None)
-            if isinstance(mask, Tensor) and isinstance(orig, nn.Parameter) and id(orig) not in seen:
-                seen.add(id(orig))
-                stored += orig.numel()
-                nonzero += int((orig * mask).count_nonzero())
-                dense += orig.numel()
-        for p in module.parameters():
-            if id(p) not in seen:
-                stored += p.numel()
-                nonzero += int(p.count_nonzero())
-                dense += p.numel()
-    return ParameterCounts(stored, nonzero, dense)
-
-
-def fc_parameter_counts(module: nn.Module) -> ParameterCounts:
-    """Counts over the fully-connected part only: every nn.Linear, SeparableLinear and TTLinear."""
-    parts = [parameter_counts(m) for m in module.modules() if isinstance(m, (nn.Linear, SeparableLinear, TTLinear))]
-    return ParameterCounts(sum(c.stored for c in parts), sum(c.nonzero for c in parts),
-                           sum(c.dense for c in parts))
 
 
 # --------------------------------------------------------------------------- regularizers
@@ -418,7 +231,7 @@ class SparsityTarget(nn.Module):
 
     An earlier rule -- a Lagrangian-dual L1 weight with the proximal step -- collapsed a VGG/4
     head to chance at target 0.5: the per-step soft threshold accumulates over steps and shrank
-    every factor entry, wanted or not (BENCHMARKS.md, issue 12).
+    every factor entry, wanted or not (BENCHMARKS.md, "Sparsity at a chosen level").
     """
 
     def __init__(self, model: nn.Module, target: float, ramp: float = 0.5) -> None:
@@ -431,11 +244,11 @@ class SparsityTarget(nn.Module):
             raise ValueError("constraint.sparsity_target: the model has no separable layer to sparsify")
         self.register_buffer("frozen", torch.zeros(len(self._layers), dtype=torch.bool))
         for i, layer in enumerate(self._layers):
-            for j, factor in enumerate(_factors(layer)):
+            for j, factor in enumerate(factor_list(layer)):
                 self.register_buffer(f"mask_{i}_{j}", torch.ones_like(factor, dtype=torch.bool))
 
     def zero_fractions(self) -> list[float]:
-        return [sum(int((f == 0).sum()) for f in _factors(l)) / sum(f.numel() for f in _factors(l))
+        return [sum(int((f == 0).sum()) for f in factor_list(l)) / sum(f.numel() for f in factor_list(l))
                 for l in self._layers]
 
     def level(self, step: int, total_steps: int) -> float:
@@ -452,7 +265,7 @@ class SparsityTarget(nn.Module):
                 self._prune_(i, level)
                 if level >= self.target:
                     self.frozen[i] = True
-            for j, factor in enumerate(_factors(self._layers[i])):
+            for j, factor in enumerate(factor_list(self._layers[i])):
                 factor.mul_(getattr(self, f"mask_{i}_{j}"))
 
     @torch.no_grad()
@@ -466,7 +279,7 @@ class SparsityTarget(nn.Module):
     def _prune_(self, index: int, level: float) -> None:
         """Layer `index`'s factors with the smallest-magnitude entries zeroed: `level` of them,
         among those its mask still keeps (a pruned entry never comes back)."""
-        factors = _factors(self._layers[index])
+        factors = factor_list(self._layers[index])
         masks = [getattr(self, f"mask_{index}_{j}") for j in range(len(factors))]
         entries = sum(f.numel() for f in factors)
         keep = max(1, entries - round(level * entries))
@@ -474,41 +287,6 @@ class SparsityTarget(nn.Module):
         for factor, mask, chosen in zip(factors, masks, topk_masks(magnitudes, keep)):
             mask &= chosen
             factor.mul_(mask)
-
-
-def _factors(layer: SeparableLinear) -> list[Tensor]:
-    return [factor for term in layer.factors for factor in term]
-
-
-def implied_nonzeros(layer: SeparableLinear) -> tuple[int, bool]:
-    """(non-zeros of the implied dense matrix, whether exact): nnz(kron(U1..UN)) = prod nnz(Uk)
-    for rank 1, so sparsity compounds across modes; for rank > 1 the sum over terms bounds it."""
-    per_term = [math.prod(int(f.count_nonzero()) for f in term) for term in layer.factors]
-    return min(sum(per_term), layer.in_features * layer.out_features), layer.rank == 1
-
-
-def _span(matrices: list[Tensor]) -> Tensor:
-    """Orthonormal basis (detached) of the sum of the matrices' column spaces."""
-    q, _ = torch.linalg.qr(torch.cat([m.detach() for m in matrices], 1))
-    return q
-
-
-def implied_core(layer: SeparableLinear, dtype: torch.dtype = torch.float64) -> Tensor:
-    """C = (kron B_k)^T W (kron A_k), with B_k / A_k orthonormal bases of the sum over terms of
-    the mode-k factors' column / row spaces: C has W's non-zero singular values and is a sum of
-    Kronecker products of (d_k x e_k) matrices, d_k <= min(O_k, R I_k), e_k <= min(I_k, R O_k).
-    For a head such as (512, 2, 2) -> (8, 8, 8) at rank 4 it is 512 x 128 instead of 512 x 2048,
-    and it has full structural rank where W does not. The bases are detached: the first-order
-    gradient of W's singular values is exact through C."""
-    n = layer.num_modes
-    factors = [[f.to(dtype) for f in term] for term in layer.factors]
-    outs = [_span([term[k] for term in factors]) for k in range(n)]
-    ins = [_span([term[k].mT for term in factors]) for k in range(n)]
-    return sum(_kron_all([outs[k].mT @ term[k] @ ins[k] for k in range(n)]) for term in factors)
-
-
-def _structural_rank(layer: SeparableLinear, core: Tensor) -> int:
-    return min(*core.shape, layer.rank * math.prod(min(o, i) for o, i in zip(layer.out_shape, layer.in_shape)))
 
 
 def implied_penalty(layer: SeparableLinear) -> Tensor:
@@ -535,8 +313,8 @@ def implied_penalty(layer: SeparableLinear) -> Tensor:
             core = implied_core(layer, dtype)
             tall = core if core.shape[0] >= core.shape[1] else core.mT
             q = tall.shape[1]
-            if _structural_rank(layer, core) < q:
-                s = torch.linalg.svdvals(core.double())[:_structural_rank(layer, core)]
+            if structural_rank(layer, core) < q:
+                s = torch.linalg.svdvals(core.double())[:structural_rank(layer, core)]
                 return (s[0].log() - s[-1].clamp_min(1e-30).log()).float()
             gram = tall.mT @ tall
             gram = gram / torch.diagonal(gram).mean().clamp_min(torch.finfo(dtype).tiny)

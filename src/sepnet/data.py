@@ -34,8 +34,13 @@ class VisionDataModule(L.LightningDataModule):
         pin_memory: pin host memory (GPU runs).
         val_fraction: fraction of the training set held out for validation.
         seed: seed of the validation split.
+
+    threat_eps is the dataset's standard Linf threat model in pixel units: `run.py` gives it to
+    attacks left at the default experiment's values (sepnet.cli), so switching the dataset
+    switches the threat model too.
     """
 
+    threat_eps: float = 8 / 255
     num_classes: int = 10
     image_shape: tuple[int, int, int] = (3, 32, 32)
     mean: tuple[float, ...] = (0.5, 0.5, 0.5)
@@ -100,6 +105,7 @@ class DigitsDataModule(VisionDataModule):
     """The offline default: scikit-learn's 8x8 digits (1,797 images, shipped with the package);
     20% test and `val_fraction` of the rest for validation, both by fixed seed."""
 
+    threat_eps = 0.1
     num_classes = 10
     image_shape = (1, 8, 8)
     mean = (0.3,)
@@ -302,6 +308,8 @@ class ImageNetDataModule(ImageFolderDataModule):
     """ImageNet: class folders under <root>/imagenet/{train,val}; RandomResizedCrop + flip for
     training, resize 256 + center crop 224 for evaluation. (torchvision's ImageNet class builds
     exactly these folders from the official archives: run it once to unpack them.)"""
+
+    threat_eps = 4 / 255
 
     def __init__(self, root: str = "data", batch_size: int = 256, num_workers: int = 8,
                  pin_memory: bool = True, val_fraction: float = 0.01, seed: int = 0,

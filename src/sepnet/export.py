@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from sepnet.compress import remove_pruning_
-from sepnet.modes import eval_mode
+from sepnet.guards import eval_mode
 
 log = logging.getLogger(__name__)
 

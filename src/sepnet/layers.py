@@ -16,23 +16,14 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-# the implied matrix's GEMM is used while it does at most this many times the structured
-# products' multiply-adds: one GEMM runs several times faster per multiply-add on a CPU
-MATRIX_WORK_FACTOR = 8
-
-
-def built_matrix_pays(build_macs: int, dense_macs: int, structured_macs: int, rows: int) -> bool:
-    """Whether a factorized layer should build its implied matrix (or kernel) and run one dense
-    GEMM / convolution over `rows` rows (or output pixels): building it plus the dense work costs
-    at most MATRIX_WORK_FACTOR x the structured products' multiply-adds (per row: `dense_macs`,
-    `structured_macs`)."""
-    return build_macs + rows * dense_macs <= MATRIX_WORK_FACTOR * rows * structured_macs
+from sepnet.factorized import FactorizedLayer, built_matrix_pays
 
 __all__ = [
     "SeparableLinear",
     "FlatSeparableLinear",
     "contraction_order",
     "nearest_kronecker",
+    "kron_all",
 ]
 
 
@@ -135,7 +126,7 @@ def _mode_product(x: Tensor, factor: Tensor, mode: int) -> Tensor:
 
 
 # --------------------------------------------------------------------------- the layer
-class SeparableLinear(nn.Module):
+class SeparableLinear(FactorizedLayer):
     """Linear map on unflattened tensors: (..., *in_shape) -> (..., *out_shape).
 
     Args:
@@ -169,7 +160,7 @@ class SeparableLinear(nn.Module):
         )
         self.bias = nn.Parameter(torch.empty(self.out_shape)) if bias else None
         self.order = contraction_order(self.in_shape, self.out_shape)
-        # the implied matrix's GEMM against the mode products (shapes and rank are fixed): see _materialize
+        # the implied matrix's GEMM against the mode products (shapes and rank are fixed): see _implied_pays
         self._dense_is_cheap = built_matrix_pays(0, self.in_features * self.out_features, self.macs_per_row(), 1)
         # set by from_linear: relative Frobenius error of the Kronecker approximation
         self.approximation_error: float | None = None
@@ -214,8 +205,8 @@ class SeparableLinear(nn.Module):
             )
         lead = x.shape[: x.dim() - n]
         h = x.reshape(-1, *self.in_shape)
-        if self._materialize(h.shape[0]):  # small layer, many rows: one GEMM with the implied matrix
-            w = self.dense_weight()
+        if self.uses_implied(h.shape[0]):  # small layer, many rows: one GEMM with the implied matrix
+            w = self.implied_weight()
             bias = self.bias.flatten() if self.bias is not None else None
             return nn.functional.linear(h.reshape(h.shape[0], -1), w.to(h.dtype) if not torch.is_autocast_enabled(
                 h.device.type) else w, bias).reshape(*lead, *self.out_shape)
@@ -237,24 +228,16 @@ class SeparableLinear(nn.Module):
             dims[k] = self.out_shape[k]
         return self.rank * total
 
-    def _materialize(self, rows: int) -> bool:
-        """Use the implied matrix when it costs at most 8x the mode products' multiply-adds per
-        row and enough rows share the R x I x O cost of building it: one GEMM runs several times
-        faster per multiply-add than R x N small products (measured on 2 CPU cores: 1.7x faster
-        at 7.4x the work for ViT tokens through a 30x-compressed layer, 1.2x slower at 12x)."""
+    def _implied_pays(self, rows: int) -> bool:
+        """The implied matrix when its GEMM costs at most MATRIX_WORK_FACTOR x the mode products'
+        multiply-adds per row and enough rows share the R x I x O cost of building it: one GEMM
+        runs several times faster per multiply-add than R x N small products on a CPU
+        (`python benchmarks/layers.py` measures both)."""
         return self._dense_is_cheap and rows >= 4 * self.rank * self.num_modes
 
-    def dense_weight(self) -> Tensor:
+    def implied_weight(self) -> Tensor:
         """The implied dense matrix (prod(out_shape), prod(in_shape)), for C-order flattening."""
-        return sum(_kron_all(list(term)) for term in self.factors)
-
-    def stored_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())
-
-    def dense_parameters(self) -> int:
-        """Parameters of the nn.Linear this layer stands for (weight and bias)."""
-        bias = self.out_features if self.bias is not None else 0
-        return self.in_features * self.out_features + bias
+        return sum(kron_all(list(term)) for term in self.factors)
 
     def extra_repr(self) -> str:
         stored, dense = self.stored_parameters(), self.dense_parameters()
@@ -350,12 +333,13 @@ def nearest_kronecker(
         cols = _cp_als(t, rank, iterations, tol)
     cols += [[torch.zeros(d, dtype=w.dtype) for d in t.shape] for _ in range(rank - len(cols))]
     factors = _balanced(cols, weight.dtype, in_shape, out_shape)
-    approx = sum(_kron_all([f.to(torch.float64) for f in term]) for term in factors)
+    approx = sum(kron_all([f.to(torch.float64) for f in term]) for term in factors)
     error = (torch.linalg.norm(approx - w) / torch.linalg.norm(w).clamp_min(1e-300)).item()
     return factors, error
 
 
-def _kron_all(mats: Sequence[Tensor]) -> Tensor:
+def kron_all(mats: Sequence[Tensor]) -> Tensor:
+    """kron(mats[0], mats[1], ...): the implied matrix of one Kronecker term."""
     out = mats[0]
     for m in mats[1:]:
         out = torch.kron(out, m)

@@ -4,8 +4,8 @@
 With scores (HYDRA, Sehwag et al. 2020) the mask is the top-k of |scores| in the forward, and
 the gradient reaches the scores straight through it; once fixed, the mask is a plain buffer.
 Each MaskedWeight has a `phase`: 0 while its scores train with the network's weights frozen,
-1 once the mask is fixed and the weights train (fine-tuning). `set_phases_` applies that to the
-whole network at every epoch start, so a resumed run continues in the phase it was in.
+1 once the mask is fixed and the weights train (fine-tuning); sepnet.compress.hydra switches the
+phases at epoch starts, so a resumed run continues in the phase it was in.
 """
 
 from __future__ import annotations
@@ -16,24 +16,41 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-__all__ = ["MaskedWeight", "masked_layers", "set_phases_", "remove_masks_", "topk_masks"]
+__all__ = ["MaskedWeight", "masked_layers", "remove_masks_", "topk_masks"]
 
 
-def topk_masks(scores: list[Tensor], keep: int) -> list[Tensor]:
-    """Boolean masks, one per tensor, keeping the `keep` largest scores over all of them
-    together (one tensor: a layer's top-k; several: a global top-k across layers)."""
+def topk_masks(scores: list[Tensor], keep: int, every_row: bool = False) -> list[Tensor]:
+    """Boolean masks, one per tensor, keeping exactly the `keep` largest scores over all of them
+    together (one tensor: a layer's top-k; several: a global top-k across layers).
+
+    every_row: each row (output unit: index 0 of a weight) keeps its largest score first and the
+    other keep - rows entries go by score, so no output unit is cut off and the count stays
+    exact (keep must then be at least the number of rows)."""
+    guarded = None
+    if every_row:
+        rows = sum(s.shape[0] for s in scores)
+        if keep < rows:
+            raise ValueError(f"a mask that keeps every output unit keeps at least {rows:,} entries, got keep {keep:,}")
+        guarded = torch.cat([nn.functional.one_hot(s.flatten(1).argmax(1), s[0].numel()).bool().flatten()
+                             for s in scores])
+        keep -= rows
     flat = torch.cat([s.flatten() for s in scores])
+    if guarded is not None:
+        flat = flat.masked_fill(guarded, -math.inf)
     chosen = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
     chosen[flat.topk(keep).indices] = True
+    if guarded is not None:
+        chosen |= guarded
     return [part.view_as(s) for part, s in zip(chosen.split([s.numel() for s in scores]), scores)]
 
 
 class _TopK(torch.autograd.Function):
-    """Hard top-k mask of |scores| in the forward; the gradient passes straight through."""
+    """Hard top-k mask of |scores| in the forward (every output unit keeps one entry); the
+    gradient passes straight through."""
 
     @staticmethod
     def forward(ctx, scores: Tensor, keep: int) -> Tensor:
-        return topk_masks([scores.abs()], keep)[0].to(scores.dtype)
+        return topk_masks([scores.abs()], keep, every_row=True)[0].to(scores.dtype)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
@@ -75,12 +92,6 @@ class MaskedWeight(nn.Module):
             self.phase.fill_(1)
 
 
-def hydra_scores(weight: Tensor) -> Tensor:
-    """HYDRA's initial scores: proportional to the weights, sqrt(6 / fan_in) w / max|w|."""
-    fan_in = weight[0].numel()
-    return math.sqrt(6 / fan_in) * weight / weight.abs().max().clamp_min(1e-30)
-
-
 def masked_layers(net: nn.Module) -> list[tuple[str, nn.Module, MaskedWeight]]:
     """(name, layer, its MaskedWeight) for every layer whose weight carries one."""
     out = []
@@ -90,21 +101,6 @@ def masked_layers(net: nn.Module) -> list[tuple[str, nn.Module, MaskedWeight]]:
             if found:
                 out.append((name, m, found[0]))
     return out
-
-
-def set_phases_(net: nn.Module, epoch: int) -> None:
-    """At an epoch start: fix the masks whose score phase is over; while any layer is still in
-    its score phase, only scores train (every other parameter frozen, as HYDRA does)."""
-    layers = masked_layers(net)
-    if not any(masked.scores is not None for _, _, masked in layers):
-        return  # nothing of HYDRA's here: leave requires_grad as it is
-    for _, _, masked in layers:
-        if masked.scores is not None and epoch >= masked.score_epochs:
-            masked.fix_()
-    scoring = any(m.scoring for _, _, m in layers)
-    scores = {id(m.scores) for _, _, m in layers if m.scores is not None}
-    for p in net.parameters():
-        p.requires_grad_((id(p) in scores) if scoring else (id(p) not in scores))
 
 
 def remove_masks_(net: nn.Module) -> nn.Module:

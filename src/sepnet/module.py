@@ -15,9 +15,9 @@ from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor, nn
 
 from sepnet.attacks import AdversarialTraining, Attacker, AttackSpec, adversarial_loss
-from sepnet.constraints import (ConstraintConfig, SparsityTarget, constraint_loss, implied_nonzeros, parameter_counts,
-                                proximal_constraint_, separable_layers)
-from sepnet.deadwood import compression_epoch_, compression_loss
+from sepnet.compress import compression_epoch_, compression_loss
+from sepnet.constraints import ConstraintConfig, SparsityTarget, constraint_loss, proximal_constraint_
+from sepnet.measures import implied_nonzeros, parameter_counts, separable_layers
 from sepnet.evaluation import ValidationConfig, reduced_autoattack, robust_masks, unique_labels
 from sepnet.network import NetworkConfig, build_network
 from sepnet.optimization import OptimizationConfig, build_optimization

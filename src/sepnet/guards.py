@@ -1,5 +1,5 @@
-"""`eval_mode`: the one way sepnet switches a model to eval mode and back (`attack_guard` in
-sepnet.attacks builds on it)."""
+"""Guards that switch a model's train / eval state for a block and restore it after: `eval_mode`
+is the one way sepnet does it (`attack_guard` in sepnet.attacks builds on it)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Joint SVD of repeated convolutions (Chen et al., "Joint matrix decomposition for deep
+"""`jsvd`: joint SVD of repeated convolutions (Chen et al., "Joint matrix decomposition for deep
 convolutional neural networks compression").
 
 A kH x kW kernel K (O, I, kH, kW) unfolds to the (I kH) x (O kW) matrix M[(i, y), (o, x)] =
@@ -23,7 +23,10 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-__all__ = ["SVDConv2d", "unfold_kernel", "fold_kernel", "joint_svd", "JOINT_METHODS"]
+from sepnet.compress.factorize import Factorization, Unit, largest_fitting
+from sepnet.factorized import FactorizedLayer
+
+__all__ = ["SVDConv2d", "JointSVD", "unfold_kernel", "fold_kernel", "joint_svd", "equal_budget_rank", "JOINT_METHODS"]
 
 JOINT_METHODS = ("svd", "ljsvd", "rjsvd", "bijsvd")
 
@@ -87,7 +90,7 @@ def _pair(value) -> tuple[int, int]:
     return (value, value) if isinstance(value, int) else tuple(value)
 
 
-class SVDConv2d(nn.Module):
+class SVDConv2d(FactorizedLayer):
     """A convolution as a sum of (kH x 1 conv to r maps, then 1 x kW conv) branches.
 
     Args:
@@ -97,6 +100,8 @@ class SVDConv2d(nn.Module):
         shared: {(branch, "vertical" | "horizontal"): nn.Parameter} factors to use instead of
             new ones (joint SVD: one object in several layers).
     """
+
+    stands_for = nn.Conv2d
 
     def __init__(self, conv: nn.Conv2d, ranks: Sequence[int],
                  shared: dict[tuple[int, str], nn.Parameter] | None = None) -> None:
@@ -110,14 +115,15 @@ class SVDConv2d(nn.Module):
         self._horizontal_args = dict(stride=(1, sw), padding=(0, pw), dilation=(1, dw))
         shared = shared or {}
         kh, kw = self.kernel_size
+        new = dict(dtype=conv.weight.dtype, device=conv.weight.device)
         self.vertical = nn.ParameterList()
         self.horizontal = nn.ParameterList()
         for b, r in enumerate(ranks):
             vertical, horizontal = shared.get((b, "vertical")), shared.get((b, "horizontal"))
             self.vertical.append(vertical if vertical is not None else nn.Parameter(
-                torch.randn(r, self.in_channels, kh, 1) / math.sqrt(self.in_channels * kh)))
+                torch.randn(r, self.in_channels, kh, 1, **new) / math.sqrt(self.in_channels * kh)))
             self.horizontal.append(horizontal if horizontal is not None else nn.Parameter(
-                torch.randn(self.out_channels, r, 1, kw) / math.sqrt(r * kw)))
+                torch.randn(self.out_channels, r, 1, kw, **new) / math.sqrt(r * kw)))
         self.bias = nn.Parameter(conv.bias.detach().clone()) if conv.bias is not None else None
 
     def set_factors_(self, terms: Sequence[tuple[Tensor, Tensor]]) -> None:
@@ -130,7 +136,7 @@ class SVDConv2d(nn.Module):
                 vertical.copy_(u.t().reshape(r, i, kh, 1))
                 horizontal.copy_(v.reshape(r, o, kw).permute(1, 0, 2).unsqueeze(2))
 
-    def kernel(self) -> Tensor:
+    def implied_weight(self) -> Tensor:
         """The implied (O, I, kH, kW) kernel."""
         total = 0
         for vertical, horizontal in zip(self.vertical, self.horizontal):
@@ -146,14 +152,92 @@ class SVDConv2d(nn.Module):
                 for vertical, horizontal in zip(self.vertical, self.horizontal))
         return y + self.bias.view(1, -1, 1, 1) if self.bias is not None else y
 
-    def stored_parameters(self) -> int:
-        """Parameters held by this layer, shared factors included (counted once per model by
-        sepnet.constraints.parameter_counts)."""
-        return sum(p.numel() for p in self.parameters())
-
-    def dense_parameters(self) -> int:
-        return (self.in_channels * self.out_channels * math.prod(self.kernel_size)
-                + (self.out_channels if self.bias is not None else 0))
-
     def extra_repr(self) -> str:
         return f"{self.in_channels} -> {self.out_channels}, kernel {self.kernel_size}, ranks {[p.shape[0] for p in self.vertical]}"
+
+
+def _joint_cost(method: str, n: int, rows: int, cols: int, rank: int, split: float = 0.5) -> int:
+    """Factor entries of a group of n (rows x cols) unfolded kernels at joint rank `rank`."""
+    if method == "svd":
+        return n * rank * (rows + cols)
+    if method == "ljsvd":
+        return rank * rows + n * rank * cols
+    if method == "rjsvd":
+        return n * rank * rows + rank * cols
+    right = max(1, min(rank - 1, round(split * rank)))
+    left = max(1, rank - right)
+    return n * right * rows + right * cols + left * rows + n * left * cols
+
+
+def equal_budget_rank(method: str, n: int, rows: int, cols: int, per_layer_rank: int, split: float = 0.5) -> int:
+    """The largest joint rank whose factors store no more than per-layer SVDs of rank
+    `per_layer_rank` (about 2N / (N + 1) times it for LJSVD / RJSVD with I = O)."""
+    allowed = _joint_cost("svd", n, rows, cols, per_layer_rank)
+    return largest_fitting(lambda r: _joint_cost(method, n, rows, cols, r, split) <= allowed, max(1, 4 * per_layer_rank))
+
+
+def _conv_groups(net: nn.Module, convs: list[tuple[str, nn.Conv2d]]) -> list[list[tuple[str, nn.Conv2d]]]:
+    """Same-shape convolutions of one stage: a pooling layer or another `layerN` starts a stage."""
+    stage, stages, prefix = 0, {}, None
+    for name, m in net.named_modules():
+        if isinstance(m, (nn.MaxPool2d, nn.AvgPool2d)):
+            stage += 1
+        parts = [p for p in name.split(".") if p.startswith("layer")]
+        if parts and parts[0] != prefix:
+            prefix, stage = parts[0], stage + 1
+        stages[name] = stage
+    groups: dict[tuple, list] = {}
+    for name, conv in convs:
+        key = (stages[name], conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+               conv.dilation, conv.bias is not None)
+        groups.setdefault(key, []).append((name, conv))
+    return list(groups.values())
+
+
+class JointSVD(Factorization, name="jsvd", targets=(nn.Conv2d,)):
+    """Convolutions -> SVDConv2d (kH x 1 then 1 x kW) with factors shared across same-shape
+    layers of a stage. options: method ("ljsvd" default, "rjsvd", "bijsvd", or "svd" per layer),
+    rank (the per-layer SVD rank whose parameter count each group matches: the equal-budget
+    rule), iterations and split (bijsvd). Factors come from the current weights. The network's
+    first convolution and 1 x 1 convolutions stay dense, as in the paper."""
+
+    defaults = {"method": "ljsvd", "rank": 8, "iterations": 10, "split": 0.5}
+
+    def kept(self, net, layers):
+        first = next((name for name, m in net.named_modules() if isinstance(m, nn.Conv2d)), None)
+        return [(name, conv) for name, conv in layers if name == first or conv.kernel_size == (1, 1)]
+
+    def units(self, net, layers):
+        method, split = self.options["method"], self.options["split"]
+        if method not in JOINT_METHODS:
+            raise self.error(f"method {method!r}; expected one of {list(JOINT_METHODS)}")
+        units = []
+        for group in _conv_groups(net, layers):
+            conv = group[0][1]
+            rows, cols = conv.in_channels * conv.kernel_size[0], conv.out_channels * conv.kernel_size[1]
+            bias = len(group) * conv.out_channels if conv.bias is not None else 0
+            units.append(Unit(group, lambda r, n=len(group), a=rows, b=cols, c=bias:
+                              _joint_cost(method, n, a, b, r, split) + c, (rows, cols)))
+        return units
+
+    def option_ranks(self, units):
+        return [equal_budget_rank(self.options["method"], len(u.layers), *u.plan, int(self.options["rank"]),
+                                  self.options["split"]) for u in units]
+
+    def build(self, unit, rank):
+        opts = self.options
+        factors = joint_svd([unfold_kernel(c.weight) for _, c in unit.layers], opts["method"], rank,
+                            opts["iterations"], opts["split"])
+        params: dict[int, nn.Parameter] = {}  # factor tensor -> its Parameter: joint_svd returns a
+        layers = []  # shared factor as one tensor object
+        for (_, conv), terms in zip(unit.layers, factors):
+            shared = {(b, side): params[id(t)] for b, pair in enumerate(terms)
+                      for side, t in zip(("vertical", "horizontal"), pair) if id(t) in params}
+            layer = SVDConv2d(conv, [u.shape[1] for u, _ in terms], shared)
+            layer.set_factors_(terms)
+            for b, (u, v) in enumerate(terms):
+                params.setdefault(id(u), layer.vertical[b])
+                params.setdefault(id(v), layer.horizontal[b])
+            layers.append(layer)
+        stored = sum(p.numel() for p in {id(p): p for layer in layers for p in layer.parameters()}.values())
+        return layers, f"jsvd {opts['method']} rank {rank}: {stored:,} / {unit.dense:,}"

@@ -302,7 +302,7 @@ def plan() -> list[tuple[str, str, str, int]]:
 
 
 GPU_EPOCHS, GPU_DENSE_EPOCHS = 100, 50
-GPU_CELLS = [("fc226", m) for m in METHODS["fc"]] + [
+GPU_CELLS = [("fc226", m) for m in METHODS["fc"] if m != "lowrank"] + [  # U V cannot reach 226x (rank 1 > budget)
     (b, m) for b in ("model10", "model30") for m in ("jsvd_separable", "magnitude_global", "hydra", "deadwood",
                                                      "ttconv_tt")]
 PGD10 = {"name": "pgd", "eps": 8 / 255, "step_size": 2 / 255, "steps": 10}
@@ -363,9 +363,10 @@ def done_keys(path: Path) -> set[tuple]:
     return {_key(json.loads(line)) for line in path.read_text().splitlines()} if path.is_file() else set()
 
 
-def report(path: Path, figures: Path = HERE.parent) -> None:
+def report(path: Path, figures: Path = HERE.parent, name: str = "compressors.png",
+           models: tuple[str, ...] = ("vgg", "vit")) -> None:
     """One table per model and budget (the dense reference first), the paired difference of the
-    two best methods where they share seeds, and the Pareto plot (`figures`/compressors.png)."""
+    two best methods where they share seeds, and the Pareto plot (`figures`/`name`)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -381,7 +382,7 @@ def report(path: Path, figures: Path = HERE.parent) -> None:
     # PGD-AT controls dashed
     names = sorted({split_method(method)[0] for (_, _, method, _) in runs if not method.startswith("dense")})
     style = {name: (plt.get_cmap("tab20")(i % 20), "os^Dv<>PXh"[i % 10]) for i, name in enumerate(names)}
-    for model, ax in zip(("vgg", "vit"), axes):
+    for model, ax in zip(models, axes):
         dense = {s: r for (m, b, method, _), seeds in runs.items() if m == model and method == "dense"
                  for s, r in seeds.items()}
         dense_seconds = {(s, split_method(method)[1]): r["train_seconds"] / r["epochs"]
@@ -458,7 +459,7 @@ def report(path: Path, figures: Path = HERE.parent) -> None:
             ax.set_title(f"{model}: no runs yet")
     kappa_scatter(axes[2], path)
     fig.tight_layout()
-    out = figures / "compressors.png"
+    out = figures / name
     fig.savefig(out, dpi=120)
     print(f"\nplot: {out}")
 
@@ -505,7 +506,12 @@ def main() -> None:
     parser.add_argument("--budget", nargs="*")
     parser.add_argument("--method", nargs="*")
     parser.add_argument("--seed", nargs="*", type=int)
-    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--protocol", choices=("short", "converged"), default="short",
+                        help="short: 3 epochs (the table so far); converged: benchmarks/converged.py")
+    parser.add_argument("--epochs", type=int, default=None, help="epochs a cell trains (short: 3)")
+    parser.add_argument("--pilot", type=int, default=0, help="converged: the dense pilot run's epochs")
+    parser.add_argument("--adv", choices=("fgsm", "nfgsm"), default="fgsm",
+                        help="converged: the training attack (nfgsm where fast FGSM collapses)")
     parser.add_argument("--dense-epochs", type=int, default=1, help="dense epochs before the pruning methods start")
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--honesty-images", type=int, default=256)
@@ -518,6 +524,12 @@ def main() -> None:
     parser.add_argument("--report", action="store_true")
     parser.add_argument("--write-configs", action="store_true", help="write conf/experiments/compressors/")
     args = parser.parse_args()
+    if args.protocol == "converged":
+        from converged import main as converged_main
+
+        converged_main(args)
+        return
+    args.epochs = 3 if args.epochs is None else args.epochs
     if args.write_configs:
         write_configs(HERE.parent / "conf" / "experiments" / "compressors")
         return

@@ -35,12 +35,15 @@ from torch import nn
 from torch.nn.utils import prune
 
 from sepnet.attacks import AttackSpec
+from sepnet.cli import quiet_third_party
 from sepnet.compress import compress_
-from sepnet.measures import fc_parameter_counts, layer_condition_number, parameter_counts, separable_layers
 from sepnet.data import ImageFolderDataModule
 from sepnet.evaluation import correct, honesty_checks, robust_masks
 from sepnet.layers import SeparableLinear
+from sepnet.measures import fc_parameter_counts, layer_condition_number, parameter_counts, separable_layers
 from sepnet.module import ImageClassifier
+
+quiet_third_party()  # Lightning's cloud-logger tip and its LeafSpec deprecation, at every run
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "reproduce.jsonl"
@@ -102,15 +105,15 @@ FAMILIES["vit"] = {"dense": {"network": VIT_DENSE}, "sep_b_none": {"network": VI
                                 "sep_b_implied_w0.01")}}  # the last two: the ViT's own weight sweep (--eval-split val)
 
 
-def eval_specs(eps: float) -> dict[str, AttackSpec]:
+def eval_specs(eps: float, square_queries: int = 1000) -> dict[str, AttackSpec]:
     """PGD-20 and the reduced AutoAttack for the CPU (APGD-CE and APGD-DLR with 100 steps and 1
-    restart, Square with 1000 queries); steps of eps / 4."""
+    restart, Square with `square_queries` queries); steps of eps / 4."""
     step = eps / 4
     return {
         "pgd20": AttackSpec(name="pgd", eps=eps, step_size=step, steps=20),
         "aa_apgd_ce": AttackSpec(name="apgd_ce", eps=eps, step_size=step, steps=100),
         "aa_apgd_dlr": AttackSpec(name="apgd_dlr", eps=eps, step_size=step, steps=100),
-        "aa_square": AttackSpec(name="square", eps=eps, step_size=step, steps=1000),
+        "aa_square": AttackSpec(name="square", eps=eps, step_size=step, steps=square_queries),
     }
 
 
@@ -157,7 +160,7 @@ def train(model: ImageClassifier, epochs: int, batch_size: int, callbacks=(), lo
 
 
 def evaluate(net: nn.Module, attacker, pgd_images: int, aa_images: int, honesty_images: int = 256,
-             eps: float = EPS, split: str = "test") -> dict:
+             eps: float = EPS, split: str = "test", square_queries: int = 1000) -> dict:
     """sepnet.evaluation on the test set: clean accuracy on all 10k images, PGD-20 on the first
     `pgd_images`, then the reduced AutoAttack on the PGD survivors among the first `aa_images`
     (worst_acc: an image counts if it survives all four), and the honesty checks. split "val":
@@ -177,7 +180,7 @@ def evaluate(net: nn.Module, attacker, pgd_images: int, aa_images: int, honesty_
     if len(y) < subset:
         raise ValueError(f"{split} split: {len(y)} images, fewer than the {subset} to attack")
     out = {"clean_acc": torch.cat(hits).float().mean().item(), "eval_split": split}
-    specs = eval_specs(eps)
+    specs = eval_specs(eps, square_queries)
     pgd = robust_masks(net, attacker, x[:pgd_images], y[:pgd_images], [specs["pgd20"]])["pgd_linf"]
     out["pgd20_acc"] = pgd.float().mean().item()
     alive = torch.ones(aa_images, dtype=torch.bool)
@@ -185,7 +188,8 @@ def evaluate(net: nn.Module, attacker, pgd_images: int, aa_images: int, honesty_
     aa = robust_masks(net, attacker, x[:aa_images], y[:aa_images], [specs[k] for k in AA], alive=alive)
     out["worst_acc"] = aa["worst"].float().mean().item()
     if honesty_images:
-        checks = honesty_checks(net, attacker, x[:honesty_images], y[:honesty_images], specs["pgd20"])
+        checks = honesty_checks(net, attacker, x[:honesty_images], y[:honesty_images], specs["pgd20"],
+                                square_queries)
         out["honesty"] = {"accuracy": checks["accuracy"], "warnings": checks["warnings"]}
     return out
 

@@ -33,6 +33,17 @@ def matrix_and_product_paths_agree(layer, x, autocast: bool) -> None:
         assert (a - b).norm() / b.norm() < (5e-2 if autocast else 1e-5)
 
 
+def fit_briefly(model, loader, epochs: int, lr: float):
+    """A few epochs of Adam on cross-entropy: the small trained models the attack tests use."""
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    for _ in range(epochs):
+        for xb, yb in loader:
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(xb), yb).backward()
+            opt.step()
+    return model.eval()
+
+
 def _cifar_batch(n, labels_key, num_classes, seed):
     rng = np.random.default_rng(seed)
     data = rng.integers(0, 256, (n, 3072), dtype=np.uint8)

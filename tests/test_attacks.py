@@ -1,6 +1,7 @@
 import lightning as L
 import pytest
 import torch
+from conftest import fit_briefly
 from torch import nn
 
 from sepnet.attacks import ATTACKS, Attacker, AttackSpec, project
@@ -26,13 +27,7 @@ def trained(digits):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
                           nn.Flatten(), nn.Linear(16 * 64, 10))
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for _ in range(6):
-        for xb, yb in dm.train_dataloader():
-            opt.zero_grad()
-            nn.functional.cross_entropy(model(xb), yb).backward()
-            opt.step()
-    return model.eval()
+    return fit_briefly(model, dm.train_dataloader(), epochs=6, lr=3e-3)
 
 
 def _acc(model, x, y):

@@ -68,6 +68,9 @@ def test_every_config_parses_and_instantiates(path, tmp_path, monkeypatch):
         args = ["--config", str(CONF / path)]
         if "imagenet" in path:
             args += ["--data.init_args.root", str(tmp_path)]
+        if "jpeg" in path:
+            write_image_folder(tmp_path / "jpeg", per_class=1)
+            args += ["--data.init_args.root", str(tmp_path / "jpeg")]
     cli = _instantiate(args)
     assert cli.model.hparams.num_classes == cli.datamodule.num_classes
     assert tuple(cli.model.hparams.image_shape) == tuple(cli.datamodule.image_shape)
@@ -299,6 +302,39 @@ def test_vgg_ttconv_cell_meets_the_whole_model_budget_with_tt_convolutions():
         assert sum(isinstance(m, TTConv2d) for m in net.modules()) >= 10
         counts = parameter_counts(net)
         assert counts.dense / slack <= factor * counts.nonzero <= counts.dense, (factor, counts)
+
+
+def test_lowrank_cells_meet_their_budgets_and_the_converged_plan_pairs_by_seed(capsys):
+    """The low-rank cells (FC head at 84x; the whole VGG and ViT at 10x / 30x) within their
+    budgets, from scratch; the converged protocol's plan (issue 30) and its paired differences."""
+    import sys
+
+    from sepnet.compress.lowrank import LowRankLinear, Tucker2Conv2d
+    from sepnet.measures import fc_parameter_counts, parameter_counts
+    from sepnet.network import build_network
+
+    comp = _benchmark()
+    network, _, from_dense = comp.cell_config("vgg", "fc84", "lowrank", None, 3, 1)
+    fc = fc_parameter_counts(build_network(num_classes=10, **network))
+    assert not from_dense and fc.nonzero <= comp.fc_budget("vgg", "b") < 1.2 * fc.nonzero
+    for model, factor in (("vgg", 10), ("vgg", 30), ("vit", 10)):
+        network, _, from_dense = comp.cell_config(model, f"model{factor}", "lowrank", None, 3, 1)
+        net = build_network(num_classes=10, **network)
+        counts = parameter_counts(net)
+        assert not from_dense and factor <= counts.dense / counts.nonzero < 1.3 * factor, (model, factor, counts)
+        kinds = {type(m) for m in net.modules()}
+        assert LowRankLinear in kinds and (Tucker2Conv2d in kinds) == (model == "vgg")
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    converged = _benchmark("converged")
+    cells = converged.plan()
+    assert sum(b == "model30" for b, _, _ in cells) == 12 and {s for b, _, s in cells if b == "model30"} == {0, 1}
+    assert [m for b, m, _ in cells if b == "model10"] == [m for m in converged.METHODS if m != "dense"]
+    records = [{"budget": "model30", "method": m, "seed": s, "status": "ok", "worst_acc": w}
+               for m, s, w in (("ttconv_tt", 0, 0.20), ("ttconv_tt", 1, 0.22), ("magnitude", 0, 0.15),
+                               ("magnitude", 1, 0.25), ("hydra", 1, 0.1))]
+    converged.paired(records, "model30")
+    out = capsys.readouterr().out
+    assert "ttconv_tt - magnitude: s0 +0.050, s1 -0.030" in out and "ttconv_tt - hydra: s1 +0.120" in out
 
 
 RUN0 = Path("logs/default/version_0")
@@ -561,7 +597,7 @@ def test_a_fixed_checkpoint_folder_is_never_shared_by_two_runs(tmp_path, monkeyp
     assert sorted(p.name for p in (tmp_path / "ckpts").iterdir())[-1] == "last.ckpt"
     assert not list((tmp_path / "ckpts").glob("last-v*.ckpt"))
     main(["test", *FAST, *TEST_FAST, "--ckpt_path", "ckpts/last.ckpt", "--checkpoint.dirpath", "ckpts"])  # its own
-    assert "test report" in capfd.readouterr().err
+    assert list(tmp_path.glob("logs/**/test_report.json"))  # (an error would have exited 2)
 
 
 def test_a_dataset_switch_brings_its_threat_model_unless_the_attacks_are_set(tmp_path, monkeypatch, caplog):

@@ -5,11 +5,10 @@ import torch
 from torch import nn
 
 from sepnet.compress import CompressionSpec, compress_, remove_pruning_
-from sepnet.measures import pruned_layers
-from sepnet.measures import fc_parameter_counts, parameter_counts
-from sepnet.layers import FlatSeparableLinear
-from sepnet.network import build_network
 from sepnet.compress.tt import TTLinear
+from sepnet.layers import FlatSeparableLinear
+from sepnet.measures import fc_parameter_counts, parameter_counts, pruned_layers
+from sepnet.network import build_network
 
 DENSE_MLP = dict(num_classes=10, image_shape=(1, 8, 8), mean=(0.3,), std=(0.4,), backbone="mlp",
                  backbone_kwargs={"hidden_shapes": [[4, 16, 16], [4, 16, 16]], "dense": True}, head="dense")

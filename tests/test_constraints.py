@@ -6,9 +6,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from sepnet.measures import (condition_number, fc_parameter_counts, layer_condition_number, parameter_counts, separable_layers, sparsity)
 from sepnet.constraints import condition_penalty, constraint_penalties, proximal_step_, sparsity_penalty
 from sepnet.layers import SeparableLinear
+from sepnet.measures import (condition_number, fc_parameter_counts, layer_condition_number, parameter_counts,
+                             separable_layers, sparsity)
 
 FORMS = ["amgm", "logdet", "logcond"]
 

@@ -5,6 +5,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import fit_briefly
 from torch import nn
 
 from sepnet.attacks import Attacker, AttackSpec
@@ -32,13 +33,7 @@ def data():
     y = torch.stack([dm.test_set[i][1] for i in range(len(dm.test_set))])[:96]
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(4):
-        for xb, yb in dm.train_dataloader():
-            opt.zero_grad()
-            nn.functional.cross_entropy(model(xb), yb).backward()
-            opt.step()
-    return model.eval(), x, y
+    return fit_briefly(model, dm.train_dataloader(), epochs=4, lr=1e-2), x, y
 
 
 class Quantized(nn.Module):
@@ -163,4 +158,6 @@ def test_run_watch_checks_the_loss_peak_at_logging_steps_and_epoch_end(caplog):
     fresh = RunWatch(divergence_factor=100)
     with caplog.at_level(logging.WARNING, logger="sepnet.callbacks"):
         fresh.on_train_batch_end(trainer, None, torch.tensor(float("nan")), None, 0)
+        assert len(caplog.records) == 1  # the first loss, too, stays on the device until a check
+        fresh.on_train_epoch_end(trainer, None)
     assert "diverging loss: nan" in caplog.records[-1].getMessage() and "first not finite" in caplog.records[-1].getMessage()

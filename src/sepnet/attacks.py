@@ -20,12 +20,13 @@ from art.attacks.evasion import (
     AutoProjectedGradientDescent,
     CarliniLInfMethod,
     DeepFool,
-    ProjectedGradientDescentPyTorch,
     SquareAttack,
 )
 from art.estimators.classification import PyTorchClassifier
 from torch import Tensor, nn
 
+from sepnet import metric_names as names
+from sepnet.art_adapter import FastClassifier, FloatLogits, TensorPGD
 from sepnet.guards import eval_mode
 
 __all__ = ["AttackSpec", "attack_guard", "eval_mode", "FastClassifier", "Attacker", "ATTACKS",
@@ -107,64 +108,6 @@ def attack_guard(model: nn.Module) -> Iterator[None]:
                 b.copy_(value)
 
 
-class FloatLogits(nn.Module):
-    """The model with float32 outputs, whatever autocast computed: ART turns logits into numpy
-    arrays (its APGD builds its own stock estimators from `estimator.model`), and numpy has no
-    bfloat16. Holds no state of its own; modes and buffers are the wrapped model's."""
-
-    def __init__(self, net: nn.Module) -> None:
-        super().__init__()
-        self.net = net
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.net(x).float()
-
-
-class FastClassifier(PyTorchClassifier):
-    """ART estimator with input-only gradients that stay on the device.
-
-    `loss_gradient` differentiates the loss with torch.autograd.grad with respect to the input
-    alone (no parameter gradients, no zero_grad), keeps torch tensors as torch tensors, and
-    leaves the model's mode alone (the caller holds `attack_guard`). With `soft_labels=True`
-    the targets are probability vectors and the loss is KL(target || model), TRADES' inner loss.
-    """
-
-    def __init__(self, *args, soft_labels: bool = False, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.soft_labels = soft_labels
-
-    def _loss_value(self, logits: Tensor, y: Tensor) -> Tensor:
-        if self.soft_labels:
-            return nn.functional.kl_div(logits.log_softmax(-1), y.float(), reduction="sum")
-        if y.dim() == 2:
-            y = y.argmax(-1)
-        return nn.functional.cross_entropy(logits, y.long(), reduction="sum")
-
-    @staticmethod
-    def _layout(x: Tensor) -> Tensor:
-        # Images in channels-last layout take the faster oneDNN/cuDNN convolution paths (about
-        # 30% less time per forward+backward for a small CNN on CPU); values are unchanged.
-        return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
-
-    def loss_gradient(self, x, y, training_mode: bool = False, **kwargs):
-        as_numpy = not isinstance(x, Tensor)
-        x_t = self._layout(torch.as_tensor(x, device=self._device).float()).detach().requires_grad_(True)
-        y_t = torch.as_tensor(y, device=self._device)
-        with torch.enable_grad():
-            loss = self._loss_value(self._model._model(x_t), y_t)
-            (grad,) = torch.autograd.grad(loss, x_t)
-        return grad.float().cpu().numpy() if as_numpy else grad
-
-    def logits(self, x: Tensor, batch_size: int = 256) -> Tensor:
-        """Model outputs for a device tensor, in chunks, without gradients."""
-        with torch.no_grad():
-            return torch.cat([self._model._model(self._layout(chunk)) for chunk in x.float().split(batch_size)])
-
-    def predict(self, x, batch_size: int = 256, training_mode: bool = False, **kwargs):
-        out = self.logits(torch.as_tensor(x, device=self._device), batch_size)
-        return out if isinstance(x, Tensor) else out.cpu().numpy()
-
-
 def project(x_adv: Tensor, x: Tensor, eps: float, norm: str) -> Tensor:
     """Project x_adv onto the eps ball around x (Linf or L2) and into [0, 1]."""
     delta = x_adv - x
@@ -174,35 +117,6 @@ def project(x_adv: Tensor, x: Tensor, eps: float, norm: str) -> Tensor:
         norms = delta.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *[1] * (x.dim() - 1))
         delta = delta * (eps / norms).clamp(max=1.0)
     return (x + delta).clamp(0, 1)
-
-
-class TensorPGD(ProjectedGradientDescentPyTorch):
-    """ART's PGD run on device tensors: the same iterations (ART's `_compute_pytorch`: random
-    start, gradient step, projection, clipping), without the numpy round trip, the DataLoader,
-    and the success rate that ART computes with two extra forward passes only to log it.
-    Restarts keep, per sample, the first adversarial example that fools the model."""
-
-    def generate_tensor(self, x: Tensor, targets: Tensor) -> Tensor:
-        """x: inputs on the estimator's device; targets: one-hot labels (or probabilities)."""
-        self._batch_id = 0
-        best, fooled = None, None
-        for _ in range(max(1, self.num_random_init)):
-            adv, momentum = x.clone(), torch.zeros_like(x)
-            for i in range(self.max_iter):
-                self._i_max_iter = i
-                adv = self._compute_pytorch(adv, x, targets, None, self.eps, self.eps_step,
-                                            self.num_random_init > 0 and i == 0, momentum)
-            if best is None:
-                best = adv
-            else:
-                best = torch.where(fooled.view(-1, *[1] * (x.dim() - 1)), best, adv)
-            if self.num_random_init <= 1:
-                break
-            with torch.no_grad():
-                fooled = self.estimator.logits(best).argmax(-1) != targets.argmax(-1)
-            if bool(fooled.all()):
-                break
-        return best
 
 
 # --------------------------------------------------------------------------- attack factory
@@ -415,7 +329,7 @@ def adversarial_loss(net: nn.Module, attacker: Attacker, config: AdversarialTrai
     batch: the adversarial batch for "at", the clean one for "none" and "trades"."""
     if config.loss == "trades":
         logits, task, kl = trades_loss(net, attacker, config.attack, x, y, config.trades_beta)
-        return logits, task, {"train/loss_trades_kl": kl}, x
+        return logits, task, {names.TRADES_KL: kl}, x
     if config.loss == "at":
         x = adversarial_batch(attacker, config.attack, x, y, config.mix)
     logits = net(x)

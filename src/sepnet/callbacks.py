@@ -17,6 +17,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from sepnet import metric_names as names
 from sepnet.measures import (
     condition_number,
     factorized_layers,
@@ -141,10 +142,11 @@ class EvalReport(L.Callback):
         self.attacks = None if attacks is None else evaluation_attacks(attacks, "report.attacks")
         self.images, self.cascade = images, cascade
         self.square_queries, self.honesty_images = square_queries, honesty_images
+        self.suite: list | None = None  # the test attacks as configured, the defaults filled in
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         if stage == "test":
-            pl_module.configure_test_suite(self.attacks, self.images, self.cascade, self.square_queries)
+            self.suite = pl_module.configure_test_suite(self.attacks, self.images, self.cascade, self.square_queries)
 
     def on_test_end(self, trainer, pl_module) -> None:
         self._report(trainer, pl_module, "test")
@@ -159,16 +161,16 @@ class EvalReport(L.Callback):
             return
         counts = parameter_counts(pl_module)
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(f"{stage}/")}
-        attacks = pl_module.test_attacks if stage == "test" else pl_module.val_attacks
+        attacks = self.suite if stage == "test" else pl_module.val_attacks
         report = {
             "metrics": metrics,
-            "headline": metrics.get(f"{stage}/robust_acc/worst"),
+            "headline": metrics.get(names.robust_acc(stage)),
             "parameters": {"stored": counts.stored, "nonzero": counts.nonzero, "dense": counts.dense,
                            "compression": counts.compression,
                            "nonzero_compression": counts.nonzero_compression},
             "attacks": [{"label": label, **vars(a)} for label, a in zip(unique_labels(attacks), attacks)],
-            "attacked_images": pl_module.test_images if stage == "test" else None,
-            "cascade": pl_module.test_cascade if stage == "test" else False,
+            "attacked_images": self.images if stage == "test" else None,
+            "cascade": self.cascade if stage == "test" else False,
             "checkpoint": trainer.ckpt_path,
         }
         if stage == "test" and self.honesty_images and attacks:
@@ -189,12 +191,12 @@ def _table(report: dict, stage: str) -> str:
     """The worst case first with every warning beside it, then clean and the single attacks."""
     metrics, warnings = dict(report["metrics"]), report.get("honesty", {}).get("warnings", [])
     rows = []
-    worst = metrics.pop(f"{stage}/robust_acc/worst", None)
+    worst = metrics.pop(names.robust_acc(stage), None)
     if worst is not None:
-        rows.append((f"{stage}/robust_acc/worst", f"{worst:.4f}",
+        rows.append((names.robust_acc(stage), f"{worst:.4f}",
                      "per-image worst case over every attack below" + ("; WARNING: " + " | ".join(warnings)
                                                                        if warnings else "")))
-    order = [f"{stage}/acc"] + [f"{stage}/robust_acc/{a['label']}" for a in report["attacks"]]
+    order = [names.acc(stage)] + [names.robust_acc(stage, a["label"]) for a in report["attacks"]]
     note = "after this and every attack above" if report["cascade"] else "this attack alone"
     for key in order + sorted(set(metrics) - set(order)):
         if key in metrics:
@@ -248,8 +250,8 @@ class EpochLine(L.Callback):
             parts.append(f"train loss {float(self._loss_sum) / self._batches:.4f}")
         every = getattr(getattr(pl_module, "validation", None), "every_n_epochs", 1)
         attacked = (trainer.current_epoch + 1) % max(1, every) == 0  # else the worst case is an old one
-        for key, label in (("val/acc", "val acc"), ("val/robust_acc/worst", "val worst case")):
-            if key in metrics and (attacked or key == "val/acc"):
+        for key, label in ((names.acc("val"), "val acc"), (names.robust_acc("val"), "val worst case")):
+            if key in metrics and (attacked or key == names.acc("val")):
                 parts.append(f"{label} {float(metrics[key]):.4f}")
         parts.append(f"{time.perf_counter() - self._start:.0f} s")
         log.info(", ".join(parts))
@@ -277,6 +279,7 @@ class RunWatch(L.Callback):
         self.best_first: float | None = None
         self.first_loss: float | None = None
         self._peak: torch.Tensor | None = None  # largest loss since the last check, on the device
+        self._first: torch.Tensor | None = None  # the first loss, on the device until a check reads it
         self.warned: set[str] = set()
 
     def _warn(self, trainer, message: str) -> None:
@@ -286,22 +289,28 @@ class RunWatch(L.Callback):
             log.warning("epoch %d: %s", trainer.current_epoch, message)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        """No host sync here but on logging steps: the first loss and the running peak stay on
+        the device until a step the logger syncs anyway."""
         if not self.divergence_factor or outputs is None:
             return
         loss = torch.as_tensor(outputs["loss"] if isinstance(outputs, dict) else outputs).detach()
-        if self.first_loss is None:  # one host sync; after it the peak stays on the device
-            first = float(loss)
-            if math.isfinite(first):
-                self.first_loss = abs(first)
-                return
+        if self.first_loss is None and self._first is None:
+            self._first = loss
+            return
         self._peak = loss if self._peak is None else torch.maximum(self._peak, loss)  # NaN propagates
-        if batch_idx % max(1, getattr(trainer, "log_every_n_steps", 1)) == 0:  # synced then anyway
+        if trainer.global_step % max(1, getattr(trainer, "log_every_n_steps", 1)) == 0:  # a logging step
             self._check_peak(trainer)
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         self._check_peak(trainer)
 
     def _check_peak(self, trainer) -> None:
+        if self._first is not None:
+            first, self._first = float(self._first), None
+            if math.isfinite(first):
+                self.first_loss = abs(first)
+            else:
+                self._peak = torch.tensor(first) if self._peak is None else self._peak + first
         if self._peak is None:
             return
         peak, self._peak = float(self._peak), None
@@ -314,15 +323,15 @@ class RunWatch(L.Callback):
         if trainer.sanity_checking:
             return
         labels = unique_labels(pl_module.val_attacks)
-        robust = {label: float(trainer.callback_metrics[f"val/robust_acc/{label}"])
-                  for label in [*labels, "worst"] if f"val/robust_acc/{label}" in trainer.callback_metrics}
+        robust = {label: float(trainer.callback_metrics[names.robust_acc("val", label)])
+                  for label in [*labels, names.WORST] if names.robust_acc("val", label) in trainer.callback_metrics}
         if labels[0] not in robust:
             return  # no robust evaluation this epoch
         for message in masking_warnings(robust, labels[0], self.best_first, self.tolerance):
             self._warn(trainer, message)
         self.best_first = max(self.best_first or 0.0, robust[labels[0]])
-        if "worst" in robust:
-            pl_module.log("val/robust_gap", robust[labels[0]] - robust["worst"], sync_dist=True)
+        if names.WORST in robust:
+            pl_module.log(names.ROBUST_GAP, robust[labels[0]] - robust[names.WORST], sync_dist=True)
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         """Cluster preemption (SIGTERM): save a resumable last.ckpt beside the others; `run.py`

@@ -23,6 +23,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from sepnet import metric_names as names
 from sepnet.callbacks import ConstraintMonitor, EpochLine, EvalReport, RunWatch, last_checkpoint
 from sepnet.measures import parameter_counts
 from sepnet.data import VisionDataModule
@@ -96,7 +97,7 @@ class SepnetCLI(LightningCLI):
         parser.set_defaults({
             "checkpoint.dirpath": None,  # the run's folder: <save_dir>/<name>/version_N/checkpoints
             "checkpoint.filename": "best-{epoch:03d}",
-            "checkpoint.monitor": "val/robust_acc/worst",
+            "checkpoint.monitor": names.robust_acc("val"),
             "checkpoint.mode": "max",
             "checkpoint.save_top_k": 1,
             "checkpoint.auto_insert_metric_name": False,
@@ -252,7 +253,7 @@ class SepnetCLI(LightningCLI):
         if not cfg.get("ckpt_path"):
             self._data_threat_model(cfg)
         every = cfg.model.get("validation.every_n_epochs") or 1
-        if cfg.checkpoint.get("every_n_epochs") in (None, 1) and str(cfg.checkpoint.monitor).startswith("val/robust_acc"):
+        if cfg.checkpoint.get("every_n_epochs") in (None, 1) and str(cfg.checkpoint.monitor).startswith(names.robust_acc("val", "")):
             cfg.checkpoint.every_n_epochs = every
 
     def _data_threat_model(self, cfg) -> None:
@@ -301,7 +302,7 @@ class SepnetCLI(LightningCLI):
             return
         metrics = self.trainer.callback_metrics
         figures = [f"{k.split('/', 1)[1]} {float(metrics[k]):.4f}" for k in
-                   ("val/acc", "val/robust_acc/worst") if k in metrics]
+                   (names.acc("val"), names.robust_acc("val")) if k in metrics]
         counts = parameter_counts(self.model)
         figures.append(f"{counts.nonzero:,} non-zero parameters ({counts.nonzero_compression:.1f}x)")
         print("final validation: " + ", ".join(figures))
@@ -328,7 +329,7 @@ def _one_line(err: BaseException) -> str:
     return reasons[0] if reasons else lines[0]
 
 
-def _quiet_third_party() -> None:
+def quiet_third_party() -> None:
     """Silence what is not ours to fix: Lightning's advertisement for its cloud logger at every
     run, and its own use of torch's deprecated LeafSpec."""
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
@@ -339,7 +340,7 @@ def _quiet_third_party() -> None:
 
 def main(args: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    _quiet_third_party()
+    quiet_third_party()
     default_config = Path(__file__).resolve().parents[2] / "conf" / "default.yaml"
     defaults = [str(default_config)] if default_config.is_file() else []
     subcommands = ("fit", "validate", "test", "predict")

@@ -15,6 +15,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from sepnet import metric_names as names
 from sepnet.layers import SeparableLinear
 from sepnet.masks import topk_masks
 from sepnet.measures import factor_list, implied_core, separable_layers, structural_rank
@@ -209,7 +210,7 @@ def constraint_loss(model: nn.Module, config: ConstraintConfig) -> tuple[Tensor,
     total = config.condition_weight * parts["cond"]
     if use_sparsity:
         total = total + config.sparsity_weight * parts["sparsity"]
-    return total, {"train/loss_cond": parts["cond"], "train/loss_sparsity": parts["sparsity"]}
+    return total, {names.CONDITION_LOSS: parts["cond"], names.SPARSITY_LOSS: parts["sparsity"]}
 
 
 def proximal_constraint_(model: nn.Module, config: ConstraintConfig, lr: float) -> None:
@@ -243,6 +244,7 @@ class SparsityTarget(nn.Module):
         if not self._layers:
             raise ValueError("constraint.sparsity_target: the model has no separable layer to sparsify")
         self.register_buffer("frozen", torch.zeros(len(self._layers), dtype=torch.bool))
+        self._frozen: list[bool] | None = None  # the buffer's host copy
         for i, layer in enumerate(self._layers):
             for j, factor in enumerate(factor_list(layer)):
                 self.register_buffer(f"mask_{i}_{j}", torch.ones_like(factor, dtype=torch.bool))
@@ -256,15 +258,31 @@ class SparsityTarget(nn.Module):
         ramp = max(1, round(self.ramp * total_steps))
         return self.target * (1 - (1 - min(1.0, step / ramp)) ** 3)
 
+    def _is_frozen(self, i: int) -> bool:
+        """Whether layer i's mask is fixed, read on the host: the buffer is read once after
+        construction or a checkpoint load, not at every step (a device sync)."""
+        if self._frozen is None:
+            self._frozen = [bool(f) for f in self.frozen.tolist()]
+        return self._frozen[i]
+
+    def _freeze(self, i: int) -> None:
+        self._is_frozen(i)
+        self._frozen[i] = True
+        self.frozen[i] = True
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self._frozen = None
+
     @torch.no_grad()
     def step_(self, step: int, total_steps: int) -> None:
         """After optimizer step `step` of `total_steps`."""
         level = self.level(step, total_steps)
         for i in range(len(self._layers)):
-            if not self.frozen[i]:
+            if not self._is_frozen(i):
                 self._prune_(i, level)
                 if level >= self.target:
-                    self.frozen[i] = True
+                    self._freeze(i)
             for j, factor in enumerate(factor_list(self._layers[i])):
                 factor.mul_(getattr(self, f"mask_{i}_{j}"))
 
@@ -272,9 +290,9 @@ class SparsityTarget(nn.Module):
     def freeze_(self, i: int | None = None) -> None:
         """Prune layer i (every unfrozen layer when None) to exactly the target and fix its mask."""
         for index in ([i] if i is not None else range(len(self._layers))):
-            if not self.frozen[index]:
+            if not self._is_frozen(index):
                 self._prune_(index, self.target)
-                self.frozen[index] = True
+                self._freeze(index)
 
     def _prune_(self, index: int, level: float) -> None:
         """Layer `index`'s factors with the smallest-magnitude entries zeroed: `level` of them,
@@ -301,26 +319,25 @@ def implied_penalty(layer: SeparableLinear) -> Tensor:
     the other modes' sizes (G is the Kronecker product of the factors' Grams). What it does not: a
     core whose structural rank is below its smaller side (rare: W's rank R prod min(O_k, I_k)
     below both of the core's sides) has a singular G; there the penalty falls back to the
-    log-ratio of the core's extreme non-zero singular values. Cost per step: the core's Gram and
-    a Cholesky in float32 (float64 where float32's fails), O(small^2 large) -- 512 x 128 for a
+    log-ratio of the core's extreme non-zero singular values. A G that is numerically singular
+    gets a floor of 1e-12 on its eigenvalues (relative to their mean), so the penalty saturates
+    near kappa ~ 1e6 as the factor penalties do. Cost per step: the core's Gram and a float64
+    Cholesky (`cholesky_ex`: no host sync), O(small^2 large) -- 512 x 128 for a
     (512, 2, 2) -> (8, 8, 8) rank-4 head; rank 1 needs only the factors.
     """
     if layer.rank == 1:  # G = kron of the factors' Grams: the weighted factor penalties, exactly
         sizes = [min(f.shape) for f in layer.factors[0]]
         return sum(math.prod(sizes) / q * condition_penalty(f, "amgm") for q, f in zip(sizes, layer.factors[0]))
     with torch.autocast(layer.factors[0][0].device.type, enabled=False):
-        for dtype in (torch.float32, torch.float64):  # float64 only where float32's Cholesky fails
-            core = implied_core(layer, dtype)
-            tall = core if core.shape[0] >= core.shape[1] else core.mT
-            q = tall.shape[1]
-            if structural_rank(layer, core) < q:
-                s = torch.linalg.svdvals(core.double())[:structural_rank(layer, core)]
-                return (s[0].log() - s[-1].clamp_min(1e-30).log()).float()
-            gram = tall.mT @ tall
-            gram = gram / torch.diagonal(gram).mean().clamp_min(torch.finfo(dtype).tiny)
-            chol, info = torch.linalg.cholesky_ex(gram)
-            if int(info) == 0:
-                logdet = 2 * torch.diagonal(chol).log().sum()
-                return (q * torch.log(torch.trace(gram) / q) - logdet).float()
-        s = torch.linalg.svdvals(core)  # numerically singular even in float64: the extreme ones
-        return (s[0].log() - s[-1].clamp_min(1e-30).log()).float()
+        core = implied_core(layer, torch.float64)
+        tall = core if core.shape[0] >= core.shape[1] else core.mT
+        q = tall.shape[1]
+        if structural_rank(layer, core) < q:
+            s = torch.linalg.svdvals(core)[:structural_rank(layer, core)]
+            return (s[0].log() - s[-1].clamp_min(1e-30).log()).float()
+        gram = tall.mT @ tall
+        gram = gram / torch.diagonal(gram).mean().clamp_min(torch.finfo(torch.float64).tiny)
+        floor = 1e-12 * torch.eye(q, dtype=gram.dtype, device=gram.device)
+        chol, _ = torch.linalg.cholesky_ex(gram + floor)  # the floor keeps it positive definite
+        logdet = 2 * torch.diagonal(chol).log().sum()
+        return (q * torch.log(torch.trace(gram + floor) / q) - logdet).float()

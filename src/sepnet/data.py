@@ -176,6 +176,10 @@ class _TorchvisionModule(VisionDataModule):
     def eval_transform(self):
         return T.ToTensor()
 
+    def _opened(self, factory: Callable[[], Dataset], where: Path, files: str) -> Dataset:
+        """factory() with a missing or unreadable dataset as a one-line error naming its files."""
+        return _open(factory, type(self).__name__.replace("DataModule", ""), where, files, self.download)
+
 
 class CIFAR10DataModule(_TorchvisionModule):
     """CIFAR-10 (torchvision's python pickles in <root>/cifar-10-batches-py); crop + flip."""
@@ -191,9 +195,8 @@ class CIFAR10DataModule(_TorchvisionModule):
         where = self.root / cls.base_folder
 
         def make(train: bool, transform):
-            return _open(lambda: cls(str(self.root), train=train, transform=transform,
-                                     download=self.download),
-                         type(self).__name__.replace("DataModule", ""), where, self.files, self.download)
+            return self._opened(lambda: cls(str(self.root), train=train, transform=transform, download=self.download),
+                                where, self.files)
 
         return (make(True, self.train_transform()), make(True, self.eval_transform()),
                 make(False, self.eval_transform()))
@@ -231,8 +234,8 @@ class SVHNDataModule(_TorchvisionModule):
         where = self.root / "svhn"
 
         def make(split: str, transform):
-            return _open(lambda: cls(str(where), split=split, transform=transform, download=self.download),
-                         "SVHN", where, f"{split}_32x32.mat", self.download)
+            return self._opened(lambda: cls(str(where), split=split, transform=transform, download=self.download),
+                                where, f"{split}_32x32.mat")
 
         splits = ["train", "extra"] if self.extra else ["train"]
         train_aug = torch.utils.data.ConcatDataset([make(s, self.train_transform()) for s in splits])

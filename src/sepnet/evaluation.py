@@ -14,6 +14,7 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
+from sepnet import metric_names as names
 from sepnet.attacks import TRAINING_ATTACKS, Attacker, AttackSpec, eval_mode
 
 __all__ = ["ValidationConfig", "evaluation_attacks", "reduced_autoattack", "unique_labels", "correct", "robust_masks", "accuracies",
@@ -105,7 +106,7 @@ def robust_masks(net: nn.Module, attacker: Attacker, x: Tensor, y: Tensor,
             hit[chunk] = correct(net, attacker.generate(x[chunk], y[chunk], spec), y[chunk])
         masks[label] = hit
         worst &= hit
-    masks["worst"] = worst
+    masks[names.WORST] = worst
     return masks
 
 
@@ -155,9 +156,9 @@ def masking_warnings(robust: dict[str, float], first: str, best_first: float | N
     warnings = []
     base = robust[first]
     for label, value in robust.items():
-        if label not in (first, "worst") and value < base - tolerance:
+        if label not in (first, names.WORST) and value < base - tolerance:
             warnings.append(f"{label} ({value:.3f}) beats {first} ({base:.3f}): gradient masking?")
     if best_first is not None and best_first > 0.1 and base < best_first / 4:
         warnings.append(f"{first} accuracy collapsed from {best_first:.3f} to {base:.3f}: "
-                        "catastrophic overfitting (try --model.adv_training nfgsm)")
+                        "catastrophic overfitting (try --model.adversarial.attack.name nfgsm)")
     return warnings

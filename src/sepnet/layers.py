@@ -77,7 +77,8 @@ class _BatchedModeProduct(torch.autograd.Function):
 
     torch.matmul's broadcast backward for the shared U goes through a slower reduction path;
     here dU = sum_p G[p] @ X[p]^T is one batched GEMM and a sum (when the (P, O, d) partials
-    are no larger than X), which makes the dominant first mode of a VGG head ~3x faster.
+    are no larger than X): the dominant first mode of a VGG head is the case it is for
+    (benchmarks/layers.py times it).
     """
 
     @staticmethod

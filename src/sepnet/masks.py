@@ -68,11 +68,18 @@ class MaskedWeight(nn.Module):
         self.register_buffer("mask", mask.clone().float())
         self.register_buffer("phase", torch.tensor(0 if scores is not None else 1))
         self.scores = nn.Parameter(scores.clone()) if scores is not None else None
+        self._phase: int | None = None  # the buffer's host copy: read once, not in every forward (a sync)
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self._phase = None
 
     @property
     def scoring(self) -> bool:
         """In HYDRA's score phase: the mask is the scores' top-k, chosen in every forward."""
-        return self.scores is not None and int(self.phase) == 0
+        if self._phase is None:
+            self._phase = int(self.phase)
+        return self.scores is not None and self._phase == 0
 
     def forward(self, weight: Tensor) -> Tensor:
         if self.scoring:
@@ -90,6 +97,7 @@ class MaskedWeight(nn.Module):
         if self.scoring:
             self.mask.copy_(_TopK.apply(self.scores, self.keep))
             self.phase.fill_(1)
+            self._phase = 1
 
 
 def masked_layers(net: nn.Module) -> list[tuple[str, nn.Module, MaskedWeight]]:

@@ -14,11 +14,12 @@ import torchmetrics
 from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor, nn
 
+from sepnet import metric_names as names
 from sepnet.attacks import AdversarialTraining, Attacker, AttackSpec, adversarial_loss
 from sepnet.compress import compression_epoch_, compression_loss
 from sepnet.constraints import ConstraintConfig, SparsityTarget, constraint_loss, proximal_constraint_
-from sepnet.measures import implied_nonzeros, parameter_counts, separable_layers
 from sepnet.evaluation import ValidationConfig, reduced_autoattack, robust_masks, unique_labels
+from sepnet.measures import implied_nonzeros, parameter_counts, separable_layers
 from sepnet.network import NetworkConfig, build_network
 from sepnet.optimization import OptimizationConfig, build_optimization
 
@@ -140,16 +141,16 @@ class ImageClassifier(L.LightningModule):
         parts.update(pruning_parts)
         self.metrics["train_acc"](logits, y)
         if self._logging_step():
-            self.log_dict({"train/loss": loss, "train/loss_task": task, **parts, **extra}, on_step=True,
+            self.log_dict({names.TRAIN_LOSS: loss, names.TRAIN_TASK_LOSS: task, **parts, **extra}, on_step=True,
                           on_epoch=False)
-        self.log("train/acc", self.metrics["train_acc"], on_step=False, on_epoch=True)
+        self.log(names.TRAIN_ACC, self.metrics["train_acc"], on_step=False, on_epoch=True)
         return loss
 
     def _logging_step(self) -> bool:
         """Whether the logger writes step metrics at this step (Lightning writes every
         log_every_n_steps optimizer steps). Step-only metrics are not aggregated, so calling
-        self.log on the other steps is pure bookkeeping: ~3 ms a step, +40% epoch time for a
-        small MLP (benchmarks/training.py)."""
+        self.log on the other steps is pure bookkeeping that costs a small model a large share
+        of its step (benchmarks/training.py measures it)."""
         trainer = self._trainer
         if trainer is None:
             return True
@@ -169,8 +170,8 @@ class ImageClassifier(L.LightningModule):
         x, y = batch
         logits = self(x)
         self.metrics[f"{stage}_acc"](logits, y)
-        self.log(f"{stage}/loss", nn.functional.cross_entropy(logits, y), sync_dist=True)
-        self.log(f"{stage}/acc", self.metrics[f"{stage}_acc"])
+        self.log(names.loss(stage), nn.functional.cross_entropy(logits, y), sync_dist=True)
+        self.log(names.acc(stage), self.metrics[f"{stage}_acc"])
         n = self._images_to_attack(batch_idx, stage, len(y))
         if n == 0:
             return
@@ -184,7 +185,7 @@ class ImageClassifier(L.LightningModule):
             if label != "clean":
                 metric = self.robust_metrics[f"{stage}_{label}"]
                 metric.update(mask.float())
-                self.log(f"{stage}/robust_acc/{label}", metric)
+                self.log(names.robust_acc(stage, label), metric)
 
     def _images_to_attack(self, batch_idx: int, stage: str, batch_size: int) -> int:
         """How many images of this batch the attacks run on (a fixed prefix of the unshuffled
@@ -204,7 +205,7 @@ class ImageClassifier(L.LightningModule):
         """One mean-of-survivors metric per attack and for the per-image worst case; the
         torchmetrics state is summed over DDP ranks."""
         return nn.ModuleDict({f"{stage}_{label}": torchmetrics.MeanMetric()
-                              for label in [*unique_labels(attacks), "worst"]})
+                              for label in [*unique_labels(attacks), names.WORST]})
 
     def configure_test_suite(self, attacks: list[AttackSpec] | None = None, images: int = 512,
                              cascade: bool = True, square_queries: int = 1000) -> list[AttackSpec]:

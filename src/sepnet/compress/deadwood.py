@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import prune
 
+from sepnet import metric_names as names
 from sepnet.compress.hooks import CompressionHook, attach_hook
 from sepnet.compress.prune import Pruner
 from sepnet.masks import topk_masks
@@ -59,6 +60,16 @@ class Deadwood(CompressionHook):
         self.__dict__["_layers"] = layers  # not submodules: they live in the network already
         self.__dict__["_teacher"] = teacher.eval().requires_grad_(False) if teacher is not None else None
         self._epoch = 0
+        self._phase: int | None = None  # the buffer's host copy: read at epoch starts, not every step
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self._phase = None
+
+    def _current_phase(self) -> int:
+        if self._phase is None:
+            self._phase = int(self.phase)
+        return self._phase
 
     def _weights(self) -> list[Tensor]:
         return [m.weight_orig * m.weight_mask for m in self._layers]
@@ -71,11 +82,12 @@ class Deadwood(CompressionHook):
         return (total - magnitudes[inside].sum()) / total
 
     def loss(self, x: Tensor, logits: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        if int(self.phase) == 1:
+        if self._current_phase() == 1:
             return logits.new_zeros(()), {}
         violation = self.violation()
         total = self.lam.clone() * violation  # this step's lambda; the update below is for the next
-        parts = {"train/deadwood_violation": violation.detach(), "train/deadwood_lambda": self.lam.clone()}
+        parts = {names.compression_term("deadwood_violation"): violation.detach(),
+                 names.compression_term("deadwood_lambda"): self.lam.clone()}
         if self.training and self._epoch >= self.kick_in:  # projected dual ascent
             self.lam.copy_((self.lam + self.dual_step * (violation.detach() - self.tolerance)).clamp_min(0))
         if self._teacher is not None and self.kd_weight > 0:
@@ -84,7 +96,7 @@ class Deadwood(CompressionHook):
                 target = (teacher(x) / self.temperature).softmax(-1)
             kd = nn.functional.kl_div((logits / self.temperature).log_softmax(-1), target, reduction="batchmean")
             total = total + self.kd_weight * self.temperature ** 2 * kd
-            parts["train/deadwood_kd"] = kd.detach()
+            parts[names.compression_term("deadwood_kd")] = kd.detach()
         return total, parts
 
     @torch.no_grad()
@@ -92,10 +104,11 @@ class Deadwood(CompressionHook):
         """At an epoch start: after the penalty phase, the global magnitude mask keeps exactly
         `keep` weights, for good."""
         self._epoch = epoch
-        if int(self.phase) == 0 and epoch >= self.penalty_epochs:
+        if self._current_phase() == 0 and epoch >= self.penalty_epochs:
             for m, chosen in zip(self._layers, topk_masks([w.abs() for w in self._weights()], self.keep)):
                 m.weight_mask.copy_(chosen)
             self.phase.fill_(1)
+            self._phase = 1
 
 
 class DualPruning(Pruner, name="deadwood", targets=(nn.Linear, nn.Conv2d)):

@@ -1,0 +1,204 @@
+"""The compressor benchmark at a converged CPU protocol: does TT-conv's 30x lead over pruning
+survive training to the plateau?
+
+    python benchmarks/compressors.py --protocol converged --pilot 60     # the dense pilot and its curve
+    python benchmarks/compressors.py --protocol converged --epochs E     # every cell, in plan order
+    python benchmarks/compressors.py --protocol converged --epochs E --report
+
+Protocol (VGG-16 at 1/4 width with the 512-wide head, CIFAR-10 JPEG copy):
+- fast FGSM with random start and step 1.25 eps (Wong et al.), Linf 8/255; SGD 0.05, momentum
+  0.9, weight decay 5e-4, cosine over the cell's epochs; batch 128.
+- E epochs, chosen from the pilot: the dense model trained --pilot N epochs with its validation
+  worst case after every epoch (the curve: converged_pilot.png).
+- Cells that start from scratch (dense, TT-conv with a TT head, low rank) train E epochs. The
+  pruners and joint SVD start from the dense cell's final weights (E epochs, same seed) and
+  fine-tune E epochs at lr 0.01: 2E epochs in all, stated in the table.
+- Every epoch: the validation worst case (PGD-10 and FGSM at 8/255, per image) on the first 512
+  of the 1,000 held-out training images: the training curves (converged_curves.png). RunWatch
+  records catastrophic overfitting; a collapsed cell is marked.
+- Evaluation: clean accuracy on all 10k test images; PGD-20 on the first 2,000, then APGD-CE,
+  APGD-DLR and Square (5,000 queries) on PGD's survivors; the per-image worst case; the honesty
+  checks on 256.
+One JSON line per finished cell in benchmarks/results/compressors_converged.jsonl; a rerun skips
+finished cells; a stop loses at most the cell in progress.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from compressors import DENSE, cell_config, done_keys, report
+from reproduce import CIFAR_MEAN, CIFAR_STD, EPS, datamodule, evaluate
+from sepnet import metric_names as names
+from sepnet.callbacks import RunWatch
+from sepnet.compress import remove_pruning_
+from sepnet.measures import fc_parameter_counts, parameter_counts
+from sepnet.module import ImageClassifier
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results" / "compressors_converged.jsonl"
+FROM_DENSE = {"magnitude_global", "magnitude", "hydra", "jsvd_tt"}  # fine-tuned from the dense cell's weights
+METHODS = ["dense", "ttconv_tt", "magnitude_global", "magnitude", "hydra", "jsvd_tt", "lowrank"]
+ATTACK = {"name": "fgsm", "eps": EPS, "step_size": 1.25 * EPS}
+FINE_TUNE_LR = 0.01
+EVAL = dict(pgd_images=2000, aa_images=2000, honesty_images=256, square_queries=5000)
+
+
+def plan() -> list[tuple[str, str, int]]:
+    """(budget, method, seed): the 30x cells on seed 0, then seed 1, then the 10x cells (seed 0)."""
+    cells = []
+    for seed in (0, 1):
+        cells += [("-" if m == "dense" else "model30", m, seed) for m in METHODS]
+    return cells + [("model10", m, 0) for m in METHODS if m != "dense"]
+
+
+class Curve(L.Callback):
+    """Validation accuracy and worst case after every epoch, with the seconds since the start."""
+
+    def __init__(self) -> None:
+        self.points: list[dict] = []
+        self.start = time.perf_counter()
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking:
+            return
+        metrics = trainer.callback_metrics
+        self.points.append({"epoch": trainer.current_epoch + 1, "seconds": round(time.perf_counter() - self.start),
+                            "val_acc": float(metrics[names.acc("val")]),
+                            "val_worst": float(metrics[names.robust_acc("val")])})
+
+
+def classifier(network: dict, constraint: dict, lr: float, adversarial: dict) -> ImageClassifier:
+    return ImageClassifier(num_classes=10, network=network, constraint=constraint, adversarial=adversarial,
+                           mean=CIFAR_MEAN, std=CIFAR_STD,
+                           optimization=dict(optimizer="sgd", lr=lr, momentum=0.9, weight_decay=5e-4,
+                                             scheduler="cosine"),
+                           validation={"batches": 4, "every_n_epochs": 1})
+
+
+def fit(model: ImageClassifier, epochs: int) -> tuple[float, list[dict], list[str]]:
+    """(seconds, the validation curve, RunWatch's warnings)."""
+    curve, watch = Curve(), RunWatch()
+    trainer = L.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, inference_mode=False,
+                        num_sanity_val_steps=0, callbacks=[curve, watch])
+    start = time.perf_counter()
+    trainer.fit(model, datamodule(128))
+    return time.perf_counter() - start, curve.points, sorted(watch.warned)
+
+
+def dense_path(results: Path, epochs: int, seed: int, adv: str) -> Path:
+    return results.with_name(f"converged_vgg_dense_{adv}_e{epochs}_s{seed}.pt")
+
+
+def run_cell(budget: str, method: str, seed: int, epochs: int, results: Path, adv: str = "fgsm") -> dict:
+    adversarial = {"loss": "at", "attack": {**ATTACK, "name": adv}}
+    record = {"model": "vgg", "budget": budget, "method": method, "seed": seed, "protocol": "converged",
+              "epochs": epochs, "dense_epochs": epochs if method in FROM_DENSE else 0,
+              "training": adversarial["attack"], **EVAL}
+    start = dense_path(results, epochs, seed, adv)
+    torch.manual_seed(seed)
+    if method == "dense":
+        network, constraint, from_dense = DENSE["vgg"], {}, False
+    else:
+        network, constraint, from_dense = cell_config("vgg", budget, method, str(start), 2 * epochs, epochs)
+        if from_dense and not start.is_file():  # the dense cell is recorded, its weights (git-ignored) are not here
+            print(f"{start.name}: training the dense start again ({epochs} epochs, seed {seed})", flush=True)
+            dense = classifier(DENSE["vgg"], {}, 0.05, adversarial)
+            fit(dense, epochs)
+            torch.save(dense.net.state_dict(), start)
+            torch.manual_seed(seed)
+    try:
+        model = classifier(network, constraint, FINE_TUNE_LR if from_dense else 0.05, adversarial)
+    except ValueError as err:  # a budget the method cannot reach, said by the library
+        return {**record, "status": "unreachable", "reason": str(err)}
+    record.update(status="ok", start=f"dense after {epochs} epochs, fine-tuned at lr {FINE_TUNE_LR}" if from_dense else "scratch",
+                  network=network, summary=model.net.compression_summary)
+    seconds, curve, warnings = fit(model, epochs)
+    if method == "dense":
+        start.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(model.net.state_dict(), start)
+    remove_pruning_(model.net)
+    whole, fc = parameter_counts(model.net), fc_parameter_counts(model.net)
+    record.update(train_seconds=seconds, curve=curve, watch=warnings, params_stored=whole.stored,
+                  params_nonzero=whole.nonzero, params_dense=whole.dense,
+                  model_compression=whole.dense / max(whole.nonzero, 1), fc_compression=fc.dense / max(fc.nonzero, 1))
+    begin = time.perf_counter()
+    record.update(evaluate(model.net, model.attacker, **EVAL))
+    record["eval_seconds"] = time.perf_counter() - begin
+    return record
+
+
+def pilot(epochs: int, results: Path, figures: Path) -> None:
+    """The dense model for `epochs` epochs, its validation curve recorded and plotted."""
+    path = results.with_name("compressors_converged_pilot.jsonl")
+    torch.manual_seed(0)
+    seconds, curve, warnings = fit(classifier(DENSE["vgg"], {}, 0.05, {"loss": "at", "attack": ATTACK}), epochs)
+    with path.open("a") as f:
+        f.write(json.dumps({"epochs": epochs, "train_seconds": seconds, "curve": curve, "watch": warnings}) + "\n")
+    plot_curves([{"method": f"dense pilot ({epochs} epochs)", "seed": 0, "curve": curve}], figures / "converged_pilot.png")
+
+
+def plot_curves(records: list[dict], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for r in records:
+        points = r["curve"]
+        ax.plot([p["epoch"] for p in points], [p["val_worst"] for p in points], marker=".",
+                label=f"{r.get('budget', '')} {r['method']} s{r['seed']}".strip(),
+                linestyle="--" if r.get("dense_epochs") else "-")
+    ax.set(xlabel="epoch (of this cell's own training; dashed: after the dense start)",
+           ylabel="validation worst case (PGD-10, FGSM; 512 images)", title="Converged protocol: training curves")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    print(f"curves: {out}")
+
+
+def paired(records: list[dict], budget: str, leader: str = "ttconv_tt") -> None:
+    """The leader's worst case minus each other method's, seed by seed, at one budget."""
+    by = {(r["method"], r["seed"]): r["worst_acc"] for r in records if r["budget"] == budget and r["status"] == "ok"}
+    for method in sorted({m for m, _ in by} - {leader}):
+        seeds = sorted(s for m, s in by if m == method and (leader, s) in by)
+        if seeds:
+            diffs = ", ".join(f"s{s} {by[(leader, s)] - by[(method, s)]:+.3f}" for s in seeds)
+            print(f"{budget}: {leader} - {method}: {diffs}")
+
+
+def main(args) -> None:
+    results = Path(args.results) if args.results != str(HERE / "results" / "compressors.jsonl") else RESULTS
+    if args.pilot:
+        pilot(args.pilot, results, HERE.parent)
+        return
+    if args.report:
+        records = [json.loads(line) for line in results.read_text().splitlines()]
+        report(results, figures=HERE.parent, name="compressors_converged.png", models=("vgg",))
+        for budget in ("model30", "model10"):
+            paired(records, budget)
+        plot_curves([r for r in records if r.get("curve")], HERE.parent / "converged_curves.png")
+        return
+    if args.epochs is None:
+        raise SystemExit("--protocol converged: give --epochs (chosen from the pilot's curve, --pilot N)")
+    done = done_keys(results)
+    for budget, method, seed in plan():
+        if (args.budget and budget not in args.budget) or (args.method and method not in args.method) or (
+                args.seed is not None and seed not in args.seed):
+            continue
+        key = ("vgg", budget, method, seed, args.epochs, args.epochs if method in FROM_DENSE else 0)
+        if args.list or key in done:
+            print(f"{'done' if key in done else 'todo'}: {budget} {method} seed {seed}")
+            continue
+        record = run_cell(budget, method, seed, args.epochs, results, args.adv)
+        with results.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        print(json.dumps({k: v for k, v in record.items() if not isinstance(v, (list, dict))}), flush=True)
+

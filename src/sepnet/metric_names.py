@@ -1,0 +1,31 @@
+"""Every metric name sepnet logs, in one place: TensorBoard tags, `trainer.callback_metrics`
+keys, the checkpoint monitor and the test report use these. A stage is "train", "val" or "test"."""
+
+from __future__ import annotations
+
+WORST = "worst"  # the per-image worst case over the attacks of a suite
+TRAIN_LOSS = "train/loss"
+TRAIN_TASK_LOSS = "train/loss_task"
+TRAIN_ACC = "train/acc"
+CONDITION_LOSS = "train/loss_cond"
+SPARSITY_LOSS = "train/loss_sparsity"
+TRADES_KL = "train/loss_trades_kl"
+ROBUST_GAP = "val/robust_gap"  # the first validation attack's accuracy minus the worst case
+
+
+def acc(stage: str) -> str:
+    return f"{stage}/acc"
+
+
+def loss(stage: str) -> str:
+    return f"{stage}/loss"
+
+
+def robust_acc(stage: str, label: str = WORST) -> str:
+    """Accuracy under one attack (its label) or, by default, the per-image worst case."""
+    return f"{stage}/robust_acc/{label}"
+
+
+def compression_term(name: str) -> str:
+    """A compressor's training-time value (the dual pruning's lambda, violation, distillation)."""
+    return f"train/{name}"

@@ -2,6 +2,7 @@
 of an adversarial-training epoch, and fast FGSM: ART's FastGradientMethod vs sepnet's FGSM.
 
     python benchmarks/attacks.py [--images 1024] [--batch 256]
+    python benchmarks/attacks.py --overhead [--threads 1]      # the training step: sepnet / plain torch
 
 A small CNN is first trained for two clean epochs on 10k images of ../shared/data/cifar10-jpeg so
 that adversarial accuracy means something; then PGD-10 Linf eps 8/255, step 2/255, random start,
@@ -23,7 +24,8 @@ import torchattacks
 from torch import nn
 from torchvision import datasets, transforms
 
-from sepnet.attacks import Attacker, AttackSpec, attack_guard
+from sepnet.attacks import AdversarialTraining, Attacker, AttackSpec, adversarial_loss, attack_guard
+from sepnet.guards import eval_mode
 
 ROOT = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg"
 
@@ -59,12 +61,125 @@ def accuracy(model, x, y) -> float:
         return (model.eval()(x).argmax(1) == y).float().mean().item()
 
 
+# --------------------------------------------------------------------------- training step overhead
+def plain_attack(net: nn.Module, x: torch.Tensor, y: torch.Tensor, name: str, eps: float, step: float,
+                 steps: int) -> torch.Tensor:
+    """The same arithmetic as sepnet's training attacks, in plain torch: eval mode, a random
+    start in the ball (N-FGSM: noise of 2 eps, no projection), `steps` signed input-gradient
+    steps with projection to the ball and [0, 1]; TRADES: KL to the clean prediction."""
+    with eval_mode(net):
+        if name == "trades":
+            with torch.no_grad():
+                target = net(x).softmax(-1)
+        noise = 2 * eps if name == "nfgsm" else eps
+        adv = (x + torch.empty_like(x).uniform_(-noise, noise)).clamp(0, 1)
+        for _ in range(steps):
+            adv = adv.detach().requires_grad_(True)
+            with torch.enable_grad():
+                out = net(adv)
+                loss = (nn.functional.kl_div(out.log_softmax(-1), target, reduction="sum") if name == "trades"
+                        else nn.functional.cross_entropy(out, y, reduction="sum"))
+                (grad,) = torch.autograd.grad(loss, adv)
+            adv = adv.detach() + step * grad.sign()
+            if name != "nfgsm":
+                adv = x + (adv - x).clamp(-eps, eps)
+            adv = adv.clamp(0, 1)
+    return adv.detach()
+
+
+def plain_step(net, opt, x, y, name, eps, step, steps) -> None:
+    adv = plain_attack(net, x, y, name, eps, step, steps)
+    opt.zero_grad(set_to_none=True)
+    if name == "trades":
+        logits = net(x)
+        kl = nn.functional.kl_div(net(adv).log_softmax(-1), logits.softmax(-1), reduction="batchmean")
+        loss = nn.functional.cross_entropy(logits, y) + 6.0 * kl
+    else:
+        loss = nn.functional.cross_entropy(net(adv), y)
+    loss.backward()
+    opt.step()
+
+
+def sepnet_step(net, opt, attacker, config, x, y) -> None:
+    _, task, _, _ = adversarial_loss(net, attacker, config, x, y)
+    opt.zero_grad(set_to_none=True)
+    task.backward()
+    opt.step()
+
+
+OVERHEAD_ATTACKS = {  # name: (sepnet adversarial section, plain attack name, steps)
+    "fgsm": ({"loss": "at", "attack": {"name": "fgsm", "step_size": 1.25 * 8 / 255}}, "fgsm", 1),
+    "pgd10": ({"loss": "at", "attack": {"name": "pgd", "step_size": 2 / 255, "steps": 10}}, "pgd", 10),
+    "nfgsm": ({"loss": "at", "attack": {"name": "nfgsm", "step_size": 8 / 255}}, "nfgsm", 1),
+    "trades10": ({"loss": "trades", "attack": {"name": "pgd", "step_size": 2 / 255, "steps": 10}}, "trades", 10),
+}
+
+
+def overhead(batches: list[int], repeats: int, models: list[str], attacks: list[str]) -> None:
+    """A training step through sepnet (`adversarial_loss`: ART's attacks through the adapter,
+    the guard, the estimator) against the plain-torch step with the same arithmetic, measured
+    alternately in one run (median of `repeats`), on random CIFAR-shaped batches."""
+    from sepnet.network import build_network
+
+    builders = {
+        "mlp": lambda: build_network(10, (3, 32, 32), backbone="mlp", backbone_kwargs={"hidden_shapes": [[4, 16, 16]]}),
+        "vgg4": lambda: build_network(10, (3, 32, 32), backbone="vgg16", backbone_kwargs={"width": 0.25},
+                                      head="dense", head_kwargs={"hidden": [512, 512], "dropout": 0.5}),
+    }
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); training step fwd+bwd+SGD, "
+          f"median of {repeats}, ms")
+    print(f"{'model':6} {'attack':9} {'batch':>5} {'clean':>8} {'sepnet':>9} {'plain':>9} {'sepnet/plain':>12}")
+    for model_name in models:
+        for batch in batches:
+            torch.manual_seed(0)
+            net = builders[model_name]()
+            opt = torch.optim.SGD(net.parameters(), lr=1e-3)
+            x, y = torch.rand(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
+            attacker = Attacker(net, (3, 32, 32), 10)
+
+            def clean():
+                opt.zero_grad(set_to_none=True)
+                nn.functional.cross_entropy(net(x), y).backward()
+                opt.step()
+
+            for attack in attacks:
+                section, plain_name, steps = OVERHEAD_ATTACKS[attack]
+                config = AdversarialTraining(**{**section, "attack": AttackSpec(eps=8 / 255, **section["attack"])})
+                spec = config.attack
+                runs = {"clean": clean, "sepnet": lambda: sepnet_step(net, opt, attacker, config, x, y),
+                        "plain": lambda: plain_step(net, opt, x, y, plain_name, spec.eps, spec.step_size, steps)}
+                times = {k: [] for k in runs}
+                net.train()
+                for fn in runs.values():  # warm-up
+                    fn()
+                for _ in range(repeats):  # alternating: drift on a shared machine hits every column alike
+                    for key, fn in runs.items():
+                        start = time.perf_counter()
+                        fn()
+                        times[key].append(time.perf_counter() - start)
+                med = {k: 1e3 * sorted(v)[len(v) // 2] for k, v in times.items()}
+                print(f"{model_name:6} {attack:9} {batch:5} {med['clean']:8.1f} {med['sepnet']:9.1f} "
+                      f"{med['plain']:9.1f} {med['sepnet'] / med['plain']:11.2f}x", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--images", type=int, default=1024)
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--train", type=int, default=10000)
+    parser.add_argument("--overhead", action="store_true", help="the training-step overhead table only")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (the overhead table: 1)")
+    parser.add_argument("--batches", type=int, nargs="*", default=[32, 128, 512])
+    parser.add_argument("--models", nargs="*", default=["mlp", "vgg4"])
+    parser.add_argument("--attacks", nargs="*", default=list(OVERHEAD_ATTACKS))
+    parser.add_argument("--repeats", type=int, default=7)
     args = parser.parse_args()
+    if args.overhead:
+        torch.set_num_threads(args.threads or 1)
+        overhead(args.batches, args.repeats, args.models, args.attacks)
+        return
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     x_train, y_train = load("train", args.train)
     x_test, y_test = load("test", args.images)

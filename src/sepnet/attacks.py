@@ -262,6 +262,7 @@ class Attacker:
                 if soft_targets is None:
                     labels = nn.functional.one_hot(y.long(), self.num_classes).float()
                 adv = attack.generate_tensor(x.detach().float(), labels.detach().float())
+                return adv.to(x.dtype)  # projected onto the ball and clipped to [0, 1] in each iteration
             else:
                 adv = attack.generate(x.detach().float().cpu().numpy(), y=labels.detach().cpu().numpy())
         # minimum-perturbation attacks (DeepFool, CW) are unbounded: score them inside the ball;

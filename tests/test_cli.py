@@ -624,6 +624,34 @@ def test_a_dataset_switch_brings_its_threat_model_unless_the_attacks_are_set(tmp
     assert model["validation"]["attacks"][0]["eps"] == pytest.approx(8 / 255)
 
 
+def test_certified_fit_then_test_reports_the_certificate_and_its_checks(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    certified = ["--model.network.backbone", "lipmlp", "--model.network.backbone_kwargs",
+                 '{"hidden_shapes": [[16, 8, 8]]}', "--model.adversarial", '{"loss": "lipschitz_margin", "margin_eps": 0.1}',
+                 "--model.optimization.optimizer", "adamw", "--model.optimization.lr", "0.01",
+                 "--model.validation.certify_radii", "[0.05, 0.1]", "--checkpoint.monitor", "val/certified_acc/0p05",
+                 "--model.constraint.sparsity_weight", "0", "--model.constraint.condition_weight", "0",
+                 "--trainer.max_epochs", "3", "--trainer.enable_model_summary", "false"]
+    main(["fit", *certified])
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tags = EventAccumulator(str(tmp_path / RUN0)).Reload().Tags()["scalars"]
+    assert {"val/certified_acc/0p05", "val/certified_acc/0p1", "val/lipschitz_bound"} <= set(tags)
+    assert len(list((tmp_path / RUN0 / "checkpoints").glob("best-*.ckpt"))) == 1
+    main(["test", *certified, *TEST_FAST, "--report.certify_images", "200", "--ckpt_path", "last"])
+    report = json.loads((tmp_path / RUN0 / "test_report.json").read_text())
+    certificate = report["certificate"]
+    from sepnet.data import DigitsDataModule
+
+    assert certificate["lipschitz_bound"] == pytest.approx(1 / min(DigitsDataModule.std), rel=1e-4)
+    assert "1 / min(std)" in certificate["how"]
+    assert certificate["checked_images"] == 200 and "error" not in certificate
+    assert 0 < report["metrics"]["test/certified_acc/0p1"] <= report["metrics"]["test/certified_acc/0p05"]
+    soundness = certificate["soundness"]
+    assert soundness["empirical_lipschitz_lower_bound"] <= certificate["lipschitz_bound"]
+    assert all(v["broken"] == {"pgd": 0, "apgd_ce": 0} for v in soundness["attacks_at_radius"].values())
+
+
 def test_robust_evaluation_every_other_epoch_keeps_the_best_checkpoint(tmp_path, monkeypatch):
     # the monitored worst case exists only on attacked epochs: the best is judged on those alone
     monkeypatch.chdir(tmp_path)

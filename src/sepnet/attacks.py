@@ -299,22 +299,32 @@ class AdversarialTraining:
     loss: "none" (clean training), "at" (cross-entropy on adversarial examples: PGD-AT with a
         "pgd" attack, fast AT with "fgsm" (random start, step ~1.25 eps) or "nfgsm" (noise of 2
         eps, step = eps, no clipping; resists catastrophic overfitting)) or "trades" (CE(clean)
-        + trades_beta KL(clean || adv), the attack maximizing that KL; "pgd" or "fgsm").
+        + trades_beta KL(clean || adv), the attack maximizing that KL; "pgd" or "fgsm" or
+        "lipschitz_margin" (certified training of a network with a Lipschitz bound, no attack:
+        cross-entropy with sqrt(2) L margin_eps added to every wrong logit, Tsuzuku et al. 2018;
+        sepnet.lipschitz).
     attack: the training attack, an AttackSpec (eps and step in pixel units).
     mix: fraction of each batch replaced by adversarial examples ("at" only; 1 = all).
     trades_beta: TRADES' weight of the robustness term.
+    margin_eps, margin_temperature: the Lipschitz-margin loss's L2 radius (pixel units) and the
+        temperature dividing its logits.
     """
 
-    loss: Literal["none", "at", "trades"] = "none"
+    loss: Literal["none", "at", "trades", "lipschitz_margin"] = "none"
     attack: AttackSpec = field(default_factory=AttackSpec)
     mix: float = 1.0
     trades_beta: float = 6.0
+    margin_eps: float = 36 / 255
+    margin_temperature: float = 1.0
 
     def __post_init__(self) -> None:
         if isinstance(self.attack, dict):  # read back from a checkpoint's hyperparameters
             object.__setattr__(self, "attack", AttackSpec(**self.attack))
-        if self.loss not in ("none", "at", "trades"):
-            raise ValueError(f"adversarial.loss {self.loss!r}: expected 'none', 'at' or 'trades'")
+        if self.loss not in ("none", "at", "trades", "lipschitz_margin"):
+            raise ValueError(f"adversarial.loss {self.loss!r}: expected 'none', 'at', 'trades' or 'lipschitz_margin'")
+        if self.margin_eps < 0 or self.margin_temperature <= 0:
+            raise ValueError(f"adversarial.margin_eps must be >= 0 and margin_temperature > 0, got "
+                             f"{self.margin_eps} and {self.margin_temperature}")
         if not 0 <= self.mix <= 1:
             raise ValueError(f"adversarial.mix must be in [0, 1], got {self.mix}")
         if self.trades_beta < 0:

@@ -18,8 +18,8 @@ import torchvision
 from torch import nn
 
 from sepnet.convert import separable_
-from sepnet.layers import SeparableLinear
 from sepnet.guards import eval_mode
+from sepnet.layers import MaxMin, SeparableLinear
 
 __all__ = ["Backbone", "BACKBONES", "build_backbone"]
 
@@ -47,6 +47,24 @@ def mlp(image_shape: Sequence[int], hidden_shapes: Sequence[Sequence[int]] = ((8
         layers += [layer, nn.ReLU(inplace=True), nn.Dropout(dropout)]
         shape = out
     head = {"separable": {"separable_classifier": True, "rank": rank}}
+    return Backbone(nn.Sequential(*layers), shape, head)
+
+
+def lipmlp(image_shape: Sequence[int], hidden_shapes: Sequence[Sequence[int]] = ((8, 16, 16), (8, 16, 16)),
+           rank: int = 1) -> Backbone:
+    """The all-separable MLP made certifiable: every layer an orthogonal SeparableLinear (spectral
+    norm exactly 1) followed by MaxMin (1-Lipschitz) on the first feature mode (even sizes), so
+    that with the orthogonal separable classifier (its default head) the network's L2 Lipschitz
+    constant is 1 / min(std) of its normalization (sepnet.lipschitz)."""
+    layers: list[nn.Module] = []
+    shape = tuple(image_shape)
+    for out in hidden_shapes:
+        out = tuple(out)
+        if out[0] % 2:
+            raise ValueError(f"lipmlp hidden shape {list(out)}: MaxMin pairs the first mode, expected it even")
+        layers += [SeparableLinear(shape, out, rank, orthogonal=True), MaxMin(dim=1)]
+        shape = out
+    head = {"separable": {"separable_classifier": True, "rank": rank, "orthogonal": True}}
     return Backbone(nn.Sequential(*layers), shape, head)
 
 
@@ -135,6 +153,7 @@ class _TooSmall(ValueError):
 
 BACKBONES: dict[str, Callable[..., Backbone]] = {
     "mlp": mlp,
+    "lipmlp": lipmlp,
     "vgg16": vgg16,
     "vit": vit,
     "resnet34": resnet34,

@@ -18,6 +18,10 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from sepnet import metric_names as names
+from sepnet.evaluation import evaluation_attacks, honesty_checks, masking_warnings, unique_labels
+from sepnet.layers import SeparableLinear
+from sepnet.lipschitz import CertificateError, lipschitz_bound, soundness_checks
+from sepnet.masks import masked_layers
 from sepnet.measures import (
     condition_number,
     factorized_layers,
@@ -29,9 +33,6 @@ from sepnet.measures import (
     singular_values,
     sparsity,
 )
-from sepnet.evaluation import evaluation_attacks, honesty_checks, masking_warnings, unique_labels
-from sepnet.layers import SeparableLinear
-from sepnet.masks import masked_layers
 
 log = logging.getLogger(__name__)
 
@@ -132,13 +133,18 @@ class EvalReport(L.Callback):
         cascade: False runs every attack on all clean-correct images (standalone figures).
         square_queries: Square's queries in the default suite and in the honesty check.
         honesty_images: images for the honesty checks (0 switches them off).
+        certify_images: for a network with a Lipschitz bound, the images on which the
+            certificate's soundness checks run (sepnet.lipschitz.soundness_checks: layer norms,
+            an empirical Lipschitz lower bound, PGD-L2 and APGD-L2 at each certified radius); a
+            failed check is written into the report as its error and the command fails.
     """
 
     def __init__(self, attacks: list[dict[str, Any]] | None = None, images: int = 512, cascade: bool = True,
-                 square_queries: int = 1000, honesty_images: int = 256) -> None:
-        if images < 0 or honesty_images < 0 or square_queries < 1:
-            raise ValueError(f"report: images and honesty_images must be >= 0 and square_queries >= 1, "
-                             f"got {images}, {honesty_images} and {square_queries}")
+                 square_queries: int = 1000, honesty_images: int = 256, certify_images: int = 1000) -> None:
+        if images < 0 or honesty_images < 0 or square_queries < 1 or certify_images < 0:
+            raise ValueError(f"report: images, honesty_images and certify_images must be >= 0 and square_queries "
+                             f">= 1, got {images}, {honesty_images}, {certify_images} and {square_queries}")
+        self.certify_images = certify_images
         self.attacks = None if attacks is None else evaluation_attacks(attacks, "report.attacks")
         self.images, self.cascade = images, cascade
         self.square_queries, self.honesty_images = square_queries, honesty_images
@@ -177,6 +183,9 @@ class EvalReport(L.Callback):
             x, y = _first_images(trainer, self.honesty_images)
             report["honesty"] = honesty_checks(pl_module.net, pl_module.attacker, x.to(pl_module.device),
                                                y.to(pl_module.device), attacks[0], self.square_queries)
+        failure = None
+        if getattr(pl_module, "certifiable", False):
+            report["certificate"], failure = self._certificate(trainer, pl_module, stage, metrics)
         folder = Path(log_dir or ".")
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"{'test' if stage == 'test' else 'validate'}_report.json"
@@ -185,6 +194,26 @@ class EvalReport(L.Callback):
         tmp.replace(path)
         log.info("%s report (%s)\n%s\nwritten to %s", stage, trainer.ckpt_path or "current weights",
                  _table(report, stage), path)
+        if failure is not None:
+            raise failure
+
+    def _certificate(self, trainer, pl_module, stage: str, metrics: dict) -> tuple[dict, Exception | None]:
+        """The bound, how it was computed, the certified accuracies and (test) the soundness checks."""
+        bound = lipschitz_bound(pl_module.net)
+        radii = pl_module.validation.certify_radii
+        certificate = {"lipschitz_bound": bound.value, "how": bound.describe(),
+                       "certified_acc": {names.radius_label(r): metrics.get(names.certified_acc(stage, r)) for r in radii}}
+        if stage != "test" or not self.certify_images:
+            return certificate, None
+        x, y = _first_images(trainer, self.certify_images)
+        certificate["checked_images"] = len(y)
+        try:
+            certificate["soundness"] = soundness_checks(pl_module.net, pl_module.attacker, x.to(pl_module.device),
+                                                        y.to(pl_module.device), radii, bound)
+        except CertificateError as err:
+            certificate["error"] = str(err)
+            return certificate, err
+        return certificate, None
 
 
 def _table(report: dict, stage: str) -> str:
@@ -205,6 +234,12 @@ def _table(report: dict, stage: str) -> str:
              for k, v in report["parameters"].items()]
     for key, value in report.get("honesty", {}).get("accuracy", {}).items():
         rows.append((f"honesty/{key}", f"{value:.4f}", ""))
+    certificate = report.get("certificate")
+    if certificate:
+        verdict = ("ERROR: " + certificate["error"] if "error" in certificate else
+                   f"soundness checks passed on {certificate['checked_images']} images" if "soundness" in certificate
+                   else "soundness checks not run")
+        rows.append(("certificate/lipschitz_bound", f"{certificate['lipschitz_bound']:.4f}", verdict))
     width = max(len(k) for k, _, _ in rows)
     return "\n".join(f"  {k:<{width}}  {v:>14}  {n}".rstrip() for k, v, n in rows)
 

@@ -44,11 +44,15 @@ class ValidationConfig:
     batches: validation batches attacked (the first ones of the unshuffled loader, so the same
         images every time); None attacks all of them.
     every_n_epochs: attack at validation every this many epochs.
+    certify_radii: L2 radii (pixel units) of the certified accuracy, for a network whose
+        Lipschitz bound sepnet.lipschitz can compose (every image, validation and test:
+        `<stage>/certified_acc/<radius>`, e.g. val/certified_acc/36_255).
     """
 
     attacks: list[AttackSpec] | None = None
     batches: int | None = 4
     every_n_epochs: int = 1
+    certify_radii: tuple[float, ...] = (36 / 255, 72 / 255, 108 / 255)
 
     def __post_init__(self) -> None:
         default = [AttackSpec(), AttackSpec(name="fgsm", step_size=AttackSpec.eps, random_start=False)]
@@ -57,6 +61,9 @@ class ValidationConfig:
             raise ValueError(f"validation.batches must be >= 0 or null, got {self.batches}")
         if self.every_n_epochs < 1:
             raise ValueError(f"validation.every_n_epochs must be >= 1, got {self.every_n_epochs}")
+        object.__setattr__(self, "certify_radii", tuple(float(r) for r in self.certify_radii))
+        if any(r <= 0 for r in self.certify_radii):
+            raise ValueError(f"validation.certify_radii must be > 0, got {list(self.certify_radii)}")
 
 
 def reduced_autoattack(spec: AttackSpec, square_queries: int = 1000, apgd_steps: int = 100) -> list[AttackSpec]:

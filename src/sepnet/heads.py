@@ -8,7 +8,7 @@ from typing import Sequence
 from torch import Tensor, nn
 
 from sepnet.convert import balanced_factorization
-from sepnet.layers import SeparableLinear
+from sepnet.layers import MaxMin, SeparableLinear
 
 __all__ = ["DenseHead", "SeparableHead", "HEADS", "classifier_shape"]
 
@@ -70,11 +70,13 @@ class SeparableHead(nn.Module):
         separable_classifier: make the last layer separable too (num_classes split into as many
             factors as there are modes; an error if it cannot be); else a dense Linear on the
             flattened last hidden features.
+        orthogonal: every separable layer orthogonal (1-Lipschitz), with MaxMin instead of ReLU
+            after the hidden ones (sepnet.lipschitz certifies such a head).
     """
 
     def __init__(self, in_shape: Sequence[int], num_classes: int,
                  hidden_shapes: Sequence[Sequence[int]] = (), rank: int = 1, dropout: float = 0.0,
-                 separable_classifier: bool = False) -> None:
+                 separable_classifier: bool = False, orthogonal: bool = False) -> None:
         super().__init__()
         shape = tuple(in_shape)
         layers: list[nn.Module] = []
@@ -85,11 +87,12 @@ class SeparableHead(nn.Module):
                     f"hidden shape {list(out)} must have {len(shape)} modes like the features "
                     f"{list(shape)}"
                 )
-            layers += [SeparableLinear(shape, out, rank), nn.ReLU(inplace=True), nn.Dropout(dropout)]
+            activation = MaxMin(dim=1) if orthogonal else nn.ReLU(inplace=True)
+            layers += [SeparableLinear(shape, out, rank, orthogonal=orthogonal), activation, nn.Dropout(dropout)]
             shape = out
         if separable_classifier:
             classes = classifier_shape(num_classes, len(shape))
-            layers += [SeparableLinear(shape, classes, rank), nn.Flatten()]
+            layers += [SeparableLinear(shape, classes, rank, orthogonal=orthogonal), nn.Flatten()]
         else:
             layers += [nn.Flatten(), nn.Linear(math.prod(shape), num_classes)]
         self.layers = nn.Sequential(*layers)

@@ -24,6 +24,8 @@ __all__ = [
     "contraction_order",
     "nearest_kronecker",
     "kron_all",
+    "implied_core",
+    "MaxMin",
 ]
 
 
@@ -135,6 +137,16 @@ class SeparableLinear(FactorizedLayer):
         out_shape: feature shape of the output, one entry per input mode.
         rank: number of Kronecker terms summed (R).
         bias: add a learnable bias of shape `out_shape`.
+        orthogonal: keep every factor orthogonal or semi-orthogonal (Stiefel), through
+            torch.nn.utils.parametrizations.orthogonal (its matrix_exp map: the householder map
+            of torch 2.14 collapsed non-square factors to zero after one AdamW step), so that
+            the layer is 1-Lipschitz (L2):
+            for R = 1 the implied matrix is a Kronecker product of (semi-)orthogonal factors,
+            whose singular values are products of ones: spectral norm exactly 1, no
+            normalization. For R > 1 a sum of such products can reach norm R, so the layer is
+            divided by the *exact* spectral norm of its implied matrix, the largest singular
+            value of `implied_core` (same non-zero singular values, far smaller), recomputed
+            in every forward and differentiated through: spectral norm exactly 1 again.
     """
 
     def __init__(
@@ -143,6 +155,7 @@ class SeparableLinear(FactorizedLayer):
         out_shape: Sequence[int],
         rank: int = 1,
         bias: bool = True,
+        orthogonal: bool = False,
     ) -> None:
         super().__init__()
         self.in_shape = _as_shape(in_shape, "in_shape")
@@ -165,7 +178,12 @@ class SeparableLinear(FactorizedLayer):
         self._dense_is_cheap = built_matrix_pays(0, self.in_features * self.out_features, self.macs_per_row(), 1)
         # set by from_linear: relative Frobenius error of the Kronecker approximation
         self.approximation_error: float | None = None
+        self.orthogonal = orthogonal
         self.reset_parameters()
+        if orthogonal:
+            for term in self.factors:
+                for k in range(self.num_modes):
+                    nn.utils.parametrizations.orthogonal(term, str(k), orthogonal_map="matrix_exp")
 
     @property
     def in_features(self) -> int:
@@ -181,12 +199,19 @@ class SeparableLinear(FactorizedLayer):
 
     def reset_parameters(self) -> None:
         """Orthogonal factors (kappa = 1) scaled so the implied dense weight has the entry
-        variance of PyTorch's nn.Linear default, 1 / (3 fan_in); bias as in nn.Linear."""
+        variance of PyTorch's nn.Linear default, 1 / (3 fan_in) (orthogonal mode: unscaled,
+        the parametrization keeps them orthogonal); bias as in nn.Linear."""
         for term in self.factors:
-            for factor, scale in zip(term, self._factor_scales()):
-                nn.init.orthogonal_(factor)
+            for k, scale in enumerate(self._factor_scales()):
+                if nn.utils.parametrize.is_parametrized(term, str(k)):  # through its right inverse
+                    original = term.parametrizations[str(k)].original
+                    with torch.no_grad():
+                        setattr(term, str(k), nn.init.orthogonal_(torch.empty(
+                            self.out_shape[k], self.in_shape[k], dtype=original.dtype, device=original.device)))
+                    continue
+                nn.init.orthogonal_(term[k])
                 with torch.no_grad():
-                    factor.mul_(scale)
+                    term[k].mul_(scale)
         if self.bias is not None:
             bound = 1.0 / math.sqrt(self.in_features)
             nn.init.uniform_(self.bias, -bound, bound)
@@ -217,6 +242,8 @@ class SeparableLinear(FactorizedLayer):
             for k in self.order:
                 z = _mode_product(z, term[k].to(z.dtype), k)
             y = z if y is None else y + z
+        if self.orthogonal and self.rank > 1:
+            y = y / self.spectral_norm().to(y.dtype)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.reshape(*lead, *self.out_shape)
@@ -237,14 +264,32 @@ class SeparableLinear(FactorizedLayer):
         return self._dense_is_cheap and rows >= 4 * self.rank * self.num_modes
 
     def implied_weight(self) -> Tensor:
-        """The implied dense matrix (prod(out_shape), prod(in_shape)), for C-order flattening."""
-        return sum(kron_all(list(term)) for term in self.factors)
+        """The implied dense matrix (prod(out_shape), prod(in_shape)), for C-order flattening
+        (orthogonal mode, R > 1: divided by its spectral norm, as the forward is)."""
+        weight = sum(kron_all(list(term)) for term in self.factors)
+        return weight / self.spectral_norm() if self.orthogonal and self.rank > 1 else weight
+
+    def lipschitz_constant(self) -> float:
+        """The exact spectral norm of the layer as it computes (orthogonal mode: 1 up to float
+        rounding): R = 1, the product of the factors' largest singular values; R > 1, the
+        largest singular value of the (normalized) implied core."""
+        with torch.no_grad():
+            if self.rank == 1:
+                return math.prod(float(torch.linalg.matrix_norm(f.double(), ord=2)) for f in self.factors[0])
+            norm = torch.linalg.matrix_norm(implied_core(self, torch.float64), ord=2)
+            return float(norm / self.spectral_norm().double()) if self.orthogonal else float(norm)
+
+    def spectral_norm(self) -> Tensor:
+        """The exact spectral norm of the sum of Kronecker products (before any normalization):
+        the largest singular value of `implied_core(self)`, differentiable."""
+        with torch.autocast(self.factors[0][0].device.type, enabled=False):
+            return torch.linalg.matrix_norm(implied_core(self, torch.float64), ord=2).to(self.factors[0][0].dtype)
 
     def extra_repr(self) -> str:
         stored, dense = self.stored_parameters(), self.dense_parameters()
         return (
             f"in_shape={self.in_shape}, out_shape={self.out_shape}, rank={self.rank}, "
-            f"bias={self.bias is not None}, params={stored:,} (dense {dense:,}, "
+            f"bias={self.bias is not None}{', orthogonal' if self.orthogonal else ''}, params={stored:,} (dense {dense:,}, "
             f"{dense / stored:.1f}x smaller)"
         )
 
@@ -289,6 +334,25 @@ class FlatSeparableLinear(SeparableLinear):
             )
         y = super().forward(x.unflatten(-1, self.in_shape))
         return y.flatten(-self.num_modes) if self.num_modes > 1 else y
+
+
+# --------------------------------------------------------------------------- 1-Lipschitz activation
+class MaxMin(nn.Module):
+    """GroupSort with groups of 2 (Anil et al. 2019) along `dim`: each pair of channels becomes
+    (max, min). 1-Lipschitz and gradient-norm preserving (a permutation per input), unlike ReLU."""
+
+    def __init__(self, dim: int = 1) -> None:
+        super().__init__()
+        self.dim = dim
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.shape[self.dim] % 2:
+            raise ValueError(f"MaxMin needs an even size along dim {self.dim}, got shape {tuple(x.shape)}")
+        a, b = x.chunk(2, dim=self.dim)
+        return torch.cat([torch.maximum(a, b), torch.minimum(a, b)], dim=self.dim)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}"
 
 
 # --------------------------------------------------------------------------- Kronecker approximation
@@ -339,11 +403,32 @@ def nearest_kronecker(
     return factors, error
 
 
+def _span(matrices: list[Tensor]) -> Tensor:
+    """Orthonormal basis (detached) of the sum of the matrices' column spaces."""
+    q, _ = torch.linalg.qr(torch.cat([m.detach() for m in matrices], 1))
+    return q
+
+
+def implied_core(layer: "SeparableLinear", dtype: torch.dtype = torch.float64) -> Tensor:
+    """C = (kron B_k)^T W (kron A_k), with B_k / A_k orthonormal bases of the sum over terms of
+    the mode-k factors' column / row spaces: C has W's non-zero singular values and is a sum of
+    Kronecker products of (d_k x e_k) matrices, d_k <= min(O_k, R I_k), e_k <= min(I_k, R O_k).
+    For a head such as (512, 2, 2) -> (8, 8, 8) at rank 4 it is 512 x 128 instead of 512 x 2048,
+    and it has full structural rank where W does not. The bases are detached: the first-order
+    gradient of W's singular values is exact through C. (W without the orthogonal mode's
+    normalization.)"""
+    n = layer.num_modes
+    factors = [[f.to(dtype) for f in term] for term in layer.factors]
+    outs = [_span([term[k] for term in factors]) for k in range(n)]
+    ins = [_span([term[k].mT for term in factors]) for k in range(n)]
+    return sum(kron_all([outs[k].mT @ term[k] @ ins[k] for k in range(n)]) for term in factors)
+
+
 def kron_all(mats: Sequence[Tensor]) -> Tensor:
     """kron(mats[0], mats[1], ...): the implied matrix of one Kronecker term."""
-    out = mats[0]
+    out = mats[0].contiguous()
     for m in mats[1:]:
-        out = torch.kron(out, m)
+        out = torch.kron(out, m.contiguous())  # a parametrized factor may be a transposed view
     return out
 
 

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from sepnet.factorized import FactorizedLayer, factorized_layers
-from sepnet.layers import SeparableLinear, kron_all
+from sepnet.layers import SeparableLinear, implied_core, kron_all
 from sepnet.masks import masked_layers
 
 _DENSE_KAPPA_MAX_ELEMENTS = 2**22
@@ -225,26 +225,6 @@ def implied_nonzeros(layer: SeparableLinear) -> tuple[int, bool]:
     for rank 1, so sparsity compounds across modes; for rank > 1 the sum over terms bounds it."""
     per_term = [math.prod(int(f.count_nonzero()) for f in term) for term in layer.factors]
     return min(sum(per_term), layer.in_features * layer.out_features), layer.rank == 1
-
-
-def _span(matrices: list[Tensor]) -> Tensor:
-    """Orthonormal basis (detached) of the sum of the matrices' column spaces."""
-    q, _ = torch.linalg.qr(torch.cat([m.detach() for m in matrices], 1))
-    return q
-
-
-def implied_core(layer: SeparableLinear, dtype: torch.dtype = torch.float64) -> Tensor:
-    """C = (kron B_k)^T W (kron A_k), with B_k / A_k orthonormal bases of the sum over terms of
-    the mode-k factors' column / row spaces: C has W's non-zero singular values and is a sum of
-    Kronecker products of (d_k x e_k) matrices, d_k <= min(O_k, R I_k), e_k <= min(I_k, R O_k).
-    For a head such as (512, 2, 2) -> (8, 8, 8) at rank 4 it is 512 x 128 instead of 512 x 2048,
-    and it has full structural rank where W does not. The bases are detached: the first-order
-    gradient of W's singular values is exact through C."""
-    n = layer.num_modes
-    factors = [[f.to(dtype) for f in term] for term in layer.factors]
-    outs = [_span([term[k] for term in factors]) for k in range(n)]
-    ins = [_span([term[k].mT for term in factors]) for k in range(n)]
-    return sum(kron_all([outs[k].mT @ term[k] @ ins[k] for k in range(n)]) for term in factors)
 
 
 def structural_rank(layer: SeparableLinear, core: Tensor) -> int:

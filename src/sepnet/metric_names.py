@@ -29,3 +29,19 @@ def robust_acc(stage: str, label: str = WORST) -> str:
 def compression_term(name: str) -> str:
     """A compressor's training-time value (the dual pruning's lambda, violation, distillation)."""
     return f"train/{name}"
+
+
+def radius_label(radius: float) -> str:
+    """36/255 -> "36_255" (a whole number of 255ths), else the radius to 4 digits, "." as "p"
+    (0.05 -> "0p05": a module name cannot hold a dot)."""
+    steps = radius * 255
+    return f"{round(steps)}_255" if abs(steps - round(steps)) < 1e-6 else f"{radius:.4g}".replace(".", "p")
+
+
+def certified_acc(stage: str, radius: float) -> str:
+    """Share of images correct with a Lipschitz certificate at L2 `radius` (sepnet.lipschitz)."""
+    return f"{stage}/certified_acc/{radius_label(radius)}"
+
+
+def lipschitz_bound(stage: str) -> str:
+    return f"{stage}/lipschitz_bound"

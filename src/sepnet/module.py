@@ -19,6 +19,7 @@ from sepnet.attacks import AdversarialTraining, Attacker, AttackSpec, adversaria
 from sepnet.compress import compression_epoch_, compression_loss
 from sepnet.constraints import ConstraintConfig, SparsityTarget, constraint_loss, proximal_constraint_
 from sepnet.evaluation import ValidationConfig, reduced_autoattack, robust_masks, unique_labels
+from sepnet.lipschitz import certified_from_logits, lipschitz_bound, lipschitz_margin_loss
 from sepnet.measures import implied_nonzeros, parameter_counts, separable_layers
 from sepnet.network import NetworkConfig, build_network
 from sepnet.optimization import OptimizationConfig, build_optimization
@@ -121,6 +122,8 @@ class ImageClassifier(L.LightningModule):
             for stage in ("train", "val", "test")
         })
         self.robust_metrics = self._robust_metrics("val", self.val_attacks)
+        self.certified_metrics = self._certified_metrics()
+        self._margin_bound = self._lipschitz_margin_bound()
         self.test_attacks, self.test_images, self.test_cascade = [], 0, True
         self.configure_test_suite()
 
@@ -128,13 +131,44 @@ class ImageClassifier(L.LightningModule):
     def val_attacks(self) -> list[AttackSpec]:
         return self.validation.attacks
 
+    @property
+    def certifiable(self) -> bool:
+        """Whether the network has a Lipschitz bound (sepnet.lipschitz), hence certified accuracy."""
+        return len(self.certified_metrics) > 0
+
+    def _certified_metrics(self) -> nn.ModuleDict:
+        try:
+            lipschitz_bound(self.net)
+        except ValueError:
+            return nn.ModuleDict()
+        return nn.ModuleDict({f"{stage}_{names.radius_label(r)}": torchmetrics.MeanMetric()
+                              for stage in ("val", "test") for r in self.validation.certify_radii})
+
+    def _lipschitz_margin_bound(self) -> float | None:
+        """The constant bound the Lipschitz-margin loss uses (read once: no sync in the steps)."""
+        if self.adversarial.loss != "lipschitz_margin":
+            return None
+        try:
+            bound = lipschitz_bound(self.net)
+        except ValueError as err:
+            raise ValueError(f"adversarial.loss lipschitz_margin needs a network with a Lipschitz bound: {err}") from None
+        if not bound.fixed:
+            raise ValueError("adversarial.loss lipschitz_margin: the network's Lipschitz bound changes with its weights "
+                             "(a dense layer); expected orthogonal layers only (backbone lipmlp)")
+        return bound.value
+
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
 
     # ------------------------------------------------------------------ losses
     def training_step(self, batch, batch_idx: int) -> Tensor:
         x, y = batch
-        logits, task, extra, trained_on = adversarial_loss(self.net, self.attacker, self.adversarial, x, y)
+        if self._margin_bound is not None:  # certified training: no attack
+            logits, extra, trained_on = self.net(x), {}, x
+            task = lipschitz_margin_loss(logits, y, self.adversarial.margin_eps, self._margin_bound,
+                                         self.adversarial.margin_temperature)
+        else:
+            logits, task, extra, trained_on = adversarial_loss(self.net, self.attacker, self.adversarial, x, y)
         penalty, parts = constraint_loss(self.net, self.constraint)
         pruning, pruning_parts = compression_loss(self.net, trained_on, logits)
         loss = task + penalty + pruning
@@ -172,6 +206,13 @@ class ImageClassifier(L.LightningModule):
         self.metrics[f"{stage}_acc"](logits, y)
         self.log(names.loss(stage), nn.functional.cross_entropy(logits, y), sync_dist=True)
         self.log(names.acc(stage), self.metrics[f"{stage}_acc"])
+        if self.certifiable:  # every image: one forward, already done
+            bound = lipschitz_bound(self.net).value
+            for radius, mask in certified_from_logits(logits, y, self.validation.certify_radii, bound).items():
+                metric = self.certified_metrics[f"{stage}_{names.radius_label(radius)}"]
+                metric.update(mask.float())
+                self.log(names.certified_acc(stage, radius), metric)
+            self.log(names.lipschitz_bound(stage), bound, sync_dist=True)
         n = self._images_to_attack(batch_idx, stage, len(y))
         if n == 0:
             return

@@ -1,0 +1,194 @@
+"""Lipschitz certificates for networks of 1-Lipschitz layers.
+
+A network f whose logits are L-Lipschitz in L2 cannot change its prediction on x under any
+perturbation of L2 norm <= eps while the logit margin f_y(x) - max_{j != y} f_j(x) exceeds
+sqrt(2) L eps (Tsuzuku et al. 2018, "Lipschitz-margin training"): the certified accuracy at eps
+is the share of images that are correct with such a margin. It costs one forward pass and no
+attack can overstate it -- provided the bound L is right, which the soundness checks test and
+which fail loudly (`CertificateError`), never as a warning:
+- every layer's exact spectral norm is at most its claimed constant (x (1 + 1e-4));
+- an empirical lower bound of L (gradient-norm ascent) never exceeds the claimed L;
+- PGD-L2 and APGD-L2 at eps break no image certified at eps.
+
+`lipschitz_bound` composes the bound layer by layer: Normalize scales by 1 / min(std) (exact:
+a per-channel diagonal map), an orthogonal SeparableLinear by 1 (checked), a dense nn.Linear by
+its exact spectral norm, and MaxMin, ReLU, Flatten, Unflatten, Identity and Dropout (eval) by 1.
+Any other module has no bound here and the network gets no certificate.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from sepnet.guards import eval_mode
+from sepnet.heads import DenseHead, SeparableHead
+from sepnet.layers import MaxMin, SeparableLinear, implied_core
+from sepnet.network import Network, Normalize
+
+__all__ = ["CertificateError", "LipschitzBound", "lipschitz_bound", "certified_masks", "certified_from_logits",
+           "layer_norm_check", "empirical_lipschitz", "soundness_checks", "lipschitz_margin_loss"]
+
+NORM_TOLERANCE = 1e-4
+ONE_LIPSCHITZ = (nn.ReLU, nn.Flatten, nn.Unflatten, nn.Identity, nn.Dropout)
+
+
+class CertificateError(RuntimeError):
+    """A soundness check of a certificate failed: the certificate is void."""
+
+
+@dataclass
+class LipschitzBound:
+    """The network's L2 Lipschitz bound and how it was computed, one factor per layer."""
+
+    value: float
+    factors: list[tuple[str, str, float]] = field(default_factory=list)  # (module name, rule, constant)
+
+    def describe(self) -> str:
+        parts = [f"{name or 'input'} {rule} {constant:.7g}" for name, rule, constant in self.factors
+                 if constant != 1.0]
+        return f"product of per-layer L2 constants = {self.value:.7g} ({'; '.join(parts) or 'every layer 1'})"
+
+    @property
+    def fixed(self) -> bool:
+        """Whether training cannot change it (every weighted layer orthogonal): what the
+        Lipschitz-margin loss needs to use it as a constant."""
+        return all(rule.startswith("orthogonal") or rule in ("1 / min(std)",) or constant == 1.0
+                   and rule != "spectral norm" for _, rule, constant in self.factors)
+
+
+def _leaves(module: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
+    """The chain of layers in order: the Network's parts, heads and Sequential containers are opened."""
+    if isinstance(module, Network):
+        for part in ("normalize", "backbone", "head"):
+            yield from _leaves(getattr(module, part), f"{prefix}{part}")
+    elif isinstance(module, (DenseHead, SeparableHead)):
+        yield from _leaves(module.layers, f"{prefix}.layers")
+    elif isinstance(module, nn.Sequential):
+        for name, child in module.named_children():
+            yield from _leaves(child, f"{prefix}.{name}" if prefix else name)
+    else:
+        yield prefix, module
+
+
+def spectral_norm(weight: Tensor) -> float:
+    with torch.no_grad():
+        return float(torch.linalg.matrix_norm(weight.detach().double().flatten(1), ord=2))
+
+
+def lipschitz_bound(net: nn.Module) -> LipschitzBound:
+    """The L2 Lipschitz bound of a chain network (sepnet.network.Network or nn.Sequential);
+    ValueError naming the first layer that has none."""
+    bound = LipschitzBound(1.0)
+    for name, m in _leaves(net):
+        if isinstance(m, Normalize):
+            rule, constant = "1 / min(std)", 1.0 / float(m.std.min())
+        elif isinstance(m, SeparableLinear) and m.orthogonal:  # 1 up to float rounding: the measured one
+            rule, constant = "orthogonal separable, measured", m.lipschitz_constant()
+        elif type(m) is nn.Linear:
+            rule, constant = "spectral norm", spectral_norm(m.weight)
+        elif isinstance(m, (MaxMin, *ONE_LIPSCHITZ)):
+            rule, constant = type(m).__name__, 1.0
+        else:
+            raise ValueError(f"no Lipschitz bound for {name} ({type(m).__name__}): expected orthogonal separable "
+                             "layers, nn.Linear, Normalize, MaxMin, ReLU or reshaping layers")
+        bound.factors.append((name, rule, constant))
+        bound.value *= constant
+    return bound
+
+
+def layer_norm_check(net: nn.Module, tolerance: float = NORM_TOLERANCE, max_elements: int = 2 ** 24) -> list[dict]:
+    """Every orthogonal separable layer's exact spectral norm (SVD of its implied matrix, or of
+    `implied_core` where that matrix is too large), against its claimed 1; CertificateError if
+    one exceeds 1 + tolerance."""
+    rows = []
+    for name, m in _leaves(net):
+        if not (isinstance(m, SeparableLinear) and m.orthogonal):
+            continue
+        with torch.no_grad():
+            if m.in_features * m.out_features <= max_elements:
+                norm, how = spectral_norm(m.implied_weight()), "SVD of the implied matrix"
+            else:
+                core = implied_core(m) / (m.spectral_norm().double() if m.rank > 1 else 1.0)
+                norm, how = spectral_norm(core), "SVD of the implied core"
+        rows.append({"layer": name, "spectral_norm": norm, "how": how})
+        if norm > 1 + tolerance:
+            raise CertificateError(f"layer {name}: spectral norm {norm:.6f} > 1 + {tolerance:g}: the Lipschitz "
+                                   "bound is void")
+    return rows
+
+
+def empirical_lipschitz(net: nn.Module, x: Tensor, steps: int = 50, lr: float = 0.01) -> float:
+    """A lower bound of the network's L2 Lipschitz constant: the largest ||f(a) - f(b)|| / ||a - b||
+    found by gradient ascent from pairs (x, x + small noise), over the images given."""
+    with eval_mode(net), torch.enable_grad():
+        a = x.detach().clone().requires_grad_(True)
+        b = (x + 1e-2 * torch.randn_like(x)).detach().requires_grad_(True)
+        opt = torch.optim.Adam([a, b], lr=lr)
+        best = 0.0
+        for _ in range(steps):
+            ratio = (net(a) - net(b)).flatten(1).norm(dim=1) / (a - b).flatten(1).norm(dim=1).clamp_min(1e-12)
+            best = max(best, float(ratio.max()))
+            opt.zero_grad()
+            (-ratio.sum()).backward()
+            opt.step()
+    return best
+
+
+def certified_masks(net: nn.Module, x: Tensor, y: Tensor, radii: Sequence[float], bound: float) -> dict[float, Tensor]:
+    """Per radius, the images certified at it: correct with a logit margin > sqrt(2) bound radius."""
+    with eval_mode(net), torch.no_grad():
+        return certified_from_logits(net(x), y, radii, bound)
+
+
+def certified_from_logits(logits: Tensor, y: Tensor, radii: Sequence[float], bound: float) -> dict[float, Tensor]:
+    """`certified_masks` from eval-mode logits already computed."""
+    logits = logits.detach().float()
+    top2 = logits.topk(2, dim=-1)
+    correct = top2.indices[:, 0] == y
+    margin = logits.gather(1, y[:, None])[:, 0] - top2.values[:, 1]
+    return {r: correct & (margin > math.sqrt(2) * bound * r) for r in radii}
+
+
+def lipschitz_margin_loss(logits: Tensor, y: Tensor, eps: float, bound: float, temperature: float = 1.0) -> Tensor:
+    """Lipschitz-margin training (Tsuzuku et al. 2018): cross-entropy after adding sqrt(2) L eps
+    to every logit but the true one, so that training pushes the margins past the certified
+    radius eps; `temperature` divides the logits (a larger one, a softer hinge)."""
+    shifted = logits + math.sqrt(2) * bound * eps * (1 - nn.functional.one_hot(y, logits.shape[-1]).to(logits.dtype))
+    return nn.functional.cross_entropy(shifted / temperature, y)
+
+
+def soundness_checks(net: nn.Module, attacker, x: Tensor, y: Tensor, radii: Sequence[float],
+                     bound: LipschitzBound, attack_steps: int = 50) -> dict:
+    """The three checks of a certificate; CertificateError on the first that fails. Returns
+    their figures for the report."""
+    from sepnet.attacks import AttackSpec
+
+    report = {"layer_norms": layer_norm_check(net)}
+    lower = empirical_lipschitz(net, x[: min(len(x), 64)])
+    report["empirical_lipschitz_lower_bound"] = lower
+    if lower > bound.value * (1 + NORM_TOLERANCE):
+        raise CertificateError(f"empirical Lipschitz lower bound {lower:.6g} exceeds the claimed bound "
+                               f"{bound.value:.6g}: the certificate is void")
+    masks = certified_masks(net, x, y, radii, bound.value)
+    report["attacks_at_radius"] = {}
+    for r in radii:
+        certified = masks[r]
+        broken = {}
+        for name in ("pgd", "apgd_ce"):
+            spec = AttackSpec(name=name, norm="l2", eps=r, step_size=r / 4, steps=attack_steps, random_start=True)
+            if certified.any():
+                adv = attacker.generate(x[certified], y[certified], spec)
+                with eval_mode(net), torch.no_grad():
+                    broken[name] = int((net(adv).argmax(-1) != y[certified]).sum())
+            else:
+                broken[name] = 0
+        report["attacks_at_radius"][f"{r:.6g}"] = {"certified": int(certified.sum()), "broken": broken}
+        if any(broken.values()):
+            raise CertificateError(f"an L2 attack at radius {r:.4g} broke {max(broken.values())} of the "
+                                   f"{int(certified.sum())} images certified at it: the certificate is void")
+    return report

@@ -1,0 +1,137 @@
+"""Certified robustness: orthogonal separable layers, the network's Lipschitz bound, the
+certificate and its soundness checks (which fail loudly), the Lipschitz-margin loss."""
+
+import math
+
+import lightning as L
+import pytest
+import torch
+from torch import nn
+
+from sepnet.attacks import Attacker, AttackSpec
+from sepnet.data import DigitsDataModule
+from sepnet.layers import MaxMin, SeparableLinear
+from sepnet.lipschitz import (CertificateError, certified_masks, empirical_lipschitz, layer_norm_check,
+                              lipschitz_bound, lipschitz_margin_loss, soundness_checks)
+from sepnet.module import ImageClassifier
+from sepnet.network import build_network
+
+
+@pytest.mark.parametrize("in_shape,out_shape,rank", [
+    ((4, 6), (4, 6), 1), ((4, 6), (3, 5), 1), ((2, 3, 4), (4, 3, 2), 1), ((4, 6), (3, 5), 2), ((2, 3, 4), (4, 3, 2), 3)])
+def test_orthogonal_layer_singular_values(in_shape, out_shape, rank):
+    """R = 1: every non-zero singular value within 1e-5 of 1 (a Kronecker product of
+    (semi-)orthogonal factors), square or not. R > 1: the largest one is 1 (the layer is
+    divided by its exact spectral norm), not all of them: not an isometry."""
+    torch.manual_seed(0)
+    layer = SeparableLinear(in_shape, out_shape, rank=rank, orthogonal=True)
+    opt = torch.optim.AdamW(layer.parameters(), lr=0.05)
+    for _ in range(3):  # a few steps: the parametrization keeps the factors orthogonal
+        opt.zero_grad()
+        layer(torch.randn(8, *in_shape)).square().sum().backward()
+        opt.step()
+    s = torch.linalg.svdvals(layer.implied_weight().detach().double())
+    structural = math.prod(min(o, i) for o, i in zip(out_shape, in_shape))
+    if rank == 1:
+        assert (s[:structural] - 1).abs().max() < 1e-5
+    else:
+        assert abs(float(s[0]) - 1) < 1e-5 and float(s[-1]) < 1 - 1e-3
+    assert abs(layer.lipschitz_constant() - 1) < 1e-5
+    x = torch.randn(5, *in_shape)
+    expected = x.reshape(5, -1) @ layer.implied_weight().T + layer.bias.reshape(-1)
+    torch.testing.assert_close(layer(x).reshape(5, -1), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_maxmin_is_one_lipschitz_and_norm_preserving():
+    x = torch.randn(10, 6, 3)
+    y = MaxMin()(x)
+    torch.testing.assert_close(y.norm(), x.norm())
+    torch.testing.assert_close(y[:, :3], torch.maximum(x[:, :3], x[:, 3:]))
+    with pytest.raises(ValueError, match="even size along dim 1"):
+        MaxMin()(torch.randn(2, 5))
+
+
+def _lipmlp(**kwargs):
+    torch.manual_seed(0)
+    return build_network(10, (1, 8, 8), mean=(0.3,), std=(0.4,), backbone="lipmlp",
+                         backbone_kwargs={"hidden_shapes": [[16, 8, 8], [16, 8, 8]]}, **kwargs)
+
+
+def test_the_bound_composes_the_layers_and_the_normalization_exactly():
+    net = _lipmlp()
+    bound = lipschitz_bound(net)
+    assert bound.value == pytest.approx(1 / 0.4, rel=1e-5) and bound.fixed
+    assert "normalize 1 / min(std) 2.5" in bound.describe()
+    x = torch.rand(32, 1, 8, 8)
+    assert empirical_lipschitz(net, x) <= bound.value * (1 + 1e-4)
+    dense = build_network(10, (1, 8, 8), mean=(0.3,), std=(0.4,), backbone="mlp",
+                          backbone_kwargs={"hidden_shapes": [[4, 8, 8]], "dense": True}, head="dense")
+    linears = [m for m in dense.modules() if isinstance(m, nn.Linear)]
+    expected = math.prod(float(torch.linalg.matrix_norm(m.weight.detach(), ord=2)) for m in linears) / 0.4
+    bound = lipschitz_bound(dense)  # dense layers count by their exact norms, which training changes
+    assert bound.value == pytest.approx(expected, rel=1e-5) and not bound.fixed
+    with pytest.raises(ValueError, match=r"no Lipschitz bound for backbone.0 \(SeparableLinear\)"):
+        lipschitz_bound(build_network(10, (1, 8, 8), backbone="mlp"))  # not orthogonal: no certificate
+
+
+def _trained_lipmlp(epochs=6):
+    torch.manual_seed(0)
+    model = ImageClassifier(num_classes=10, image_shape=(1, 8, 8), mean=(0.3,), std=(0.4,),
+                            network={"backbone": "lipmlp", "backbone_kwargs": {"hidden_shapes": [[16, 8, 8], [16, 8, 8]]}},
+                            adversarial={"loss": "lipschitz_margin", "margin_eps": 0.1},
+                            optimization={"optimizer": "adamw", "lr": 0.01, "weight_decay": 0.0},
+                            validation={"batches": 0, "certify_radii": [0.05, 0.1]})
+    trainer = L.Trainer(max_epochs=epochs, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        enable_checkpointing=False, limit_val_batches=0)
+    dm = DigitsDataModule(batch_size=64)
+    trainer.fit(model, dm)
+    dm.setup()
+    x = torch.stack([dm.test_set[i][0] for i in range(len(dm.test_set))])
+    y = torch.tensor([int(dm.test_set[i][1]) for i in range(len(dm.test_set))])
+    return model.eval(), x, y
+
+
+def test_certified_images_survive_strong_l2_attacks_and_the_checks_pass():
+    model, x, y = _trained_lipmlp()
+    bound = lipschitz_bound(model.net)
+    masks = certified_masks(model.net, x, y, [0.05, 0.1], bound.value)
+    assert masks[0.05].float().mean() > 0.3 and masks[0.1].sum() <= masks[0.05].sum()
+    attacker = Attacker(model.net, (1, 8, 8), 10)
+    for name in ("pgd", "apgd_ce"):  # strong: many steps, restarts
+        spec = AttackSpec(name=name, norm="l2", eps=0.1, step_size=0.02, steps=100, restarts=3)
+        adv = attacker.generate(x[masks[0.1]], y[masks[0.1]], spec)
+        assert ((adv - x[masks[0.1]]).flatten(1).norm(dim=1) <= 0.1 + 1e-5).all()
+        assert (model.net(adv).argmax(-1) == y[masks[0.1]]).all(), name
+    report = soundness_checks(model.net, attacker, x, y, [0.05, 0.1], bound, attack_steps=20)
+    assert report["empirical_lipschitz_lower_bound"] <= bound.value
+    assert all(r["spectral_norm"] <= 1 + 1e-4 for r in report["layer_norms"])
+    assert report["attacks_at_radius"]["0.1"]["certified"] == int(masks[0.1].sum())
+
+
+def test_a_layer_that_is_not_lipschitz_makes_the_checks_fail(monkeypatch):
+    import sepnet.lipschitz as lipschitz
+
+    model, x, y = _trained_lipmlp(epochs=2)
+    layer = model.net.backbone[2]
+    nn.utils.parametrize.remove_parametrizations(layer.factors[0], "1")  # no longer kept orthogonal ...
+    with torch.no_grad():
+        layer.factors[0][1].mul_(3.0)  # ... and three times too large, still flagged orthogonal
+    bound = lipschitz_bound(model.net)  # measured: the bound itself stays honest
+    assert bound.value == pytest.approx(3 / 0.4, rel=1e-3)
+    with pytest.raises(CertificateError, match=r"layer backbone.2: spectral norm 3.0"):
+        layer_norm_check(model.net)
+    claimed = type(bound)(1 / 0.4, bound.factors)  # a certificate that trusted the flag instead ...
+    monkeypatch.setattr(lipschitz, "layer_norm_check", lambda net: [])  # ... and skipped the norm check
+    with pytest.raises(CertificateError, match="exceeds the claimed bound"):  # the empirical check catches it
+        soundness_checks(model.net, Attacker(model.net, (1, 8, 8), 10), x, y, [0.1], claimed)
+
+
+def test_the_margin_loss_shifts_the_wrong_logits_and_needs_a_fixed_bound():
+    logits, y = torch.zeros(2, 3), torch.tensor([0, 2])
+    loss = lipschitz_margin_loss(logits, y, eps=0.5, bound=2.0)
+    shift = math.sqrt(2) * 2.0 * 0.5
+    expected = -math.log(1 / (1 + 2 * math.exp(shift)))
+    assert float(loss) == pytest.approx(expected, rel=1e-5)
+    with pytest.raises(ValueError, match="lipschitz_margin needs a network with a Lipschitz bound"):
+        ImageClassifier(network={"backbone": "mlp"}, image_shape=(1, 8, 8), mean=(0.3,), std=(0.4,),
+                        adversarial={"loss": "lipschitz_margin"})

@@ -8,9 +8,10 @@ import pytest
 import torch
 from torch import nn
 
+from sepnet.activations import MaxMin
 from sepnet.attacks import Attacker, AttackSpec
 from sepnet.data import DigitsDataModule
-from sepnet.layers import MaxMin, SeparableLinear
+from sepnet.layers import SeparableLinear
 from sepnet.lipschitz import (CertificateError, certified_masks, empirical_lipschitz, layer_norm_check,
                               lipschitz_bound, lipschitz_margin_loss, soundness_checks)
 from sepnet.module import ImageClassifier

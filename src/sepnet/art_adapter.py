@@ -114,6 +114,11 @@ class FastClassifier(PyTorchClassifier):
         low_high = self.clip_values  # as Python floats, read once (not a numpy reduction an iteration)
         self.clip_range = None if low_high is None else (float(np.min(low_high[0])), float(np.max(low_high[1])))
 
+    @property
+    def takes_indices(self) -> bool:
+        """Whether `loss_gradient` may be given class indices instead of one-hot labels."""
+        return not self.soft_labels
+
     def _loss_value(self, logits: Tensor, y: Tensor) -> Tensor:
         if self.soft_labels:
             return nn.functional.kl_div(logits.log_softmax(-1), y.float(), reduction="sum")
@@ -159,11 +164,13 @@ class TensorPGD(ProjectedGradientDescentPyTorch):
         """x: inputs on the estimator's device; targets: one-hot labels (or probabilities)."""
         self._batch_id = 0
         best, fooled = None, None
+        # class indices once, for an estimator that takes them (FastClassifier), not an argmax an iteration
+        labels = targets.argmax(-1) if getattr(self.estimator, "takes_indices", False) else targets
         for _ in range(max(1, self.num_random_init)):  # no step writes into x: it starts as x itself
             adv, momentum = x, (torch.zeros_like(x) if self.decay is not None else None)
             for i in range(self.max_iter):
                 self._i_max_iter = i
-                adv = self._compute_pytorch(adv, x, targets, None, self.eps, self.eps_step,
+                adv = self._compute_pytorch(adv, x, labels, None, self.eps, self.eps_step,
                                             self.num_random_init > 0 and i == 0, momentum)
             if best is None:
                 best = adv
@@ -196,7 +203,9 @@ class TensorPGD(ProjectedGradientDescentPyTorch):
         return x_init + self._projection(x - x_init, eps, self.norm)
 
     def _compute_perturbation_pytorch(self, x, y, mask, momentum):
-        grad = torch.nan_to_num(self.estimator.loss_gradient(x=x, y=y), nan=0.0) * (-1 if self.targeted else 1)
+        grad = torch.nan_to_num_(self.estimator.loss_gradient(x=x, y=y), nan=0.0)  # in place: a fresh tensor
+        if self.targeted:
+            grad = -grad
         if mask is not None:
             grad = grad * (mask != 0)
         if self.decay is not None:  # momentum (MI-FGSM), in place as ART does

@@ -197,8 +197,10 @@ def n_fgsm(estimator: FastClassifier, x: Tensor, y: Tensor, spec: AttackSpec) ->
     [0, 1]); the larger, unclipped perturbation is what avoids fast FGSM's catastrophic
     overfitting. Linf only; use step_size = eps, as the paper does."""
     start = (x + torch.empty_like(x).uniform_(-2 * spec.eps, 2 * spec.eps)).clamp(0, 1)
-    # the estimator takes soft labels (KL to a one-hot target = cross-entropy, same gradient)
-    grad = estimator.loss_gradient(start, nn.functional.one_hot(y.long(), estimator.nb_classes).float())
+    # class indices where the estimator takes them; else soft labels (KL to a one-hot target =
+    # cross-entropy, the same gradient)
+    labels = y.long() if estimator.takes_indices else nn.functional.one_hot(y.long(), estimator.nb_classes).float()
+    grad = estimator.loss_gradient(start, labels)
     return (start + spec.step_size * grad.sign()).clamp(0, 1).detach()
 
 
@@ -230,6 +232,7 @@ class Attacker:
         self.num_classes = num_classes
         self.fast = fast
         self._estimators: dict[tuple, PyTorchClassifier] = {}
+        self._attacks: dict[tuple, object] = {}  # ART attack objects, per estimator, spec and batch size
 
     def estimator(self, device: torch.device, soft_labels: bool = False) -> PyTorchClassifier:
         key = (str(device), soft_labels)
@@ -252,11 +255,16 @@ class Attacker:
             return x.detach().clone()
         if spec.name in TRAINING_ATTACKS:
             with attack_guard(self.model):
-                estimator = self.estimator(x.device, soft_labels=True)  # always a FastClassifier
+                estimator = self.estimator(x.device, soft_labels=not self.fast)  # always a FastClassifier
                 return TRAINING_ATTACKS[spec.name](estimator, x.detach().float(), y, spec).to(x.dtype)
         with attack_guard(self.model):
             estimator = self.estimator(x.device, soft_labels=soft_targets is not None)
-            attack = ATTACKS[spec.name](estimator, spec, x.shape[0])
+            key = (id(estimator), spec, x.shape[0])
+            if spec.name not in ("fgsm", "pgd"):  # ART's other attacks keep state between calls: new ones
+                attack = ATTACKS[spec.name](estimator, spec, x.shape[0])
+            else:  # TensorPGD: built (its settings checked) once, not every training step
+                attack = self._attacks.setdefault(key, None) or ATTACKS[spec.name](estimator, spec, x.shape[0])
+                self._attacks[key] = attack
             labels = soft_targets if soft_targets is not None else y
             if isinstance(attack, TensorPGD) and isinstance(estimator, FastClassifier):
                 if soft_targets is None:
@@ -277,6 +285,8 @@ def adversarial_batch(attacker: Attacker, spec: AttackSpec, x: Tensor, y: Tensor
     n_adv = round(mix * x.shape[0])
     if n_adv == 0:
         return x
+    if n_adv == x.shape[0]:  # the whole batch: no copy into a new one
+        return attacker.generate(x, y, spec)
     return torch.cat([attacker.generate(x[:n_adv], y[:n_adv], spec), x[n_adv:]])
 
 

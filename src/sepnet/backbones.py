@@ -17,9 +17,10 @@ import torch
 import torchvision
 from torch import nn
 
+from sepnet.activations import MaxMin
 from sepnet.convert import separable_
 from sepnet.guards import eval_mode
-from sepnet.layers import MaxMin, SeparableLinear
+from sepnet.layers import SeparableLinear
 
 __all__ = ["Backbone", "BACKBONES", "build_backbone"]
 

@@ -288,6 +288,10 @@ class EpochLine(L.Callback):
         for key, label in ((names.acc("val"), "val acc"), (names.robust_acc("val"), "val worst case")):
             if key in metrics and (attacked or key == names.acc("val")):
                 parts.append(f"{label} {float(metrics[key]):.4f}")
+        radii = getattr(getattr(pl_module, "validation", None), "certify_radii", ())
+        if getattr(pl_module, "certifiable", False) and radii and names.certified_acc("val", radii[0]) in metrics:
+            parts.append(f"val certified {names.radius_label(radii[0])} "
+                         f"{float(metrics[names.certified_acc('val', radii[0])]):.4f}")
         parts.append(f"{time.perf_counter() - self._start:.0f} s")
         log.info(", ".join(parts))
 

@@ -7,8 +7,9 @@ from typing import Sequence
 
 from torch import Tensor, nn
 
+from sepnet.activations import MaxMin
 from sepnet.convert import balanced_factorization
-from sepnet.layers import MaxMin, SeparableLinear
+from sepnet.layers import SeparableLinear
 
 __all__ = ["DenseHead", "SeparableHead", "HEADS", "classifier_shape"]
 

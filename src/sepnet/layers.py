@@ -18,6 +18,10 @@ from torch import Tensor, nn
 
 from sepnet.factorized import FactorizedLayer, built_matrix_pays
 
+# the orthogonal mode's rank-R normalization is exact (an SVD of the implied core in every forward)
+# up to this many core entries, and R (the triangle inequality) above
+EXACT_NORM_MAX_ELEMENTS = 2 ** 18
+
 __all__ = [
     "SeparableLinear",
     "FlatSeparableLinear",
@@ -25,7 +29,6 @@ __all__ = [
     "nearest_kronecker",
     "kron_all",
     "implied_core",
-    "MaxMin",
 ]
 
 
@@ -146,7 +149,9 @@ class SeparableLinear(FactorizedLayer):
             normalization. For R > 1 a sum of such products can reach norm R, so the layer is
             divided by the *exact* spectral norm of its implied matrix, the largest singular
             value of `implied_core` (same non-zero singular values, far smaller), recomputed
-            in every forward and differentiated through: spectral norm exactly 1 again.
+            in every forward and differentiated through: spectral norm exactly 1 again. Where
+            that core is large (over EXACT_NORM_MAX_ELEMENTS entries) it is divided by R
+            instead: norm at most 1 (sound), possibly less.
     """
 
     def __init__(
@@ -276,12 +281,26 @@ class SeparableLinear(FactorizedLayer):
         with torch.no_grad():
             if self.rank == 1:
                 return math.prod(float(torch.linalg.matrix_norm(f.double(), ord=2)) for f in self.factors[0])
+            if self.core_elements() > EXACT_NORM_MAX_ELEMENTS:  # the triangle inequality's bound
+                bound = sum(math.prod(float(torch.linalg.matrix_norm(f.double(), ord=2)) for f in term)
+                            for term in self.factors)
+                return bound / self.rank if self.orthogonal else bound
             norm = torch.linalg.matrix_norm(implied_core(self, torch.float64), ord=2)
             return float(norm / self.spectral_norm().double()) if self.orthogonal else float(norm)
 
+    def core_elements(self) -> int:
+        """Entries of `implied_core(self)` (at most; its sides are bounded by the factors' spans)."""
+        rows = math.prod(min(o, self.rank * i) for o, i in zip(self.out_shape, self.in_shape))
+        cols = math.prod(min(i, self.rank * o) for o, i in zip(self.out_shape, self.in_shape))
+        return rows * cols
+
     def spectral_norm(self) -> Tensor:
-        """The exact spectral norm of the sum of Kronecker products (before any normalization):
-        the largest singular value of `implied_core(self)`, differentiable."""
+        """The spectral norm the orthogonal mode divides by (before any normalization): exactly,
+        the largest singular value of `implied_core(self)` (differentiable), where the core has
+        at most EXACT_NORM_MAX_ELEMENTS entries; above, the rank R, which bounds the norm of a
+        sum of R products of (semi-)orthogonal factors (the triangle inequality): sound, looser."""
+        if self.core_elements() > EXACT_NORM_MAX_ELEMENTS:
+            return self.factors[0][0].new_tensor(float(self.rank))
         with torch.autocast(self.factors[0][0].device.type, enabled=False):
             return torch.linalg.matrix_norm(implied_core(self, torch.float64), ord=2).to(self.factors[0][0].dtype)
 
@@ -334,25 +353,6 @@ class FlatSeparableLinear(SeparableLinear):
             )
         y = super().forward(x.unflatten(-1, self.in_shape))
         return y.flatten(-self.num_modes) if self.num_modes > 1 else y
-
-
-# --------------------------------------------------------------------------- 1-Lipschitz activation
-class MaxMin(nn.Module):
-    """GroupSort with groups of 2 (Anil et al. 2019) along `dim`: each pair of channels becomes
-    (max, min). 1-Lipschitz and gradient-norm preserving (a permutation per input), unlike ReLU."""
-
-    def __init__(self, dim: int = 1) -> None:
-        super().__init__()
-        self.dim = dim
-
-    def forward(self, x: Tensor) -> Tensor:
-        if x.shape[self.dim] % 2:
-            raise ValueError(f"MaxMin needs an even size along dim {self.dim}, got shape {tuple(x.shape)}")
-        a, b = x.chunk(2, dim=self.dim)
-        return torch.cat([torch.maximum(a, b), torch.minimum(a, b)], dim=self.dim)
-
-    def extra_repr(self) -> str:
-        return f"dim={self.dim}"
 
 
 # --------------------------------------------------------------------------- Kronecker approximation

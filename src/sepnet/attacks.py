@@ -263,8 +263,9 @@ class Attacker:
             if spec.name not in ("fgsm", "pgd"):  # ART's other attacks keep state between calls: new ones
                 attack = ATTACKS[spec.name](estimator, spec, x.shape[0])
             else:  # TensorPGD: built (its settings checked) once, not every training step
-                attack = self._attacks.setdefault(key, None) or ATTACKS[spec.name](estimator, spec, x.shape[0])
-                self._attacks[key] = attack
+                if key not in self._attacks:
+                    self._attacks[key] = ATTACKS[spec.name](estimator, spec, x.shape[0])
+                attack = self._attacks[key]
             labels = soft_targets if soft_targets is not None else y
             if isinstance(attack, TensorPGD) and isinstance(estimator, FastClassifier):
                 if soft_targets is None:

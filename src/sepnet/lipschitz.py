@@ -56,10 +56,9 @@ class LipschitzBound:
 
     @property
     def fixed(self) -> bool:
-        """Whether training cannot change it (every weighted layer orthogonal): what the
-        Lipschitz-margin loss needs to use it as a constant."""
-        return all(rule.startswith("orthogonal") or rule in ("1 / min(std)",) or constant == 1.0
-                   and rule != "spectral norm" for _, rule, constant in self.factors)
+        """Whether training cannot change it (no dense layer counted by its trained norm): what
+        the Lipschitz-margin loss needs to use it as a constant."""
+        return all(rule != "spectral norm" for _, rule, _ in self.factors)
 
 
 def _leaves(module: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:

@@ -206,8 +206,8 @@ class ImageClassifier(L.LightningModule):
         self.metrics[f"{stage}_acc"](logits, y)
         self.log(names.loss(stage), nn.functional.cross_entropy(logits, y), sync_dist=True)
         self.log(names.acc(stage), self.metrics[f"{stage}_acc"])
-        if self.certifiable:  # every image: one forward, already done
-            bound = lipschitz_bound(self.net).value
+        if self.certifiable:  # every image: one forward, already done; the bound once an epoch
+            bound = self._epoch_bound
             for radius, mask in certified_from_logits(logits, y, self.validation.certify_radii, bound).items():
                 metric = self.certified_metrics[f"{stage}_{names.radius_label(radius)}"]
                 metric.update(mask.float())
@@ -271,6 +271,11 @@ class ImageClassifier(L.LightningModule):
 
     def on_test_epoch_start(self) -> None:
         self._test_attacked = 0
+        self._epoch_bound = lipschitz_bound(self.net).value if self.certifiable else None
+
+    def on_validation_epoch_start(self) -> None:
+        """The Lipschitz bound for this evaluation (the weights do not change inside it)."""
+        self._epoch_bound = lipschitz_bound(self.net).value if self.certifiable else None
 
     def validation_step(self, batch, batch_idx: int) -> None:
         self._evaluate(batch, batch_idx, "val")

@@ -65,6 +65,11 @@ class Factorization(Compressor):
     def units(self, net: nn.Module, layers: list[tuple[str, nn.Module]]) -> list[Unit]:
         raise NotImplementedError
 
+    def check_choice(self, option: str, allowed: tuple[str, ...]) -> None:
+        """A one-line error when options[option] is not one of `allowed`."""
+        if self.options[option] not in allowed:
+            raise self.error(f"{option} {self.options[option]!r}; expected one of {list(allowed)}")
+
     def build(self, unit: Unit, rank: int) -> tuple[list[nn.Module], str]:
         """(one new layer per unit layer, the summary's text after "name: ")."""
         raise NotImplementedError

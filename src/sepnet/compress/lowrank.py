@@ -128,8 +128,7 @@ class LowRank(Factorization, name="lowrank", targets=(nn.Linear, nn.Conv2d)):
     defaults = {"rank": 8, "init": "random"}
 
     def units(self, net, layers):
-        if self.options["init"] not in ("random", "svd"):
-            raise self.error(f"init {self.options['init']!r}; expected 'random' or 'svd'")
+        self.check_choice("init", ("random", "svd"))
         return [Unit([(name, m)], lambda r, m=m: self._cost(m, r)) for name, m in layers]
 
     @staticmethod

@@ -14,8 +14,7 @@ class Separable(Factorization, name="separable", targets=(nn.Linear,)):
     defaults = {"modes": 2, "rank": 1, "init": "random"}
 
     def units(self, net, layers):
-        if self.options["init"] not in ("random", "from_linear"):
-            raise self.error(f"init {self.options['init']!r}; expected 'random' or 'from_linear'")
+        self.check_choice("init", ("random", "from_linear"))
         units = []
         for name, linear in layers:
             shapes = (mode_split(linear.in_features, self.options["modes"]),

@@ -238,8 +238,7 @@ class TT(Factorization, name="tt", targets=(nn.Linear,)):
     defaults = {"modes": 3, "rank": 8, "init": "random"}
 
     def units(self, net, layers):
-        if self.options["init"] not in ("random", "from_linear"):
-            raise self.error(f"init {self.options['init']!r}; expected 'random' or 'from_linear'")
+        self.check_choice("init", ("random", "from_linear"))
         units = []
         for name, linear in layers:
             modes = (mode_split(linear.in_features, self.options["modes"]),

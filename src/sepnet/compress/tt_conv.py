@@ -179,8 +179,7 @@ class TTConv(Factorization, name="tt_conv", targets=(nn.Conv2d,)):
 
     def units(self, net, layers):
         opts = self.options
-        if opts["init"] not in ("random", "from_conv"):
-            raise self.error(f"init {opts['init']!r}; expected 'random' or 'from_conv'")
+        self.check_choice("init", ("random", "from_conv"))
         units = []
         for name, conv in layers:
             if conv.groups != 1 or conv.padding_mode != "zeros":

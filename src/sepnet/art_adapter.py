@@ -25,11 +25,12 @@ from typing import Callable
 import art
 import numpy as np
 import torch
-from art.attacks.evasion import ProjectedGradientDescentPyTorch
+from art.attacks.evasion import AutoProjectedGradientDescent, ProjectedGradientDescentPyTorch, SquareAttack
 from art.estimators.classification import PyTorchClassifier
 from torch import Tensor, nn
 
-__all__ = ["ART_VERSION", "FastClassifier", "FloatLogits", "TensorPGD", "check_art_internals", "random_start"]
+__all__ = ["ART_VERSION", "FastClassifier", "FloatLogits", "TensorAPGD", "TensorPGD", "TensorSquare", "check_art_internals",
+           "random_start"]
 
 ART_VERSION = "1.20.1"
 # ART's private methods TensorPGD overrides or calls, with the parameters it relies on
@@ -236,3 +237,244 @@ class TensorPGD(ProjectedGradientDescentPyTorch):
             scale = torch.where(length == 0, 1, (eps / length).clamp(max=1.0))
             return (flat * scale).view_as(values)
         return ProjectedGradientDescentPyTorch._projection(values, eps, norm_p, suboptimal=suboptimal)
+
+
+# --------------------------------------------------------------------------- evaluation attacks
+def _forward(estimator, x: Tensor) -> Tensor:
+    """The estimator's model on a device tensor (channels-last for a FastClassifier's convnet)."""
+    layout = getattr(estimator, "_layout", None)
+    return estimator._model._model(x if layout is None else layout(x))
+
+
+def _class_indices(y, nb_classes: int, device) -> Tensor:
+    y = torch.as_tensor(y, device=device)
+    return y.argmax(-1) if y.dim() == 2 else y.long()
+
+
+def _apgd_loss(loss_type: str, logits: Tensor, y: Tensor) -> Tensor:
+    """ART's per-image APGD losses: cross-entropy, or the difference of logits ratio
+    -(z_y - z_i) / (z_1 - z_3), z_i the largest other logit (ART's formula, vectorized: ART
+    loops over the images in Python)."""
+    if loss_type == "cross_entropy":
+        return nn.functional.cross_entropy(logits, y, reduction="none")
+    top = logits.sort(dim=1).values
+    z_y = logits.gather(1, y[:, None])[:, 0]
+    z_i = torch.where(logits.argmax(1) != y, top[:, -1], top[:, -2])
+    return -(z_y - z_i) / (top[:, -1] - top[:, -3])
+
+
+class TensorAPGD(AutoProjectedGradientDescent):
+    """ART's AutoProjectedGradientDescent (Croce & Hein 2020) on device tensors: ART's iteration
+    (its step-size checkpoints, momentum 0.75, the conditions that halve the step and return to
+    the best point, its losses) with one forward-backward pass per iteration where ART makes
+    three passes (a gradient, then the loss of the new point apart, with parameter gradients
+    and numpy copies), and DLR vectorized where ART loops over images in Python.
+
+    One forward-backward per iteration is possible because the loss of the new point and the
+    gradient there come from the same pass; when a checkpoint sends an image back to its best
+    point, the gradient stored with that point is reused (the reference AutoAttack does the
+    same). The iterates are ART's.
+
+    What comes back differs from ART in one way, on purpose: ART returns the *last* iterate if
+    it fools the model and otherwise the random start, so an image fooled at some iterate and
+    recovered by the last one counts as robust; here it gets the last iterate that fooled the
+    model (the reference AutoAttack's rule). The robust set is therefore ART's or a subset of
+    it, never larger (`keep_best = False` gives ART's rule, for the equality tests).
+
+    `start`: as TensorPGD's, a function (shape, eps) -> the random start's perturbation."""
+
+    start: Callable[[tuple[int, ...], float], Tensor] | None = None
+    keep_best: bool = True
+
+    def __init__(self, estimator, *args, **kwargs) -> None:
+        self._source = estimator  # ART swaps the estimator for a stock one built around its model
+        super().__init__(estimator, *args, **kwargs)
+
+    def generate(self, x: np.ndarray, y: np.ndarray | None = None, **kwargs) -> np.ndarray:
+        """ART's numpy entry point (ART's AutoAttack calls it), on the tensor path; a `mask`
+        goes to ART's own iteration."""
+        if kwargs.get("mask") is not None:
+            return super().generate(x, y, **kwargs)
+        device = self._source._device
+        x_t = torch.as_tensor(x, device=device).float()
+        if y is None:
+            if self.targeted:
+                raise ValueError("Target labels `y` need to be provided for a targeted attack.")
+            y = self._source.predict(x, batch_size=self.batch_size).argmax(-1)
+        return self.generate_tensor(x_t, _class_indices(y, self._source.nb_classes, device)).cpu().numpy()
+
+    def _norm(self) -> float:
+        return np.inf if self.norm in ("inf", np.inf) else float(self.norm)
+
+    def _step_direction(self, grad: Tensor) -> Tensor:
+        norm, flat = self._norm(), grad.reshape(len(grad), -1)
+        if norm == np.inf:
+            return grad.sign()
+        order = 1 if norm == 1 else 2
+        return (flat / (flat.norm(p=order, dim=1, keepdim=True) + 1e-7)).view_as(grad)  # ART's tol
+
+    def _loss_grad(self, x: Tensor, y: Tensor, grad: bool) -> tuple[Tensor, Tensor | None, Tensor]:
+        """Per-image loss, the gradient of their mean (ART's reduction) and the predictions."""
+        x = x.detach().requires_grad_(grad)
+        with torch.set_grad_enabled(grad):
+            logits = _forward(self._source, x).float()
+            loss = _apgd_loss(self.loss_type, logits, y)
+            g = torch.autograd.grad(loss.mean(), x)[0] if grad else None
+        if g is not None and self.targeted:
+            g = -g
+        return loss.detach(), g, logits.detach().argmax(-1)
+
+    def _fooled(self, pred: Tensor, y: Tensor) -> Tensor:
+        return pred == y if self.targeted else pred != y
+
+    def generate_tensor(self, x: Tensor, y: Tensor) -> Tensor:
+        """x: images on the device; y: class indices (or one-hot), the targets if targeted."""
+        y = _class_indices(y, self._source.nb_classes, x.device)
+        x = x.detach()
+        x_adv = x.clone()
+        clip = self._source.clip_values
+        low, high = (0.0, 1.0) if clip is None else (float(np.min(clip[0])), float(np.max(clip[1])))
+        draw = self.start or (lambda shape, radius: random_start(shape, radius, self._norm(), x.device, x.dtype))
+        for _ in range(max(1, self.nb_random_init)):
+            with torch.no_grad():
+                robust = ~self._fooled(_forward(self._source, x_adv).argmax(-1), y)
+            if not bool(robust.any()):
+                break
+            idx = robust.nonzero().flatten()
+            x_init = x[idx]
+            start = (x_adv[idx] + draw(tuple(x_init.shape), float(self.eps))).clamp(low, high)
+            start = x_init + TensorPGD._projection(start - x_init, self.eps, self.norm)
+            out = torch.cat([self._run(s, xi, yi, low, high) for s, xi, yi in
+                             zip(start.split(self.batch_size), x_init.split(self.batch_size), y[idx].split(self.batch_size))])
+            x_adv[idx] = out
+        return x_adv
+
+    def _checkpoints(self) -> list[int]:
+        w = [0, 0.22]
+        while w[-1] + max(w[-1] - w[-2] - 0.03, 0.06) <= 1:
+            w.append(w[-1] + max(w[-1] - w[-2] - 0.03, 0.06))
+        return [math.ceil(p * self.max_iter) for p in w]
+
+    def _run(self, x_k: Tensor, x_init: Tensor, y: Tensor, low: float, high: float) -> Tensor:
+        """ART's APGD iteration on one batch from its start x_k; the adversarial batch back."""
+        start, checkpoints = x_k, self._checkpoints()
+        shape = (len(x_k),) + (1,) * (x_k.dim() - 1)
+        eta = torch.full(shape, float(self.eps_step), device=x_k.device)
+        count = torch.zeros(len(x_k), device=x_k.device)
+        project = lambda v: x_init + TensorPGD._projection(v - x_init, self.eps, self.norm)  # noqa: E731
+        loss_k, grad_k, pred = self._loss_grad(x_k, y, True)
+        fooled = self._fooled(pred, y)
+        found = torch.where(fooled.view(shape), x_k, start)  # the last iterate that fooled the model
+        for k in range(self.max_iter):
+            z = (x_k + eta * self._step_direction(grad_k)).clamp(low, high)
+            last = k == self.max_iter - 1
+            if k == 0:
+                x_next = project(z)
+                f_next, grad_next, pred = self._loss_grad(x_next, y, not last)
+                eta_prev, f_max_prev = eta.clone(), loss_k.clone()
+                f_max, x_max, x_max_prev = loss_k.clone(), x_k.clone(), x_init.clone()
+                grad_max = grad_k.clone()
+                better = f_next >= loss_k
+            else:
+                z = project(z)
+                x_next = project((x_k + 0.75 * (z - x_k) + 0.25 * (x_k - x_k_prev)).clamp(low, high))
+                f_next, grad_next, pred = self._loss_grad(x_next, y, not last)
+                better = f_next < f_max if self.targeted else f_next > f_max
+            now = self._fooled(pred, y)
+            found = torch.where(now.view(shape), x_next, found)
+            fooled |= now
+            if k > 0 and bool((f_next == 0).all()):  # ART's early exit
+                x_k = x_next
+                break
+            count += better
+            f_max = torch.where(better, f_next, f_max)
+            if k > 0:  # ART keeps x_init as the first best point's predecessor
+                x_max_prev = torch.where(better.view(shape), x_k, x_max_prev)
+            x_max = torch.where(better.view(shape), x_next, x_max)
+            if grad_next is not None:
+                grad_max = torch.where(better.view(shape), grad_next, grad_max)
+            x_k_prev, x_k, grad_k = x_k, x_next, grad_next
+            if k > 0 and k in checkpoints:
+                since = k - checkpoints[checkpoints.index(k) - 1]
+                back = (count < 0.75 * since) | ((eta_prev == eta).view(-1) & (f_max_prev == f_max))
+                eta = torch.where(back.view(shape), eta / 2, eta)
+                x_k = torch.where(back.view(shape), x_max, x_k)
+                x_k_prev = torch.where(back.view(shape), x_max_prev, x_k_prev)
+                if grad_k is not None:
+                    grad_k = torch.where(back.view(shape), grad_max, grad_k)
+                count.zero_()
+                eta_prev, f_max_prev = eta.clone(), f_max.clone()
+        if self.keep_best:
+            return found
+        with torch.no_grad():  # ART's rule: the last iterate if it fools the model, else the start
+            final = self._fooled(_forward(self._source, x_k).argmax(-1), y)
+        return torch.where(final.view(shape), x_k, start)
+
+
+class TensorSquare(SquareAttack):
+    """ART's Linf SquareAttack on device tensors, one forward pass per iteration where ART makes
+    three (it predicts every image to see which are still robust, then recomputes the margin of
+    the current points, then the candidates'): the current points' logits are kept, so only
+    the candidates are evaluated. The random draws are ART's own, from numpy's global generator
+    in ART's order (a few scalars an iteration; the Linf stripes once), so with the same numpy
+    seed the result is ART stock's. The L2 attack is ART's own iteration (`generate`)."""
+
+    def generate(self, x: np.ndarray, y: np.ndarray | None = None, **kwargs) -> np.ndarray:
+        if self.norm not in ("inf", np.inf) or y is None:
+            return super().generate(x, y, **kwargs)
+        device = self.estimator._device
+        x_t = torch.as_tensor(x, device=device).float()
+        return self.generate_tensor(x_t, _class_indices(y, self.estimator.nb_classes, device)).cpu().numpy()
+
+    def _logits(self, x: Tensor) -> Tensor:
+        with torch.no_grad():
+            return torch.cat([_forward(self.estimator, c).float() for c in x.split(self.batch_size)])
+
+    @staticmethod
+    def _margin(logits: Tensor, y: Tensor) -> Tensor:
+        """ART's loss: the true logit minus the second largest one."""
+        return logits.gather(1, y[:, None])[:, 0] - logits.topk(2, dim=1).values[:, 1]
+
+    def generate_tensor(self, x: Tensor, y: Tensor) -> Tensor:
+        """x: images (N, C, H, W) on the device; y: class indices (or one-hot)."""
+        if self.norm not in ("inf", np.inf):
+            return torch.as_tensor(self.generate(x.cpu().numpy(), y.cpu().numpy()), device=x.device)
+        y = _class_indices(y, self.estimator.nb_classes, x.device)
+        low, high = (float(np.min(self.estimator.clip_values[0])), float(np.max(self.estimator.clip_values[1])))
+        channels, height, width = x.shape[1:]
+        eps = self.eps
+        x = x.detach().float()
+        clean_logits = self._logits(x)
+        x_adv, logits = x.clone(), clean_logits.clone()
+
+        def candidates(idx: Tensor, new: Tensor) -> None:  # keep a candidate where the margin fell
+            new_logits = self._logits(new)
+            improved = self._margin(new_logits, y[idx]) - self._margin(logits[idx], y[idx]) < 0
+            x_adv[idx] = torch.where(improved.view(-1, 1, 1, 1), new, x_adv[idx])
+            logits[idx] = torch.where(improved[:, None], new_logits, logits[idx])
+
+        for _ in range(self.nb_restarts):
+            robust = logits.argmax(-1) == y
+            if not bool(robust.any()):
+                break
+            idx = robust.nonzero().flatten()
+            x_adv[idx], logits[idx] = x[idx], clean_logits[idx]  # ART restarts from the clean images
+            stripes = np.random.choice([-1, 1], size=(len(idx), channels, 1, width))
+            new = (x[idx].double() + eps * torch.as_tensor(stripes, device=x.device)).clamp(low, high).float()
+            candidates(idx, new)
+            for i in range(self.max_iter):
+                fraction = self._get_percentage_of_elements(i)
+                robust = logits.argmax(-1) == y
+                if not bool(robust.any()):
+                    break
+                idx = robust.nonzero().flatten()
+                tile = max(int(round(math.sqrt(fraction * height * width))), 1)
+                top, left = np.random.randint(0, height - tile), np.random.randint(0, width - tile)
+                signs = np.random.choice([-2 * eps, 2 * eps], size=[channels, 1, 1])
+                delta = torch.zeros((channels, height, width), dtype=torch.float64, device=x.device)
+                delta[:, top:top + tile, left:left + tile] = torch.as_tensor(signs, device=x.device)
+                x_init = x[idx]
+                new = torch.maximum(x_adv[idx].double() + delta, (x_init - eps).double())  # ART's float64 sum
+                new = torch.minimum(new, (x_init + eps).double()).clamp(low, high).float()
+                candidates(idx, new)
+        return x_adv

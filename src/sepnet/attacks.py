@@ -26,7 +26,7 @@ from art.estimators.classification import PyTorchClassifier
 from torch import Tensor, nn
 
 from sepnet import metric_names as names
-from sepnet.art_adapter import FastClassifier, FloatLogits, TensorPGD
+from sepnet.art_adapter import FastClassifier, FloatLogits, TensorAPGD, TensorPGD, TensorSquare
 from sepnet.guards import eval_mode
 
 __all__ = ["AttackSpec", "attack_guard", "eval_mode", "FastClassifier", "Attacker", "ATTACKS",
@@ -135,17 +135,28 @@ def _pgd(est, s, bs):
         num_random_init=s.restarts if s.random_start else 0, batch_size=bs, verbose=False)
 
 
+def _apgd_class(est) -> type:
+    """TensorAPGD / TensorSquare (ART's iterations on the device, sepnet.art_adapter) for a
+    FastClassifier; ART's stock classes for a stock estimator (`Attacker(fast=False)`, the
+    reference the benchmarks compare with)."""
+    return TensorAPGD if isinstance(est, FastClassifier) else AutoProjectedGradientDescent
+
+
+def _square_class(est) -> type:
+    return TensorSquare if isinstance(est, FastClassifier) else SquareAttack
+
+
 def _apgd(loss_type):
     def build(est, s, bs):
-        return AutoProjectedGradientDescent(
+        return _apgd_class(est)(
             est, norm=_NORMS[s.norm], eps=s.eps, eps_step=s.step_size, max_iter=s.steps,
             nb_random_init=s.restarts, batch_size=bs, loss_type=loss_type, verbose=False)
     return build
 
 
 def _square(est, s, bs):
-    return SquareAttack(est, norm=_NORMS[s.norm], max_iter=s.steps, eps=s.eps, p_init=0.8,
-                        nb_restarts=s.restarts, batch_size=bs, verbose=False)
+    return _square_class(est)(est, norm=_NORMS[s.norm], max_iter=s.steps, eps=s.eps, p_init=0.8,
+                              nb_restarts=s.restarts, batch_size=bs, verbose=False)
 
 
 def _autoattack(est, s, bs):
@@ -154,12 +165,12 @@ def _autoattack(est, s, bs):
     restarts), all untargeted."""
     norm = _NORMS[s.norm]
     attacks = [
-        AutoProjectedGradientDescent(est, norm=norm, eps=s.eps, eps_step=s.step_size, max_iter=100,
+        _apgd_class(est)(est, norm=norm, eps=s.eps, eps_step=s.step_size, max_iter=100,
                                      nb_random_init=5, batch_size=bs, loss_type=loss, verbose=False)
         for loss in ("cross_entropy", "difference_logits_ratio")
     ]
     attacks += [DeepFool(est, max_iter=100, epsilon=1e-3, nb_grads=10, batch_size=bs, verbose=False),
-                SquareAttack(est, norm=norm, max_iter=5000, eps=s.eps, p_init=0.8, nb_restarts=5,
+                _square_class(est)(est, norm=norm, max_iter=5000, eps=s.eps, p_init=0.8, nb_restarts=5,
                              batch_size=bs, verbose=False)]
     return AutoAttack(est, norm=norm, eps=s.eps, eps_step=s.step_size, attacks=attacks, batch_size=bs)
 
@@ -169,14 +180,14 @@ def _autoattack_standard(est, s, bs):
     restart), targeted APGD-DLR (AutoAttack(targeted=True) runs it against every other class,
     not only the top 9), Square (5000 queries). FAB-T has no ART implementation and is left out."""
     attacks = [
-        AutoProjectedGradientDescent(est, norm=_NORMS[s.norm], eps=s.eps, eps_step=s.step_size,
-                                     max_iter=100, nb_random_init=1, batch_size=bs,
-                                     loss_type="cross_entropy", verbose=False),
-        AutoProjectedGradientDescent(est, norm=_NORMS[s.norm], eps=s.eps, eps_step=s.step_size,
-                                     max_iter=100, nb_random_init=1, batch_size=bs, targeted=True,
-                                     loss_type="difference_logits_ratio", verbose=False),
-        SquareAttack(est, norm=_NORMS[s.norm], max_iter=5000, eps=s.eps, p_init=0.8,
-                     nb_restarts=1, batch_size=bs, verbose=False),
+        _apgd_class(est)(est, norm=_NORMS[s.norm], eps=s.eps, eps_step=s.step_size,
+                         max_iter=100, nb_random_init=1, batch_size=bs,
+                         loss_type="cross_entropy", verbose=False),
+        _apgd_class(est)(est, norm=_NORMS[s.norm], eps=s.eps, eps_step=s.step_size,
+                         max_iter=100, nb_random_init=1, batch_size=bs, targeted=True,
+                         loss_type="difference_logits_ratio", verbose=False),
+        _square_class(est)(est, norm=_NORMS[s.norm], max_iter=5000, eps=s.eps, p_init=0.8,
+                           nb_restarts=1, batch_size=bs, verbose=False),
     ]
     return AutoAttack(est, norm=_NORMS[s.norm], eps=s.eps, eps_step=s.step_size, attacks=attacks,
                       batch_size=bs, targeted=True)
@@ -203,6 +214,9 @@ def n_fgsm(estimator: FastClassifier, x: Tensor, y: Tensor, spec: AttackSpec) ->
     grad = estimator.loss_gradient(start, labels)
     return (start + spec.step_size * grad.sign()).clamp(0, 1).detach()
 
+
+# attacks the adapter runs on device tensors (for a FastClassifier); the rest go through ART's numpy
+TENSOR_ATTACKS = ("fgsm", "pgd", "apgd_ce", "apgd_dlr", "square")
 
 # training-only attacks: their examples are not inside the eps ball, so they never score a model
 TRAINING_ATTACKS: dict[str, Callable] = {"nfgsm": n_fgsm}
@@ -260,18 +274,21 @@ class Attacker:
         with attack_guard(self.model):
             estimator = self.estimator(x.device, soft_labels=soft_targets is not None)
             key = (id(estimator), spec, x.shape[0])
-            if spec.name not in ("fgsm", "pgd"):  # ART's other attacks keep state between calls: new ones
+            tensor_path = isinstance(estimator, FastClassifier) and spec.name in TENSOR_ATTACKS
+            if not tensor_path:  # ART's other attacks keep state between calls: new ones
                 attack = ATTACKS[spec.name](estimator, spec, x.shape[0])
-            else:  # TensorPGD: built (its settings checked) once, not every training step
+            else:  # the adapter's attacks keep none: built (their settings checked) once
                 if key not in self._attacks:
                     self._attacks[key] = ATTACKS[spec.name](estimator, spec, x.shape[0])
                 attack = self._attacks[key]
             labels = soft_targets if soft_targets is not None else y
-            if isinstance(attack, TensorPGD) and isinstance(estimator, FastClassifier):
+            if tensor_path and isinstance(attack, TensorPGD):
                 if soft_targets is None:
                     labels = nn.functional.one_hot(y.long(), self.num_classes).float()
                 adv = attack.generate_tensor(x.detach().float(), labels.detach().float())
                 return adv.to(x.dtype)  # projected onto the ball and clipped to [0, 1] in each iteration
+            if tensor_path:  # TensorAPGD, TensorSquare: class indices
+                adv = attack.generate_tensor(x.detach().float(), y.long())
             else:
                 adv = attack.generate(x.detach().float().cpu().numpy(), y=labels.detach().cpu().numpy())
         # minimum-perturbation attacks (DeepFool, CW) are unbounded: score them inside the ball;

@@ -160,7 +160,7 @@ def empirical_lipschitz(net: nn.Module, x: Tensor, steps: int = 50, lr: float = 
         best = 0.0
         for _ in range(steps):
             ratio = (net(a) - net(b)).flatten(1).norm(dim=1) / (a - b).flatten(1).norm(dim=1).clamp_min(1e-12)
-            best = max(best, float(ratio.max()))
+            best = max(best, float(ratio.detach().max()))
             opt.zero_grad()
             (-ratio.sum()).backward()
             opt.step()

@@ -3,6 +3,7 @@ of an adversarial-training epoch, and fast FGSM: ART's FastGradientMethod vs sep
 
     python benchmarks/attacks.py [--images 1024] [--batch 256]
     python benchmarks/attacks.py --overhead [--threads 1]      # the training step: sepnet / plain torch
+    python benchmarks/attacks.py --evaluation [--images 500]   # run.py test's suite: sepnet / ART stock / torchattacks
 
 A small CNN is first trained for two clean epochs on 10k images of ../shared/data/cifar10-jpeg so
 that adversarial accuracy means something; then PGD-10 Linf eps 8/255, step 2/255, random start,
@@ -162,6 +163,75 @@ def overhead(batches: list[int], repeats: int, models: list[str], attacks: list[
                       f"{med['plain']:9.1f} {med['sepnet'] / med['plain']:11.2f}x", flush=True)
 
 
+def evaluation_speed(images: int, batch: int, square_queries: int) -> None:
+    """`run.py test`'s default suite (PGD-10, APGD-CE, APGD-DLR, Square; Linf 8/255, a cascade:
+    each attack on the images the earlier ones left) on the compressor benchmark's dense VGG/4
+    (after its first fast-FGSM epoch; benchmarks/compressors.py trains it), with sepnet's
+    attacks, with ART stock (`Attacker(fast=False)`: stock estimator and ART's numpy APGD /
+    Square, sepnet's evaluation path until 2026-12-03 for those two) and with torchattacks (a
+    port of the reference AutoAttack code), on the same images: seconds per attack, and which
+    images each leaves robust."""
+    import numpy as np
+    from compressors import DENSE, dense_start_path  # noqa: E402 (benchmarks/ is the script's folder)
+    from reproduce import common_kwargs  # noqa: E402
+
+    from sepnet.evaluation import correct, reduced_autoattack, unique_labels
+    from sepnet.module import ImageClassifier
+
+    path = dense_start_path(argparse.Namespace(results="benchmarks/results/compressors.jsonl", dense_epochs=1), "vgg", 0)
+    if not path.is_file():
+        raise SystemExit(f"{path}: missing; expected the compressor benchmark's dense start "
+                         "(python benchmarks/compressors.py --model vgg --budget - --method dense --seed 0)")
+    module = ImageClassifier(network=DENSE["vgg"], **common_kwargs("vgg"))
+    module.net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    net = module.net.eval()
+    x, y = load("test", images)
+    eps = 8 / 255
+    suite = reduced_autoattack(AttackSpec(name="pgd", eps=eps, step_size=2 / 255, steps=10), square_queries)
+    labels = unique_labels(suite)
+    ta = [torchattacks.PGD(net, eps=eps, alpha=2 / 255, steps=10, random_start=True),
+          torchattacks.APGD(net, norm="Linf", eps=eps, steps=100, n_restarts=1, loss="ce", seed=0),
+          torchattacks.APGD(net, norm="Linf", eps=eps, steps=100, n_restarts=1, loss="dlr", seed=0),
+          torchattacks.Square(net, norm="Linf", eps=eps, n_queries=square_queries, n_restarts=1, p_init=0.8, seed=0)]
+    ours, stock = Attacker(net, (3, 32, 32), 10), Attacker(net, (3, 32, 32), 10, fast=False)
+    runners = {
+        "sepnet": [lambda a, b, s=s: ours.generate(a, b, s) for s in suite],
+        "ART stock": [lambda a, b, s=s: stock.generate(a, b, s) for s in suite],
+        "torchattacks": [lambda a, b, t=t: t(a, b) for t in ta],
+    }
+    for attacks in runners.values():  # warm-up: estimators built, kernels chosen
+        with eval_mode(net):
+            attacks[0](x[:8], y[:8])
+    clean = correct(net, x, y)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; dense VGG/4 ({path.name}), "
+          f"{images} test images, clean {float(clean.float().mean()):.3f}; suite {', '.join(labels)}, cascade, "
+          f"batch {batch}")
+    worst, seconds = {}, {}
+    for name, attacks in runners.items():
+        torch.manual_seed(0)
+        np.random.seed(0)
+        alive, seconds[name] = clean.clone(), {}
+        for label, attack in zip(labels, attacks):
+            begin = time.perf_counter()
+            todo = alive.nonzero().flatten()
+            with eval_mode(net):
+                for chunk in todo.split(batch):
+                    alive[chunk] = correct(net, attack(x[chunk], y[chunk]), y[chunk])
+            seconds[name][label] = time.perf_counter() - begin
+        worst[name] = alive
+    print(f"{'implementation':14} " + " ".join(f"{label:>10}" for label in labels) + f" {'total s':>8} "
+          f"{'vs ART':>7} {'vs t.a.':>8} {'robust':>7}")
+    total = {name: sum(v.values()) for name, v in seconds.items()}
+    for name in runners:
+        print(f"{name:14} " + " ".join(f"{seconds[name][label]:10.1f}" for label in labels) +
+              f" {total[name]:8.1f} {total['ART stock'] / total[name]:6.2f}x {total['torchattacks'] / total[name]:7.2f}x "
+              f"{float(worst[name].float().mean()):7.3f}")
+    for other in ("ART stock", "torchattacks"):
+        print(f"robust masks, sepnet vs {other}: both {int((worst['sepnet'] & worst[other]).sum())}, "
+              f"only sepnet {int((worst['sepnet'] & ~worst[other]).sum())}, "
+              f"only {other} {int((~worst['sepnet'] & worst[other]).sum())}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--images", type=int, default=1024)
@@ -173,7 +243,14 @@ def main() -> None:
     parser.add_argument("--models", nargs="*", default=["mlp", "vgg4"])
     parser.add_argument("--attacks", nargs="*", default=list(OVERHEAD_ATTACKS))
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--evaluation", action="store_true", help="run.py test's suite only: sepnet / ART / torchattacks")
+    parser.add_argument("--square-queries", type=int, default=1000)
     args = parser.parse_args()
+    if args.evaluation:
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        evaluation_speed(args.images, min(args.batch, 250), args.square_queries)
+        return
     if args.overhead:
         torch.set_num_threads(args.threads or 1)
         overhead(args.batches, args.repeats, args.models, args.attacks)

@@ -17,6 +17,11 @@ Sections (each ratio is against a baseline measured in the same run, on the same
    `--fit-minutes`, then `run.py test` with the worst-case suite on 1,000 test images;
 5. attacks: on that model, sepnet's PGD-10 vs torchattacks vs ART's stock estimator on 1,024
    test images: accuracy agreement and time ratios.
+7. sync: the training steps of tests/test_sync_free.py (fast FGSM, PGD, TRADES, N-FGSM, the
+   proximal and sparsity-target constraints, rank 2, HYDRA, dual pruning; RunWatch and
+   EpochLine on) through Lightning on the card, every non-logging step under
+   `torch.cuda.set_sync_debug_mode("error")`: per case "ok" or the first synchronizing call.
+   On the CPU (--tiny) the mode does nothing; the path runs.
 6. hours: every GPU cell of the compressor benchmark (conf/experiments/compressors/*.yaml,
    `benchmarks/compressors.py --write-configs`) built by the application's own CLI from its
    config with the card's trainer (conf/trainer/gpu.yaml) and trained for a few steps on the
@@ -298,6 +303,56 @@ class StepTimer(L.Callback):
                 self.seconds = (time.perf_counter() - self.start) / self.steps
 
 
+class SyncDebug(L.Callback):
+    """Every training step that does not log, from its batch start to its batch end (the other
+    callbacks' batch-end hooks included: this one goes last), under CUDA's sync debug mode
+    "error": a synchronizing call raises."""
+
+    def __init__(self, log_every: int) -> None:
+        self.log_every = log_every
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if (trainer.global_step + 1) % self.log_every != 0 and torch.cuda.is_available():
+            torch.cuda.set_sync_debug_mode("error")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.set_sync_debug_mode("default")
+
+
+def sync_section(device: torch.device, tiny: bool) -> dict:
+    """tests/test_sync_free.py's training steps on `device` under the sync debug mode (section 7)."""
+    import importlib.util
+
+    from sepnet.callbacks import EpochLine, RunWatch
+    from sepnet.data import DigitsDataModule
+
+    spec = importlib.util.spec_from_file_location("test_sync_free", REPO / "tests" / "test_sync_free.py")
+    cases = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cases)
+    result = {}
+    for case in cases.CASES:
+        model = cases.case_model(case)
+        data = DigitsDataModule(batch_size=32)
+        data.setup("fit")
+        # the batches already on the card (a loader's host-to-device copy is not the step's)
+        x, y = next(iter(data.train_dataloader()))
+        loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x.to(device), y.to(device)), batch_size=32)
+        trainer = L.Trainer(accelerator=device.type, devices=1, max_steps=4 if tiny else 12,
+                            log_every_n_steps=cases.LOG_EVERY, limit_val_batches=0, logger=False,
+                            enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                            callbacks=[RunWatch(), EpochLine(), SyncDebug(cases.LOG_EVERY)])
+        try:
+            trainer.fit(model, train_dataloaders=loader)
+            result[case] = "ok"
+        except RuntimeError as err:
+            result[case] = str(err).splitlines()[0]
+        finally:
+            if torch.cuda.is_available():
+                torch.cuda.set_sync_debug_mode("default")
+    return result
+
+
 def tiny_image_folder(root: Path, per_class: int = 8) -> Path:
     """A 10-class ImageFolder of random 32x32 JPEGs (train/ and test/), for the CPU check."""
     from PIL import Image
@@ -424,7 +479,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--fit-minutes", type=float, default=3.5)
     parser.add_argument("--test-images", type=int, default=1000)
     parser.add_argument("--work", default="gpu_run", help="folder for the run's logs and checkpoints")
-    parser.add_argument("--sections", default="layer,training,lightning,run,attacks",
+    parser.add_argument("--sections", default="layer,training,lightning,run,attacks,sync",
                         help="comma-separated sections to run (a rerun of the ones that failed; "
                              "hours: the GPU cells' estimated hours, not in the default)")
     parser.add_argument("--hours-limit-s", type=float, default=300,
@@ -470,6 +525,7 @@ def main(argv: list[str] | None = None) -> dict:
     result["run"], ckpt = run if run else (None, None)
     if ckpt is not None:
         result["attacks"] = section("attacks", lambda: attack_section(device, ckpt, args.tiny, data))
+    result["sync"] = section("sync", lambda: sync_section(device, args.tiny))
     result["hours"] = section("hours", lambda: hours_section(device, args.tiny, data, work, args.hours_limit_s))
     out.write_text(json.dumps(result, indent=2, default=str))
     print(json.dumps(result["environment"]))
@@ -477,7 +533,7 @@ def main(argv: list[str] | None = None) -> dict:
         print("layer", json.dumps(row))
     for row in result.get("training") or []:
         print("train", json.dumps(row))
-    for key in ("lightning", "run", "attacks", "hours", "errors", "section_seconds"):
+    for key in ("lightning", "run", "attacks", "sync", "hours", "errors", "section_seconds"):
         print(key, json.dumps(result.get(key)))
     return result
 

@@ -27,6 +27,8 @@ def test_gpu_script_tiny_runs_every_section(tmp_path, monkeypatch):
     assert run["test"]["test/robust_acc/worst"] <= run["test"]["test/robust_acc/pgd_linf"]
     attacks = result["attacks"]
     assert attacks["max_acc_difference"] <= 0.1 and attacks["sepnet_seconds"] > 0
+    assert result["sync"] == {case: "ok" for case in ("fgsm", "pgd", "trades", "nfgsm", "proximal", "rank2",
+                                                       "hydra", "deadwood")}
 
 
 def test_gpu_hours_section_times_the_cells_through_the_cli(tmp_path, monkeypatch):

@@ -42,7 +42,11 @@ class Counter(L.Callback):
         return counted
 
 
-def _model(case: str) -> ImageClassifier:
+CASES = ("fgsm", "pgd", "trades", "nfgsm", "proximal", "rank2", "hydra", "deadwood")
+
+
+def case_model(case: str) -> ImageClassifier:
+    """One training configuration of CASES (benchmarks/gpu.py runs them on the card too)."""
     attack = {"name": {"pgd": "pgd", "trades": "pgd", "nfgsm": "nfgsm"}.get(case, "fgsm"), "eps": 0.1,
               "step_size": 0.1, "steps": 3}
     network = {"backbone": "mlp", "backbone_kwargs": {"hidden_shapes": [[4, 8, 8]], "rank": 2 if case == "rank2" else 1}}
@@ -73,16 +77,16 @@ def count_syncs(model: ImageClassifier, monkeypatch, steps: int = 8) -> collecti
     return counter.calls
 
 
-@pytest.mark.parametrize("case", ["fgsm", "pgd", "trades", "nfgsm", "proximal", "rank2", "hydra", "deadwood"])
+@pytest.mark.parametrize("case", CASES)
 def test_no_host_sync_outside_logging_steps(case, monkeypatch):
-    calls = count_syncs(_model(case), monkeypatch)
+    calls = count_syncs(case_model(case), monkeypatch)
     off_logging = {k: n for k, n in calls.items() if (k[0] + 1) % LOG_EVERY != 0}
     assert off_logging == {}, off_logging
     assert sum(calls.values()) > 0  # the logging steps do read values: the counter works
 
 
 def test_the_sync_count_catches_an_item_put_back(monkeypatch):
-    model = _model("fgsm")
+    model = case_model("fgsm")
     step = model.training_step
 
     def with_item(batch, batch_idx):

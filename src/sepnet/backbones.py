@@ -18,9 +18,10 @@ import torchvision
 from torch import nn
 
 from sepnet.activations import MaxMin
-from sepnet.convert import separable_
+from sepnet.convert import balanced_factorization, separable_
 from sepnet.guards import eval_mode
 from sepnet.layers import SeparableLinear
+from sepnet.lipschitz_layers import OrthoConv2d, SeparablePointwise
 
 __all__ = ["Backbone", "BACKBONES", "build_backbone"]
 
@@ -67,6 +68,45 @@ def lipmlp(image_shape: Sequence[int], hidden_shapes: Sequence[Sequence[int]] = 
         shape = out
     head = {"separable": {"separable_classifier": True, "rank": rank, "orthogonal": True}}
     return Backbone(nn.Sequential(*layers), shape, head)
+
+
+def lipconvnet(image_shape: Sequence[int], widths: Sequence[int] = (16, 32, 64), depth: int = 1,
+               kernel_size: int = 3, pointwise: str = "dense", padding_mode: str = "circular") -> Backbone:
+    """A small 1-Lipschitz convnet (ConvNet-XS style, Boissin et al. 2025's AOC layers): per
+    stage an orthogonal k x k convolution and MaxMin, `depth` times, stages joined by an
+    invertible 2x2 space-to-depth (PixelUnshuffle: a permutation, norm 1) and an orthogonal 1x1
+    map to the next width; the RGB stem is an orthogonal k x k convolution.
+
+    pointwise: the 1x1 maps between stages, "dense" (orthogonal 1x1 convolutions) or
+        "separable" (their channel matrix a Kronecker product of orthogonal factors,
+        SeparablePointwise); the head follows: "dense" is an orthogonal Linear on the flattened
+        features, "separable" an orthogonal separable classifier.
+    Widths must be even (MaxMin pairs channels)."""
+    if pointwise not in ("dense", "separable"):
+        raise ValueError(f"lipconvnet pointwise {pointwise!r}: expected 'dense' or 'separable'")
+    if depth < 1 or not widths or any(w < 2 or w % 2 for w in widths):
+        raise ValueError(f"lipconvnet widths {list(widths)} and depth {depth}: expected even widths and depth >= 1")
+    channels, h, w = image_shape
+    layers: list[nn.Module] = []
+    for stage, width in enumerate(widths):
+        if stage == 0:
+            layers += [OrthoConv2d(channels, width, kernel_size, (h, w), padding_mode), MaxMin(dim=1)]
+        else:
+            if h % 2 or w % 2:
+                raise _TooSmall(f"a {h}x{w} map cannot be halved for stage {stage + 1}")
+            layers.append(nn.PixelUnshuffle(2))
+            channels, h, w = 4 * channels, h // 2, w // 2
+            if pointwise == "dense":
+                layers.append(OrthoConv2d(channels, width, 1, (h, w), padding_mode))
+            else:
+                layers.append(SeparablePointwise(balanced_factorization(channels, 2), balanced_factorization(width, 2)))
+            layers.append(MaxMin(dim=1))
+        layers += [m for _ in range(depth - (stage == 0))
+                   for m in (OrthoConv2d(width, width, kernel_size, (h, w), padding_mode), MaxMin(dim=1))]
+        channels = width
+    head = {"dense": {"orthogonal": True},
+            "separable": {"separable_classifier": True, "orthogonal": True}}
+    return Backbone(nn.Sequential(*layers), (channels, h, w), head)
 
 
 # --------------------------------------------------------------------------- VGG-16
@@ -155,6 +195,7 @@ class _TooSmall(ValueError):
 BACKBONES: dict[str, Callable[..., Backbone]] = {
     "mlp": mlp,
     "lipmlp": lipmlp,
+    "lipconvnet": lipconvnet,
     "vgg16": vgg16,
     "vit": vit,
     "resnet34": resnet34,

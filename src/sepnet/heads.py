@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from sepnet.activations import MaxMin
 from sepnet.convert import balanced_factorization
 from sepnet.layers import SeparableLinear
+from sepnet.lipschitz_layers import orthonormal_linear_
 
 __all__ = ["DenseHead", "SeparableHead", "HEADS", "classifier_shape"]
 
@@ -36,10 +37,13 @@ class DenseHead(nn.Module):
         hidden: widths of the hidden layers (VGG: [4096, 4096]; none for a linear head).
         dropout: dropout before each hidden and the classifier layer (VGG uses 0.5).
         pool: average-pool spatial dims first (ResNet style).
+        orthogonal: every Linear's weight its (semi-)orthogonal polar factor (BjorckOrthonormal:
+            norm at most 1), MaxMin instead of ReLU: a 1-Lipschitz head (sepnet.lipschitz
+            certifies it).
     """
 
     def __init__(self, in_shape: Sequence[int], num_classes: int, hidden: Sequence[int] = (),
-                 dropout: float = 0.0, pool: bool = False) -> None:
+                 dropout: float = 0.0, pool: bool = False, orthogonal: bool = False) -> None:
         super().__init__()
         in_shape = tuple(in_shape)
         layers: list[nn.Module] = []
@@ -49,9 +53,13 @@ class DenseHead(nn.Module):
         layers.append(nn.Flatten())
         width = math.prod(in_shape)
         for h in hidden:
-            layers += [nn.Linear(width, h), nn.ReLU(inplace=True), nn.Dropout(dropout)]
+            layers += [nn.Linear(width, h), MaxMin(dim=1) if orthogonal else nn.ReLU(inplace=True), nn.Dropout(dropout)]
             width = h
         layers.append(nn.Linear(width, num_classes))
+        if orthogonal:
+            for layer in layers:
+                if isinstance(layer, nn.Linear):
+                    orthonormal_linear_(layer)
         self.layers = nn.Sequential(*layers)
 
     def forward(self, features: Tensor) -> Tensor:

@@ -11,9 +11,12 @@ which fail loudly (`CertificateError`), never as a warning:
 - PGD-L2 and APGD-L2 at eps break no image certified at eps.
 
 `lipschitz_bound` composes the bound layer by layer: Normalize scales by 1 / min(std) (exact:
-a per-channel diagonal map), an orthogonal SeparableLinear by 1 (checked), a dense nn.Linear by
-its exact spectral norm, and MaxMin, ReLU, Flatten, Unflatten, Identity and Dropout (eval) by 1.
-Any other module has no bound here and the network gets no certificate.
+a per-channel diagonal map), an orthogonal SeparableLinear (or SeparablePointwise) by its
+measured norm (1 up to rounding), an orthogonal convolution (sepnet.lipschitz_layers) by its
+DFT norm, an orthogonally parametrized nn.Linear by its measured norm, a dense nn.Linear by its
+exact spectral norm, and MaxMin, ReLU, Flatten, Unflatten, PixelUnshuffle (a permutation),
+Identity and Dropout (eval) by 1. Any other module has no bound here and the network gets no
+certificate.
 """
 
 from __future__ import annotations
@@ -29,13 +32,24 @@ from sepnet.activations import MaxMin
 from sepnet.guards import eval_mode
 from sepnet.heads import DenseHead, SeparableHead
 from sepnet.layers import SeparableLinear, implied_core
+from sepnet.lipschitz_layers import BjorckOrthonormal, OrthoConv2d, SeparablePointwise
 from sepnet.network import Network, Normalize
 
 __all__ = ["CertificateError", "LipschitzBound", "lipschitz_bound", "certified_masks", "certified_from_logits",
            "layer_norm_check", "empirical_lipschitz", "soundness_checks", "lipschitz_margin_loss"]
 
 NORM_TOLERANCE = 1e-4
-ONE_LIPSCHITZ = (nn.ReLU, nn.Flatten, nn.Unflatten, nn.Identity, nn.Dropout)
+ONE_LIPSCHITZ = (nn.ReLU, nn.Flatten, nn.Unflatten, nn.Identity, nn.Dropout, nn.PixelUnshuffle, nn.PixelShuffle)
+
+
+def orthogonal_linear(m: nn.Module) -> bool:
+    """An nn.Linear whose weight is (semi-)orthogonal by construction: BjorckOrthonormal, or
+    torch's `parametrizations.orthogonal`, as its only parametrization."""
+    from torch.nn.utils.parametrizations import _Orthogonal  # the class torch's orthogonal() registers
+
+    return (isinstance(m, nn.Linear) and nn.utils.parametrize.is_parametrized(m, "weight")
+            and len(m.parametrizations.weight) == 1
+            and isinstance(m.parametrizations.weight[0], (BjorckOrthonormal, _Orthogonal)))
 
 
 class CertificateError(RuntimeError):
@@ -89,13 +103,19 @@ def lipschitz_bound(net: nn.Module) -> LipschitzBound:
             rule, constant = "1 / min(std)", 1.0 / float(m.std.min())
         elif isinstance(m, SeparableLinear) and m.orthogonal:  # 1 up to float rounding: the measured one
             rule, constant = "orthogonal separable, measured", m.lipschitz_constant()
+        elif isinstance(m, SeparablePointwise) and m.layer.orthogonal:
+            rule, constant = "orthogonal separable pointwise, measured", m.layer.lipschitz_constant()
+        elif isinstance(m, OrthoConv2d):
+            rule, constant = m.norm_rule, m.lipschitz_constant()
+        elif orthogonal_linear(m):
+            rule, constant = "orthogonal linear, measured", spectral_norm(m.weight)
         elif type(m) is nn.Linear:
             rule, constant = "spectral norm", spectral_norm(m.weight)
         elif isinstance(m, (MaxMin, *ONE_LIPSCHITZ)):
             rule, constant = type(m).__name__, 1.0
         else:
             raise ValueError(f"no Lipschitz bound for {name} ({type(m).__name__}): expected orthogonal separable "
-                             "layers, nn.Linear, Normalize, MaxMin, ReLU or reshaping layers")
+                             "layers or convolutions, nn.Linear, Normalize, MaxMin, ReLU or reshaping layers")
         bound.factors.append((name, rule, constant))
         bound.value *= constant
     return bound
@@ -103,33 +123,46 @@ def lipschitz_bound(net: nn.Module) -> LipschitzBound:
 
 def layer_norm_check(net: nn.Module, tolerance: float = NORM_TOLERANCE, max_elements: int = 2 ** 22,
                      power_iterations: int = 200) -> list[dict]:
-    """Every orthogonal separable layer's spectral norm, computed apart from the layer's own
-    bookkeeping, against its claimed 1; CertificateError if one exceeds 1 + tolerance.
-    R = 1: the product of the factors' largest singular values (SVDs; the singular values of a
+    """Every orthogonal layer's spectral norm, computed apart from the layer's own bookkeeping,
+    against its claimed 1; CertificateError if one exceeds 1 + tolerance. Convolutions: the DFT
+    norm (sepnet.lipschitz_layers; exact for circular padding, an upper bound for zeros);
+    orthogonal nn.Linear: the SVD. Separable layers, R = 1: the product of the factors' largest singular values (SVDs; the singular values of a
     Kronecker product are the products of the factors'), exact. R > 1: the SVD of the implied
     matrix, or of `implied_core` (same non-zero singular values), where either has at most
     `max_elements` entries; else power iteration on the layer itself (its forward and vector-
     Jacobian product, bias off), which approaches the norm from below: reported as such."""
     rows = []
     for name, m in _leaves(net):
-        if not (isinstance(m, SeparableLinear) and m.orthogonal):
+        m = m.layer if isinstance(m, SeparablePointwise) else m
+        if isinstance(m, OrthoConv2d):
+            norm, how = m.lipschitz_constant(), m.norm_rule
+        elif orthogonal_linear(m):
+            norm, how = spectral_norm(m.weight), "SVD of the weight (exact)"
+        elif not (isinstance(m, SeparableLinear) and m.orthogonal):
             continue
-        with torch.no_grad():
-            if m.rank == 1:
-                norm = math.prod(spectral_norm(f) for f in m.factors[0])
-                how = "product of the factors' SVD norms (exact)"
-            elif m.in_features * m.out_features <= max_elements:
-                norm, how = spectral_norm(m.implied_weight()), "SVD of the implied matrix (exact)"
-            elif m.core_elements() <= max_elements:
-                norm = spectral_norm(implied_core(m) / m.spectral_norm().double())
-                how = "SVD of the implied core (exact)"
-            else:
-                norm, how = _power_norm(m, power_iterations), f"power iteration, {power_iterations} steps (from below)"
+        else:
+            norm, how = _separable_norm(m, max_elements, power_iterations)
         rows.append({"layer": name, "spectral_norm": norm, "how": how})
         if norm > 1 + tolerance:
             raise CertificateError(f"layer {name}: spectral norm {norm:.6f} > 1 + {tolerance:g}: the Lipschitz "
                                    "bound is void")
     return rows
+
+
+def _separable_norm(m: SeparableLinear, max_elements: int, power_iterations: int) -> tuple[float, str]:
+    """An orthogonal SeparableLinear's spectral norm and how it was computed (layer_norm_check)."""
+    with torch.no_grad():
+        if m.rank == 1:
+            norm = math.prod(spectral_norm(f) for f in m.factors[0])
+            how = "product of the factors' SVD norms (exact)"
+        elif m.in_features * m.out_features <= max_elements:
+            norm, how = spectral_norm(m.implied_weight()), "SVD of the implied matrix (exact)"
+        elif m.core_elements() <= max_elements:
+            norm = spectral_norm(implied_core(m) / m.spectral_norm().double())
+            how = "SVD of the implied core (exact)"
+        else:
+            norm, how = _power_norm(m, power_iterations), f"power iteration, {power_iterations} steps (from below)"
+    return norm, how
 
 
 def _power_norm(layer: SeparableLinear, iterations: int) -> float:

@@ -1,0 +1,96 @@
+"""The certifiable convnet's layers: the DFT norm of a convolution against its explicit matrix,
+the orthogonal convolution, the separable 1x1 map, the Bjorck classifier, and `lipconvnet`
+end to end (its bound composed, every layer checked, an empirical lower bound below it)."""
+
+import pytest
+import torch
+from torch import nn
+
+from sepnet.lipschitz import empirical_lipschitz, layer_norm_check, lipschitz_bound
+from sepnet.lipschitz_layers import BjorckOrthonormal, OrthoConv2d, SeparablePointwise, circular_conv_norm
+from sepnet.network import build_network
+
+
+def _matrix(fn, shape, dtype=torch.float64):
+    """The explicit matrix of a linear map on tensors of `shape` (columns: images of the basis)."""
+    n = torch.tensor(shape).prod().item()
+    basis = torch.eye(n, dtype=dtype).reshape(n, *shape)
+    return fn(basis).reshape(n, -1).t()
+
+
+@pytest.mark.parametrize("padding_mode", ["circular", "zeros"])
+def test_the_dft_norm_of_a_convolution_against_its_explicit_matrix(padding_mode):
+    torch.manual_seed(0)
+    kernel = torch.randn(3, 2, 3, 3, dtype=torch.float64)
+    conv = lambda x: nn.functional.conv2d(  # noqa: E731
+        nn.functional.pad(x, (1, 1, 1, 1), mode="circular" if padding_mode == "circular" else "constant"), kernel)
+    exact = torch.linalg.matrix_norm(_matrix(conv, (2, 5, 6)), ord=2).item()
+    if padding_mode == "circular":  # exact on the map's own grid
+        assert circular_conv_norm(kernel, (5, 6)) == pytest.approx(exact, rel=1e-9)
+    else:  # an upper bound from the padded grid, and not a loose one
+        bound = circular_conv_norm(kernel, (7, 8))
+        assert exact <= bound * (1 + 1e-9) and bound < 1.3 * exact
+    with pytest.raises(ValueError, match="kernel 3x3 larger than the 2x2 map"):
+        circular_conv_norm(kernel, (2, 2))
+
+
+def test_the_orthogonal_convolution_is_an_isometry_with_circular_padding():
+    torch.manual_seed(0)
+    conv = OrthoConv2d(4, 4, 3, (6, 6))  # orthogonium computes in float32
+    with torch.no_grad():
+        matrix = _matrix(lambda x: conv(x) - conv(torch.zeros_like(x)), (4, 6, 6), torch.float32).double()
+    torch.testing.assert_close(matrix.t() @ matrix, torch.eye(144, dtype=torch.float64), atol=1e-5, rtol=0)
+    assert conv.lipschitz_constant() == pytest.approx(1.0, abs=1e-5)
+    with pytest.raises(ValueError, match="kernel_size 2: expected an odd size"):
+        OrthoConv2d(4, 4, 2, (6, 6))
+
+
+def test_the_separable_pointwise_map_is_a_1x1_convolution_by_the_kronecker_product():
+    torch.manual_seed(0)
+    layer = SeparablePointwise((2, 4), (4, 2))
+    x = torch.randn(3, 8, 5, 5)
+    weight = layer.layer.implied_weight().detach()  # (8, 8), out x in: the Kronecker product of the factors
+    expected = nn.functional.conv2d(x, weight[:, :, None, None], layer.layer.bias.reshape(-1))
+    torch.testing.assert_close(layer(x), expected, atol=1e-5, rtol=1e-5)
+    assert layer.layer.lipschitz_constant() == pytest.approx(1.0, abs=1e-5)
+
+
+def test_bjorck_gives_a_norm_at_most_one_and_a_gradient():
+    torch.manual_seed(0)
+    for shape in ((10, 300), (300, 10), (7, 7)):
+        weight = torch.randn(shape, requires_grad=True)
+        ortho = BjorckOrthonormal()(weight)
+        singular = torch.linalg.svdvals(ortho.double())
+        assert singular.max() <= 1 + 1e-6 and singular.min() > 0.999, shape
+        ortho.sum().backward()
+        assert weight.grad is not None and weight.grad.abs().sum() > 0
+    badly = torch.diag(torch.tensor([1.0, 1e-3]))  # ill-conditioned: not converged, still <= 1
+    assert torch.linalg.svdvals(BjorckOrthonormal(5)(badly)).max() <= 1 + 1e-6
+
+
+@pytest.mark.parametrize("pointwise", ["dense", "separable"])
+def test_lipconvnet_carries_a_bound_every_layer_checked(pointwise):
+    torch.manual_seed(0)
+    net = build_network(10, (3, 16, 16), mean=(0.5, 0.5, 0.5), std=(0.25, 0.5, 0.5), backbone="lipconvnet",
+                        backbone_kwargs={"widths": [4, 8, 16], "depth": 2, "pointwise": pointwise}, head=pointwise)
+    bound = lipschitz_bound(net)
+    assert bound.value == pytest.approx(4.0, rel=1e-4) and bound.fixed  # 1 / min(std), every layer 1
+    rules = bound.describe()
+    assert "orthogonal conv, DFT norm (exact)" in rules
+    assert ("orthogonal separable pointwise" in rules) == (pointwise == "separable")
+    rows = layer_norm_check(net)
+    kinds = [type(m).__name__ for m in net.modules()]
+    assert len(rows) == kinds.count("OrthoConv2d") + kinds.count("SeparablePointwise") + 1  # + the classifier
+    assert all(r["spectral_norm"] <= 1 + 1e-4 for r in rows)
+    x = torch.rand(16, 3, 16, 16)
+    assert net(x).shape == (16, 10)
+    assert empirical_lipschitz(net, x, steps=30) <= bound.value
+
+
+def test_lipconvnet_bad_options_say_what_was_expected():
+    with pytest.raises(ValueError, match=r"widths \[4, 7\] and depth 1: expected even widths"):
+        build_network(10, (3, 16, 16), backbone="lipconvnet", backbone_kwargs={"widths": [4, 7]})
+    with pytest.raises(ValueError, match="pointwise 'conv': expected 'dense' or 'separable'"):
+        build_network(10, (3, 16, 16), backbone="lipconvnet", backbone_kwargs={"pointwise": "conv"})
+    with pytest.raises(ValueError, match="cannot take images of shape"):
+        build_network(10, (3, 6, 6), backbone="lipconvnet", backbone_kwargs={"widths": [4, 8, 16]})

@@ -94,3 +94,33 @@ def test_lipconvnet_bad_options_say_what_was_expected():
         build_network(10, (3, 16, 16), backbone="lipconvnet", backbone_kwargs={"pointwise": "conv"})
     with pytest.raises(ValueError, match="cannot take images of shape"):
         build_network(10, (3, 6, 6), backbone="lipconvnet", backbone_kwargs={"widths": [4, 8, 16]})
+
+
+def test_the_certified_benchmark_records_a_line_per_run_and_skips_it_after(tmp_path, monkeypatch):
+    """benchmarks/certified.py's bookkeeping, with training and the data replaced by stand-ins:
+    one JSON line per run (the certificate's figures, the soundness checks' verdict), skipped on
+    a rerun, and the report's table and plot."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("certified_bench", repo / "benchmarks" / "certified.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    small = {"lipconvnet_dense": {"backbone": "lipconvnet", "head": "dense",
+                                  "backbone_kwargs": {"widths": [4, 8, 8], "depth": 1}}}
+    monkeypatch.setitem(bench.BUDGETS, "0.1M", small)
+    monkeypatch.setattr(bench, "train", lambda module, epochs, batch: (1.5, None))
+    torch.manual_seed(0)
+    monkeypatch.setattr(bench, "test_images", lambda: (torch.rand(64, 3, 32, 32), torch.randint(0, 10, (64,))))
+    results = tmp_path / "certified.jsonl"
+    args = ["--model", "lipconvnet_dense", "--epochs", "1", "--check-images", "16", "--results", str(results)]
+    bench.main(args)
+    (row,) = [json.loads(line) for line in results.read_text().splitlines()]
+    assert row["soundness"]["passed"] and row["lipschitz_bound"] == pytest.approx(1.0, abs=1e-4)
+    assert set(row["certified"]) == {"36/255", "72/255", "108/255"} and row["certified_curve"]["0/255"] >= row["certified"]["36/255"]
+    bench.main(args)  # done: skipped
+    assert len(results.read_text().splitlines()) == 1
+    bench.main(["--report", "--results", str(results), "--figure", str(tmp_path / "certified.png")])
+    assert (tmp_path / "certified.png").is_file()

@@ -3,9 +3,10 @@
 - `OrthoConv2d`: an orthogonal k x k convolution, stride 1, "same" circular padding, from
   orthogonium's AdaptiveOrthoConv2d (AOC; Boissin et al. 2025: BCOP x RKO, an explicit kernel
   kept orthogonal by its parametrization; MIT). Chosen over deel-torchlip's SpectralConv2d and
-  orthogonium's AOL on a measurement (BENCHMARKS.md, "Certified robustness"): AOC's norm is
-  1.00000 where SpectralConv2d's reshaped-kernel bound leaves 0.65 (a third of the capacity
-  lost), and it trains as fast as a plain convolution on the CPU (AOL: 1.5x slower).
+  orthogonium's AOL on a measurement (`benchmarks/certified.py --layers`, BENCHMARKS.md): AOC's
+  norm is exactly 1, where SpectralConv2d's normalization leaves 0.63 (a third of every margin
+  lost) and AOL's rescaling is at most 1 but only tight for an orthogonal kernel; AOC costs
+  1.25x a plain convolution's training step on the CPU, AOL and SpectralConv2d 1.07x.
 - `SeparablePointwise`: a 1x1 convolution whose channel matrix is a Kronecker product (channels
   split in modes, e.g. 256 = 16 x 16), an orthogonal SeparableLinear applied at every pixel: the
   separable method inside a convnet.

@@ -652,6 +652,29 @@ def test_certified_fit_then_test_reports_the_certificate_and_its_checks(tmp_path
     assert all(v["broken"] == {"pgd": 0, "apgd_ce": 0} for v in soundness["attacks_at_radius"].values())
 
 
+def test_ddp_certified_metric_and_bound_match_single_process(tmp_path):
+    """val/certified_acc and val/lipschitz_bound over 2 DDP processes equal one process's on the
+    same checkpoint (each rank certifies its half; the metric's sum runs over both)."""
+    certified = ["--model.network.backbone", "lipmlp", "--model.network.backbone_kwargs", '{"hidden_shapes": [[16, 8, 8]]}',
+                 "--model.adversarial", '{"loss": "lipschitz_margin", "margin_eps": 0.1}',
+                 "--model.optimization.optimizer", "adamw", "--model.optimization.lr", "0.01",
+                 "--model.validation.certify_radii", "[0.05, 0.1]", "--model.validation.batches", "0",
+                 "--model.constraint.sparsity_weight", "0", "--model.constraint.condition_weight", "0",
+                 "--trainer.limit_val_batches", "1.0", "--checkpoint.monitor", "val/certified_acc/0p05"]
+    run(["fit", *FAST, *certified, "--trainer.max_epochs", "2"], cwd=tmp_path)
+    ckpt = str(tmp_path / RUN0 / "checkpoints/last.ckpt")
+    run(["validate", *FAST, *certified, "--ckpt_path", ckpt], cwd=tmp_path)
+    single = json.loads((tmp_path / RUN0 / "validate_report.json").read_text())["metrics"]
+    (tmp_path / RUN0 / "validate_report.json").unlink()
+    ddp = ["--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu"]
+    run(["validate", *FAST, *certified, *ddp, "--ckpt_path", ckpt], cwd=tmp_path)
+    multi = json.loads((tmp_path / RUN0 / "validate_report.json").read_text())["metrics"]
+    assert single["val/certified_acc/0p05"] > 0  # a real figure, not two zeros
+    for key in ("val/acc", "val/certified_acc/0p05", "val/certified_acc/0p1"):
+        assert abs(single[key] - multi[key]) <= 1 / 180 + 1e-6, key  # 180 images: one may move
+    assert multi["val/lipschitz_bound"] == pytest.approx(single["val/lipschitz_bound"], rel=1e-6)
+
+
 def test_robust_evaluation_every_other_epoch_keeps_the_best_checkpoint(tmp_path, monkeypatch):
     # the monitored worst case exists only on attacked epochs: the best is judged on those alone
     monkeypatch.chdir(tmp_path)

@@ -35,7 +35,7 @@ from torch import nn
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from reproduce import CIFAR_MEAN, train  # noqa: E402
+from reproduce import CIFAR_MEAN, CIFAR_STD, train  # noqa: E402
 
 from sepnet.attacks import Attacker  # noqa: E402
 from sepnet.lipschitz import CertificateError, certified_masks, lipschitz_bound, soundness_checks  # noqa: E402
@@ -66,7 +66,8 @@ BUDGETS = {
 
 def classifier(network: dict) -> ImageClassifier:
     return ImageClassifier(
-        num_classes=10, image_shape=(3, 32, 32), mean=CIFAR_MEAN, std=(1.0, 1.0, 1.0), network=network,
+        num_classes=10, image_shape=(3, 32, 32), mean=CIFAR_MEAN, std=CIFAR_STD,
+        network={**network, "scale_inputs": False},
         constraint={"condition_weight": 0.0, "sparsity_weight": 0.0, "proximal": False},
         optimization={"optimizer": "adamw", "lr": 5e-3, "weight_decay": 0.0, "scheduler": "cosine"},
         adversarial={"loss": "lipschitz_margin", "margin_eps": RADII[0], "margin_temperature": 0.25},

@@ -85,6 +85,11 @@ def test_lipconvnet_carries_a_bound_every_layer_checked(pointwise):
     x = torch.rand(16, 3, 16, 16)
     assert net(x).shape == (16, 10)
     assert empirical_lipschitz(net, x, steps=30) <= bound.value
+    centred = build_network(10, (3, 16, 16), mean=(0.5, 0.5, 0.5), std=(0.25, 0.5, 0.5), backbone="lipconvnet",
+                            backbone_kwargs={"widths": [4, 8, 16], "pointwise": pointwise}, head=pointwise,
+                            scale_inputs=False)  # the mean only: the bound is the layers' own
+    assert lipschitz_bound(centred).value == pytest.approx(1.0, abs=1e-4)
+    torch.testing.assert_close(centred.normalize(x), x - 0.5)
 
 
 def test_lipconvnet_bad_options_say_what_was_expected():

@@ -58,19 +58,26 @@ def plan() -> list[tuple[str, str, int]]:
 
 
 class Curve(L.Callback):
-    """Validation accuracy and worst case after every epoch, with the seconds since the start."""
+    """Validation accuracy and worst case after every epoch, with the seconds since the start;
+    with `progress`, each point is also appended to that file as it comes (a resumed run reads
+    the earlier points back from it)."""
 
-    def __init__(self) -> None:
+    def __init__(self, progress: Path | None = None) -> None:
+        self.progress = progress
         self.points: list[dict] = []
-        self.start = time.perf_counter()
+        if progress is not None and progress.is_file():
+            self.points = [json.loads(line) for line in progress.read_text().splitlines() if line.strip()]
+        self.start = time.perf_counter() - (self.points[-1]["seconds"] if self.points else 0)
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         if trainer.sanity_checking:
             return
         metrics = trainer.callback_metrics
-        self.points.append({"epoch": trainer.current_epoch + 1, "seconds": round(time.perf_counter() - self.start),
-                            "val_acc": float(metrics[names.acc("val")]),
-                            "val_worst": float(metrics[names.robust_acc("val")])})
+        point = {"epoch": trainer.current_epoch + 1, "seconds": round(time.perf_counter() - self.start),
+                 "val_acc": float(metrics[names.acc("val")]), "val_worst": float(metrics[names.robust_acc("val")])}
+        self.points = [p for p in self.points if p["epoch"] < point["epoch"]] + [point]
+        if self.progress is not None:
+            self.progress.write_text("".join(json.dumps(p) + "\n" for p in self.points))
 
 
 def classifier(network: dict, constraint: dict, lr: float, adversarial: dict) -> ImageClassifier:
@@ -81,14 +88,22 @@ def classifier(network: dict, constraint: dict, lr: float, adversarial: dict) ->
                            validation={"batches": 4, "every_n_epochs": 1})
 
 
-def fit(model: ImageClassifier, epochs: int) -> tuple[float, list[dict], list[str]]:
-    """(seconds, the validation curve, RunWatch's warnings)."""
-    curve, watch = Curve(), RunWatch()
-    trainer = L.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
+def fit(model: ImageClassifier, epochs: int, resumable: Path | None = None) -> tuple[float, list[dict], list[str]]:
+    """(seconds, the validation curve, RunWatch's warnings). `resumable`: a folder for the
+    run's last checkpoint (after every epoch) and its curve so far; a run stopped midway goes on
+    from there when started again (the seconds are then those of this start only)."""
+    curve, watch = Curve(None if resumable is None else resumable / "curve.jsonl"), RunWatch()
+    callbacks: list[L.Callback] = [curve, watch]
+    last = None
+    if resumable is not None:
+        resumable.mkdir(parents=True, exist_ok=True)
+        callbacks.append(L.pytorch.callbacks.ModelCheckpoint(dirpath=resumable, save_last=True, save_top_k=0))
+        last = resumable / "last.ckpt"
+    trainer = L.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_checkpointing=resumable is not None,
                         enable_progress_bar=False, enable_model_summary=False, inference_mode=False,
-                        num_sanity_val_steps=0, callbacks=[curve, watch])
+                        num_sanity_val_steps=0, callbacks=callbacks)
     start = time.perf_counter()
-    trainer.fit(model, datamodule(128))
+    trainer.fit(model, datamodule(128), ckpt_path=str(last) if last is not None and last.is_file() else None)
     return time.perf_counter() - start, curve.points, sorted(watch.warned)
 
 
@@ -135,10 +150,13 @@ def run_cell(budget: str, method: str, seed: int, epochs: int, results: Path, ad
 
 
 def pilot(epochs: int, results: Path, figures: Path) -> None:
-    """The dense model for `epochs` epochs, its validation curve recorded and plotted."""
+    """The dense model for `epochs` epochs, its validation curve recorded and plotted; a stopped
+    pilot resumes from its last epoch (benchmarks/results/converged_pilot_e<N>/)."""
     path = results.with_name("compressors_converged_pilot.jsonl")
     torch.manual_seed(0)
-    seconds, curve, warnings = fit(classifier(DENSE["vgg"], {}, 0.05, {"loss": "at", "attack": ATTACK}), epochs)
+    resumable = results.with_name(f"converged_pilot_e{epochs}")  # git-ignored: its checkpoint and curve so far
+    seconds, curve, warnings = fit(classifier(DENSE["vgg"], {}, 0.05, {"loss": "at", "attack": ATTACK}), epochs,
+                                   resumable)
     with path.open("a") as f:
         f.write(json.dumps({"epochs": epochs, "train_seconds": seconds, "curve": curve, "watch": warnings}) + "\n")
     plot_curves([{"method": f"dense pilot ({epochs} epochs)", "seed": 0, "curve": curve}], figures / "converged_pilot.png")

@@ -337,6 +337,32 @@ def test_lowrank_cells_meet_their_budgets_and_the_converged_plan_pairs_by_seed(c
     assert "ttconv_tt - magnitude: s0 +0.050, s1 -0.030" in out and "ttconv_tt - hydra: s1 +0.120" in out
 
 
+
+def test_the_converged_pilot_resumes_its_curve_where_it_stopped(tmp_path):
+    """The pilot's curve is written as each epoch ends; a restarted pilot reads it back and goes
+    on (its training resumes from the last checkpoint in the same folder)."""
+    import sys
+    from types import SimpleNamespace
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    converged = _benchmark("converged")
+    progress = tmp_path / "curve.jsonl"
+
+    def epoch_end(curve, epoch, worst):
+        trainer = SimpleNamespace(sanity_checking=False, current_epoch=epoch - 1,
+                                  callback_metrics={"val/acc": torch.tensor(0.5), "val/robust_acc/worst": torch.tensor(worst)})
+        curve.on_validation_epoch_end(trainer, None)
+
+    first = converged.Curve(progress)
+    epoch_end(first, 1, 0.1)
+    epoch_end(first, 2, 0.2)  # ... then the run stops
+    again = converged.Curve(progress)
+    assert [p["epoch"] for p in again.points] == [1, 2]
+    epoch_end(again, 3, 0.3)
+    assert [json.loads(line)["val_worst"] for line in progress.read_text().splitlines()] == pytest.approx([0.1, 0.2, 0.3])
+    epoch_end(again, 3, 0.35)  # an epoch run again after a stop inside it replaces its point
+    assert [p["val_worst"] for p in again.points] == pytest.approx([0.1, 0.2, 0.35])
+
 RUN0 = Path("logs/default/version_0")
 TEST_FAST = ["--report.images", "32", "--report.honesty_images", "16", "--report.square_queries", "20"]
 

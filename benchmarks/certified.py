@@ -50,6 +50,12 @@ BUDGETS = {
                              "backbone_kwargs": {"widths": [16, 32, 64], "depth": 2, "pointwise": "dense"}},
         "lipconvnet_separable": {"backbone": "lipconvnet", "head": "separable",
                                  "backbone_kwargs": {"widths": [24, 48, 96], "depth": 2, "pointwise": "separable"}},
+        # the same, its classifier (96, 8, 8) -> (10, 1, 1): all channels to every class, each
+        # spatial mode pooled by one learned unit vector, where the default (1, 2, 5) maps all
+        # channels through a single row (the rows of 2026-12-03 above show that bottleneck)
+        "lipconvnet_separable_c10": {"backbone": "lipconvnet", "head": "separable",
+                                     "backbone_kwargs": {"widths": [24, 48, 96], "depth": 2, "pointwise": "separable"},
+                                     "head_kwargs": {"classifier_shape": [10, 1, 1]}},
         "lipmlp": {"backbone": "lipmlp", "head": "separable",
                    "backbone_kwargs": {"hidden_shapes": [[32, 32, 32], [32, 32, 32], [16, 16, 16]]}},
     },

@@ -129,3 +129,14 @@ def test_the_certified_benchmark_records_a_line_per_run_and_skips_it_after(tmp_p
     assert len(results.read_text().splitlines()) == 1
     bench.main(["--report", "--results", str(results), "--figure", str(tmp_path / "certified.png")])
     assert (tmp_path / "certified.png").is_file()
+
+
+def test_the_separable_classifier_shape_is_chosen_and_checked():
+    torch.manual_seed(0)
+    net = build_network(10, (3, 16, 16), backbone="lipconvnet", backbone_kwargs={"widths": [4, 8, 16], "pointwise": "separable"},
+                        head="separable", head_kwargs={"classifier_shape": [10, 1, 1]}, scale_inputs=False)
+    classifier = net.head.layers[0]
+    assert classifier.out_shape == (10, 1, 1) and [tuple(f.shape) for f in classifier.factors[0]] == [(10, 16), (1, 4), (1, 4)]
+    assert lipschitz_bound(net).value == pytest.approx(1.0, abs=1e-4) and net(torch.rand(2, 3, 16, 16)).shape == (2, 10)
+    with pytest.raises(ValueError, match=r"classifier_shape \[5, 2\]: expected 3 modes whose product is 10"):
+        build_network(10, (3, 16, 16), backbone="lipconvnet", head="separable", head_kwargs={"classifier_shape": [5, 2]})

@@ -81,11 +81,15 @@ class SeparableHead(nn.Module):
             flattened last hidden features.
         orthogonal: every separable layer orthogonal (1-Lipschitz), with MaxMin instead of ReLU
             after the hidden ones (sepnet.lipschitz certifies such a head).
+        classifier_shape: the separable classifier's output shape (product num_classes, as many
+            modes as the features), e.g. [10, 1, 1]: every class from all channels, each spatial
+            mode pooled by one learned vector; None splits num_classes over the modes ((1, 2, 5)).
     """
 
     def __init__(self, in_shape: Sequence[int], num_classes: int,
                  hidden_shapes: Sequence[Sequence[int]] = (), rank: int = 1, dropout: float = 0.0,
-                 separable_classifier: bool = False, orthogonal: bool = False) -> None:
+                 separable_classifier: bool = False, orthogonal: bool = False,
+                 classifier_shape: Sequence[int] | None = None) -> None:
         super().__init__()
         shape = tuple(in_shape)
         layers: list[nn.Module] = []
@@ -100,7 +104,10 @@ class SeparableHead(nn.Module):
             layers += [SeparableLinear(shape, out, rank, orthogonal=orthogonal), activation, nn.Dropout(dropout)]
             shape = out
         if separable_classifier:
-            classes = classifier_shape(num_classes, len(shape))
+            classes = _classifier_shape(num_classes, len(shape)) if classifier_shape is None else tuple(classifier_shape)
+            if math.prod(classes) != num_classes or len(classes) != len(shape):
+                raise ValueError(f"head classifier_shape {list(classes)}: expected {len(shape)} modes whose product is "
+                                 f"{num_classes} (the classes)")
             layers += [SeparableLinear(shape, classes, rank, orthogonal=orthogonal), nn.Flatten()]
         else:
             layers += [nn.Flatten(), nn.Linear(math.prod(shape), num_classes)]
@@ -109,5 +116,7 @@ class SeparableHead(nn.Module):
     def forward(self, features: Tensor) -> Tensor:
         return self.layers(features)
 
+
+_classifier_shape = classifier_shape  # the function, under a name the head's argument does not shadow
 
 HEADS: dict[str, type[nn.Module]] = {"dense": DenseHead, "separable": SeparableHead}

@@ -138,5 +138,8 @@ def test_the_separable_classifier_shape_is_chosen_and_checked():
     classifier = net.head.layers[0]
     assert classifier.out_shape == (10, 1, 1) and [tuple(f.shape) for f in classifier.factors[0]] == [(10, 16), (1, 4), (1, 4)]
     assert lipschitz_bound(net).value == pytest.approx(1.0, abs=1e-4) and net(torch.rand(2, 3, 16, 16)).shape == (2, 10)
+    same = build_network(10, (3, 16, 16), backbone="lipconvnet", backbone_kwargs={"widths": [4, 8, 16]},
+                         head="separable", head_kwargs={"classifier_shape": [-1, 1, 1]})  # -1: the classes
+    assert same.head.layers[0].out_shape == (10, 1, 1)
     with pytest.raises(ValueError, match=r"classifier_shape \[5, 2\]: expected 3 modes whose product is 10"):
         build_network(10, (3, 16, 16), backbone="lipconvnet", head="separable", head_kwargs={"classifier_shape": [5, 2]})

@@ -82,8 +82,9 @@ class SeparableHead(nn.Module):
         orthogonal: every separable layer orthogonal (1-Lipschitz), with MaxMin instead of ReLU
             after the hidden ones (sepnet.lipschitz certifies such a head).
         classifier_shape: the separable classifier's output shape (product num_classes, as many
-            modes as the features), e.g. [10, 1, 1]: every class from all channels, each spatial
-            mode pooled by one learned vector; None splits num_classes over the modes ((1, 2, 5)).
+            modes as the features; one -1 takes the classes the other modes leave, as in
+            reshape), e.g. [-1, 1, 1]: every class from all channels, each spatial mode pooled by
+            one learned vector; None splits num_classes over the modes ((1, 2, 5) for 10).
     """
 
     def __init__(self, in_shape: Sequence[int], num_classes: int,
@@ -105,6 +106,9 @@ class SeparableHead(nn.Module):
             shape = out
         if separable_classifier:
             classes = _classifier_shape(num_classes, len(shape)) if classifier_shape is None else tuple(classifier_shape)
+            if classes.count(-1) == 1:  # as in reshape: the mode that takes the classes the others leave
+                rest = math.prod(c for c in classes if c != -1)
+                classes = tuple(num_classes // rest if c == -1 and num_classes % rest == 0 else c for c in classes)
             if math.prod(classes) != num_classes or len(classes) != len(shape):
                 raise ValueError(f"head classifier_shape {list(classes)}: expected {len(shape)} modes whose product is "
                                  f"{num_classes} (the classes)")

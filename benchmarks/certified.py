@@ -10,7 +10,8 @@ Models (the same recipe for all: mean-only normalization, so the bound is the ne
 - lipconvnet_dense: orthogonal convolutions (orthogonium AOC), orthogonal 1x1 convolutions
   between stages, an orthogonal (Bjorck) dense classifier: the 1-Lipschitz dense model;
 - lipconvnet_separable: the same convolutions, the 1x1 maps and the classifier orthogonal-
-  separable (Kronecker factors), wider to spend the same budget;
+  separable (Kronecker factors), wider to spend the same budget; lipconvnet_separable_c10: the
+  same with a (10, 1, 1) classifier;
 - lipmlp: every layer orthogonal-separable, on the raw (C, H, W) image.
 Each run trains on the shared CIFAR-10 JPEG copy's 20k training images and reports, on the 10k
 test images: clean accuracy, certified accuracy at 36/255, 72/255, 108/255 (and the curve to
@@ -38,35 +39,33 @@ sys.path.insert(0, str(HERE))
 from reproduce import CIFAR_MEAN, CIFAR_STD, train  # noqa: E402
 
 from sepnet.attacks import Attacker  # noqa: E402
-from sepnet.lipschitz import CertificateError, certified_masks, lipschitz_bound, soundness_checks  # noqa: E402
+from sepnet.lipschitz import CertificateError, certified_from_logits, lipschitz_bound, soundness_checks  # noqa: E402
 from sepnet.module import ImageClassifier  # noqa: E402
 
 RESULTS = HERE / "results" / "certified.jsonl"
 RADII = (36 / 255, 72 / 255, 108 / 255)
 CURVE = tuple(r / 255 for r in range(0, 256, 12))
+
+
+def models(dense_widths: list[int], separable_widths: list[int], mlp_hidden: list[list[int]]) -> dict[str, dict]:
+    """One budget's networks: the convnet dense and separable (widths chosen to spend the same
+    parameters), the separable one again with a (10, 1, 1) classifier -- all channels to every
+    class, each spatial mode pooled by one learned unit vector, where the default (1, 2, 5) maps
+    all channels through a single row (BENCHMARKS.md shows that bottleneck) -- and lipmlp."""
+    def convnet(head: str, widths: list[int], **extra) -> dict:
+        return {"backbone": "lipconvnet", "head": head,
+                "backbone_kwargs": {"widths": widths, "depth": 2, "pointwise": head}, **extra}
+
+    return {"lipconvnet_dense": convnet("dense", dense_widths),
+            "lipconvnet_separable": convnet("separable", separable_widths),
+            "lipconvnet_separable_c10": convnet("separable", separable_widths,
+                                                head_kwargs={"classifier_shape": [10, 1, 1]}),
+            "lipmlp": {"backbone": "lipmlp", "head": "separable", "backbone_kwargs": {"hidden_shapes": mlp_hidden}}}
+
+
 BUDGETS = {
-    "0.1M": {
-        "lipconvnet_dense": {"backbone": "lipconvnet", "head": "dense",
-                             "backbone_kwargs": {"widths": [16, 32, 64], "depth": 2, "pointwise": "dense"}},
-        "lipconvnet_separable": {"backbone": "lipconvnet", "head": "separable",
-                                 "backbone_kwargs": {"widths": [24, 48, 96], "depth": 2, "pointwise": "separable"}},
-        # the same, its classifier (96, 8, 8) -> (10, 1, 1): all channels to every class, each
-        # spatial mode pooled by one learned unit vector, where the default (1, 2, 5) maps all
-        # channels through a single row (the rows of 2026-12-03 above show that bottleneck)
-        "lipconvnet_separable_c10": {"backbone": "lipconvnet", "head": "separable",
-                                     "backbone_kwargs": {"widths": [24, 48, 96], "depth": 2, "pointwise": "separable"},
-                                     "head_kwargs": {"classifier_shape": [10, 1, 1]}},
-        "lipmlp": {"backbone": "lipmlp", "head": "separable",
-                   "backbone_kwargs": {"hidden_shapes": [[32, 32, 32], [32, 32, 32], [16, 16, 16]]}},
-    },
-    "0.3M": {
-        "lipconvnet_dense": {"backbone": "lipconvnet", "head": "dense",
-                             "backbone_kwargs": {"widths": [32, 64, 128], "depth": 2, "pointwise": "dense"}},
-        "lipconvnet_separable": {"backbone": "lipconvnet", "head": "separable",
-                                 "backbone_kwargs": {"widths": [48, 96, 192], "depth": 2, "pointwise": "separable"}},
-        "lipmlp": {"backbone": "lipmlp", "head": "separable",
-                   "backbone_kwargs": {"hidden_shapes": [[64, 32, 32], [64, 32, 32], [64, 32, 32], [32, 16, 16]]}},
-    },
+    "0.1M": models([16, 32, 64], [24, 48, 96], [[32, 32, 32], [32, 32, 32], [16, 16, 16]]),
+    "0.3M": models([32, 64, 128], [48, 96, 192], [[64, 32, 32], [64, 32, 32], [64, 32, 32], [32, 16, 16]]),
 }
 
 
@@ -102,8 +101,6 @@ def run(budget: str, model: str, seed: int, epochs: int, check_images: int) -> d
     record = {"budget": budget, "model": model, "seed": seed, "epochs": epochs, "params": params,
               "train_seconds": seconds, "clean_acc": float((logits.argmax(-1) == y).float().mean()),
               "lipschitz_bound": bound.value, "bound_how": bound.describe(), "network": BUDGETS[budget][model]}
-    from sepnet.lipschitz import certified_from_logits
-
     curve = certified_from_logits(logits, y, CURVE, bound.value)
     record["certified_curve"] = {f"{r * 255:.0f}/255": float(m.float().mean()) for r, m in curve.items()}
     record["certified"] = {f"{r * 255:.0f}/255": float(m.float().mean())

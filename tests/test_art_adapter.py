@@ -97,7 +97,7 @@ def test_tensor_apgd_follows_art_stock_iteration_from_the_same_start(loss_type, 
     subset of ART's."""
     model = _model()
     torch.manual_seed(3)
-    x, y = torch.rand(32, 1, 8, 8), torch.randint(0, 10, (32,))
+    x = torch.rand(32, 1, 8, 8)
     y = model(x).argmax(-1)  # clean-correct, so every image is attacked
     p = np.inf if norm == "inf" else 2
     start = random_start(tuple(x.shape), eps, p, "cpu")

@@ -69,6 +69,11 @@ def check_art_internals() -> None:
                            "sepnet.art_adapter.FastClassifier must follow it")
 
 
+def norm_order(norm) -> float:
+    """An ART attack's `norm` setting as a number: np.inf for "inf" / np.inf, else float."""
+    return np.inf if norm in ("inf", np.inf) else float(norm)
+
+
 def random_start(shape: tuple[int, ...], eps: float, norm: float, device, dtype=torch.float32) -> Tensor:
     """A point drawn uniformly from the norm ball of radius eps, per sample (ART's
     `random_sphere` law), on the device: Linf uniform in the cube; L2 a uniform direction
@@ -186,7 +191,7 @@ class TensorPGD(ProjectedGradientDescentPyTorch):
         return best
 
     def _norm(self) -> float:
-        return np.inf if self.norm in ("inf", np.inf) else float(self.norm)
+        return norm_order(self.norm)
 
     def _clip(self, x: Tensor) -> Tensor:
         clip = getattr(self.estimator, "clip_range", None)
@@ -246,7 +251,7 @@ def _forward(estimator, x: Tensor) -> Tensor:
     return estimator._model._model(x if layout is None else layout(x))
 
 
-def _class_indices(y, nb_classes: int, device) -> Tensor:
+def _class_indices(y, device) -> Tensor:
     y = torch.as_tensor(y, device=device)
     return y.argmax(-1) if y.dim() == 2 else y.long()
 
@@ -301,10 +306,10 @@ class TensorAPGD(AutoProjectedGradientDescent):
             if self.targeted:
                 raise ValueError("Target labels `y` need to be provided for a targeted attack.")
             y = self._source.predict(x, batch_size=self.batch_size).argmax(-1)
-        return self.generate_tensor(x_t, _class_indices(y, self._source.nb_classes, device)).cpu().numpy()
+        return self.generate_tensor(x_t, _class_indices(y, device)).cpu().numpy()
 
     def _norm(self) -> float:
-        return np.inf if self.norm in ("inf", np.inf) else float(self.norm)
+        return norm_order(self.norm)
 
     def _step_direction(self, grad: Tensor) -> Tensor:
         norm, flat = self._norm(), grad.reshape(len(grad), -1)
@@ -329,7 +334,7 @@ class TensorAPGD(AutoProjectedGradientDescent):
 
     def generate_tensor(self, x: Tensor, y: Tensor) -> Tensor:
         """x: images on the device; y: class indices (or one-hot), the targets if targeted."""
-        y = _class_indices(y, self._source.nb_classes, x.device)
+        y = _class_indices(y, x.device)
         x = x.detach()
         x_adv = x.clone()
         clip = self._source.clip_values
@@ -362,9 +367,8 @@ class TensorAPGD(AutoProjectedGradientDescent):
         eta = torch.full(shape, float(self.eps_step), device=x_k.device)
         count = torch.zeros(len(x_k), device=x_k.device)
         project = lambda v: x_init + TensorPGD._projection(v - x_init, self.eps, self.norm)  # noqa: E731
-        loss_k, grad_k, pred = self._loss_grad(x_k, y, True)
-        fooled = self._fooled(pred, y)
-        found = torch.where(fooled.view(shape), x_k, start)  # the last iterate that fooled the model
+        loss_k, grad_k, _ = self._loss_grad(x_k, y, True)
+        found = start  # per image, the last iterate that fooled the model; the start if none did (ART's rule)
         for k in range(self.max_iter):
             z = (x_k + eta * self._step_direction(grad_k)).clamp(low, high)
             last = k == self.max_iter - 1
@@ -380,9 +384,7 @@ class TensorAPGD(AutoProjectedGradientDescent):
                 x_next = project((x_k + 0.75 * (z - x_k) + 0.25 * (x_k - x_k_prev)).clamp(low, high))
                 f_next, grad_next, pred = self._loss_grad(x_next, y, not last)
                 better = f_next < f_max if self.targeted else f_next > f_max
-            now = self._fooled(pred, y)
-            found = torch.where(now.view(shape), x_next, found)
-            fooled |= now
+            found = torch.where(self._fooled(pred, y).view(shape), x_next, found)
             if k > 0 and bool((f_next == 0).all()):  # ART's early exit
                 x_k = x_next
                 break
@@ -424,7 +426,7 @@ class TensorSquare(SquareAttack):
             return super().generate(x, y, **kwargs)
         device = self.estimator._device
         x_t = torch.as_tensor(x, device=device).float()
-        return self.generate_tensor(x_t, _class_indices(y, self.estimator.nb_classes, device)).cpu().numpy()
+        return self.generate_tensor(x_t, _class_indices(y, device)).cpu().numpy()
 
     def _logits(self, x: Tensor) -> Tensor:
         with torch.no_grad():
@@ -439,7 +441,7 @@ class TensorSquare(SquareAttack):
         """x: images (N, C, H, W) on the device; y: class indices (or one-hot)."""
         if self.norm not in ("inf", np.inf):
             return torch.as_tensor(self.generate(x.cpu().numpy(), y.cpu().numpy()), device=x.device)
-        y = _class_indices(y, self.estimator.nb_classes, x.device)
+        y = _class_indices(y, x.device)
         low, high = (float(np.min(self.estimator.clip_values[0])), float(np.max(self.estimator.clip_values[1])))
         channels, height, width = x.shape[1:]
         eps = self.eps

@@ -105,13 +105,7 @@ class SeparableHead(nn.Module):
             layers += [SeparableLinear(shape, out, rank, orthogonal=orthogonal), activation, nn.Dropout(dropout)]
             shape = out
         if separable_classifier:
-            classes = _classifier_shape(num_classes, len(shape)) if classifier_shape is None else tuple(classifier_shape)
-            if classes.count(-1) == 1:  # as in reshape: the mode that takes the classes the others leave
-                rest = math.prod(c for c in classes if c != -1)
-                classes = tuple(num_classes // rest if c == -1 and num_classes % rest == 0 else c for c in classes)
-            if math.prod(classes) != num_classes or len(classes) != len(shape):
-                raise ValueError(f"head classifier_shape {list(classes)}: expected {len(shape)} modes whose product is "
-                                 f"{num_classes} (the classes)")
+            classes = _requested_classes(num_classes, len(shape), classifier_shape)
             layers += [SeparableLinear(shape, classes, rank, orthogonal=orthogonal), nn.Flatten()]
         else:
             layers += [nn.Flatten(), nn.Linear(math.prod(shape), num_classes)]
@@ -121,6 +115,20 @@ class SeparableHead(nn.Module):
         return self.layers(features)
 
 
-_classifier_shape = classifier_shape  # the function, under a name the head's argument does not shadow
+def _requested_classes(num_classes: int, modes: int, requested: Sequence[int] | None) -> tuple[int, ...]:
+    """SeparableHead's classifier shape: `classifier_shape` when None; else `requested`, whose one
+    -1 (as in reshape) takes the classes the other modes leave; a one-line error if it does not
+    hold num_classes over `modes` modes."""
+    if requested is None:
+        return classifier_shape(num_classes, modes)
+    classes = tuple(requested)
+    if classes.count(-1) == 1:
+        rest = math.prod(c for c in classes if c != -1)
+        classes = tuple(num_classes // rest if c == -1 and num_classes % rest == 0 else c for c in classes)
+    if math.prod(classes) != num_classes or len(classes) != modes:
+        raise ValueError(f"head classifier_shape {list(classes)}: expected {modes} modes whose product is "
+                         f"{num_classes} (the classes)")
+    return classes
+
 
 HEADS: dict[str, type[nn.Module]] = {"dense": DenseHead, "separable": SeparableHead}

@@ -27,6 +27,7 @@ from typing import Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils.parametrizations import _Orthogonal  # the class torch's orthogonal() registers
 
 from sepnet.activations import MaxMin
 from sepnet.guards import eval_mode
@@ -45,8 +46,6 @@ ONE_LIPSCHITZ = (nn.ReLU, nn.Flatten, nn.Unflatten, nn.Identity, nn.Dropout, nn.
 def orthogonal_linear(m: nn.Module) -> bool:
     """An nn.Linear whose weight is (semi-)orthogonal by construction: BjorckOrthonormal, or
     torch's `parametrizations.orthogonal`, as its only parametrization."""
-    from torch.nn.utils.parametrizations import _Orthogonal  # the class torch's orthogonal() registers
-
     return (isinstance(m, nn.Linear) and nn.utils.parametrize.is_parametrized(m, "weight")
             and len(m.parametrizations.weight) == 1
             and isinstance(m.parametrizations.weight[0], (BjorckOrthonormal, _Orthogonal)))
@@ -103,9 +102,7 @@ def lipschitz_bound(net: nn.Module) -> LipschitzBound:
             rule, constant = "1 / min(std)", 1.0 / float(m.std.min())
         elif isinstance(m, SeparableLinear) and m.orthogonal:  # 1 up to float rounding: the measured one
             rule, constant = "orthogonal separable, measured", m.lipschitz_constant()
-        elif isinstance(m, SeparablePointwise) and m.layer.orthogonal:
-            rule, constant = "orthogonal separable pointwise, measured", m.layer.lipschitz_constant()
-        elif isinstance(m, OrthoConv2d):
+        elif isinstance(m, (OrthoConv2d, SeparablePointwise)) and m.orthogonal:  # sepnet.lipschitz_layers
             rule, constant = m.norm_rule, m.lipschitz_constant()
         elif orthogonal_linear(m):
             rule, constant = "orthogonal linear, measured", spectral_norm(m.weight)
@@ -126,7 +123,8 @@ def layer_norm_check(net: nn.Module, tolerance: float = NORM_TOLERANCE, max_elem
     """Every orthogonal layer's spectral norm, computed apart from the layer's own bookkeeping,
     against its claimed 1; CertificateError if one exceeds 1 + tolerance. Convolutions: the DFT
     norm (sepnet.lipschitz_layers; exact for circular padding, an upper bound for zeros);
-    orthogonal nn.Linear: the SVD. Separable layers, R = 1: the product of the factors' largest singular values (SVDs; the singular values of a
+    orthogonal nn.Linear: the SVD. Separable layers (SeparablePointwise: its SeparableLinear),
+    R = 1: the product of the factors' largest singular values (SVDs; the singular values of a
     Kronecker product are the products of the factors'), exact. R > 1: the SVD of the implied
     matrix, or of `implied_core` (same non-zero singular values), where either has at most
     `max_elements` entries; else power iteration on the layer itself (its forward and vector-

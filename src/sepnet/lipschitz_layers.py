@@ -87,6 +87,8 @@ class OrthoConv2d(nn.Module):
         bias: a learnable bias (no effect on the Lipschitz constant).
     """
 
+    orthogonal = True  # like SeparableLinear's flag: sepnet.lipschitz reads it
+
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, input_hw: Sequence[int],
                  padding_mode: str = "circular", bias: bool = True) -> None:
         super().__init__()
@@ -128,6 +130,16 @@ class SeparablePointwise(nn.Module):
                  orthogonal: bool = True) -> None:
         super().__init__()
         self.layer = SeparableLinear(in_modes, out_modes, rank, orthogonal=orthogonal)
+
+    @property
+    def orthogonal(self) -> bool:
+        return self.layer.orthogonal
+
+    def lipschitz_constant(self) -> float:
+        """The measured norm of the channel map (orthogonal: 1 up to rounding), the layer's."""
+        return self.layer.lipschitz_constant()
+
+    norm_rule = "orthogonal separable pointwise, measured"
 
     def forward(self, x: Tensor) -> Tensor:
         n, c, h, w = x.shape

@@ -154,7 +154,7 @@ class ImageClassifier(L.LightningModule):
             raise ValueError(f"adversarial.loss lipschitz_margin needs a network with a Lipschitz bound: {err}") from None
         if not bound.fixed:
             raise ValueError("adversarial.loss lipschitz_margin: the network's Lipschitz bound changes with its weights "
-                             "(a dense layer); expected orthogonal layers only (backbone lipmlp)")
+                             "(a dense layer); expected orthogonal layers only (backbones lipmlp, lipconvnet)")
         return bound.value
 
     def forward(self, x: Tensor) -> Tensor:

@@ -108,7 +108,8 @@ def build_network(num_classes: int = 10, image_shape: Sequence[int] = (3, 32, 32
         raise ValueError(f"unknown head {head!r}; expected one of {sorted(HEADS)}")
     built = build_backbone(backbone, image_shape, **(backbone_kwargs or {}))
     head_args = {**built.head_defaults.get(head, {}), **(head_kwargs or {})}
-    net = Network(Normalize(mean, std if scale_inputs else [1.0] * len(std)), built.module, HEADS[head](built.out_shape, num_classes, **head_args))
+    normalize = Normalize(mean, std if scale_inputs else [1.0] * len(std))
+    net = Network(normalize, built.module, HEADS[head](built.out_shape, num_classes, **head_args))
     if init_from:
         load_weights_(net, init_from)
     net.compression_summary = compress_(net, compression)

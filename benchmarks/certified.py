@@ -52,14 +52,18 @@ def models(dense_widths: list[int], separable_widths: list[int], mlp_hidden: lis
     parameters), the separable one again with a (10, 1, 1) classifier -- all channels to every
     class, each spatial mode pooled by one learned unit vector, where the default (1, 2, 5) maps
     all channels through a single row (BENCHMARKS.md shows that bottleneck) -- and lipmlp."""
-    def convnet(head: str, widths: list[int], **extra) -> dict:
+    def convnet(head: str, widths: list[int], pointwise: str | None = None, **extra) -> dict:
         return {"backbone": "lipconvnet", "head": head,
-                "backbone_kwargs": {"widths": widths, "depth": 2, "pointwise": head}, **extra}
+                "backbone_kwargs": {"widths": widths, "depth": 2, "pointwise": pointwise or head}, **extra}
 
     return {"lipconvnet_dense": convnet("dense", dense_widths),
             "lipconvnet_separable": convnet("separable", separable_widths),
             "lipconvnet_separable_c10": convnet("separable", separable_widths,
                                                 head_kwargs={"classifier_shape": [10, 1, 1]}),
+            # the dense model's own layers with only its classifier made separable: what the
+            # dense classifier's parameters (about half of the model) buy
+            "lipconvnet_dense_c10": convnet("separable", dense_widths, pointwise="dense",
+                                            head_kwargs={"classifier_shape": [10, 1, 1]}),
             "lipmlp": {"backbone": "lipmlp", "head": "separable", "backbone_kwargs": {"hidden_shapes": mlp_hidden}}}
 
 

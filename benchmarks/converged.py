@@ -20,7 +20,8 @@ Protocol (VGG-16 at 1/4 width with the 512-wide head, CIFAR-10 JPEG copy):
   APGD-DLR and Square (5,000 queries) on PGD's survivors; the per-image worst case; the honesty
   checks on 256.
 One JSON line per finished cell in benchmarks/results/compressors_converged.jsonl; a rerun skips
-finished cells; a stop loses at most the cell in progress.
+finished cells; a cell's training resumes from its last epoch (benchmarks/results/converged_cells/),
+so a stop loses at most an epoch, or the evaluation in progress.
 """
 
 from __future__ import annotations
@@ -97,8 +98,10 @@ def fit(model: ImageClassifier, epochs: int, resumable: Path | None = None) -> t
     last = None
     if resumable is not None:
         resumable.mkdir(parents=True, exist_ok=True)
-        callbacks.append(L.pytorch.callbacks.ModelCheckpoint(dirpath=resumable, save_last=True, save_top_k=0))
-        last = resumable / "last.ckpt"
+        keep = L.pytorch.callbacks.ModelCheckpoint(dirpath=resumable, save_last=True, save_top_k=0)
+        keep.FILE_EXTENSION = ".pt"  # Lightning's documented knob; a stopped session kept the curve but not last.ckpt
+        callbacks.append(keep)
+        last = resumable / "last.pt"
     trainer = L.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_checkpointing=resumable is not None,
                         enable_progress_bar=False, enable_model_summary=False, inference_mode=False,
                         num_sanity_val_steps=0, callbacks=callbacks)
@@ -134,7 +137,9 @@ def run_cell(budget: str, method: str, seed: int, epochs: int, results: Path, ad
         return {**record, "status": "unreachable", "reason": str(err)}
     record.update(status="ok", start=f"dense after {epochs} epochs, fine-tuned at lr {FINE_TUNE_LR}" if from_dense else "scratch",
                   network=network, summary=model.net.compression_summary)
-    seconds, curve, warnings = fit(model, epochs)
+    cell = results.with_name("converged_cells") / f"{budget}_{method}_s{seed}_e{epochs}"  # git-ignored
+    seconds, curve, warnings = fit(model, epochs, cell)
+    seconds = curve[-1]["seconds"] if curve else seconds  # over every start of a resumed cell
     if method == "dense":
         start.parent.mkdir(parents=True, exist_ok=True)
         torch.save(model.net.state_dict(), start)

@@ -131,6 +131,29 @@ def test_the_certified_benchmark_records_a_line_per_run_and_skips_it_after(tmp_p
     assert (tmp_path / "certified.png").is_file()
 
 
+def test_the_certified_benchmark_models_match_their_recorded_rows_and_carry_a_bound_of_one():
+    """Every model of benchmarks/certified.py builds, is 1-Lipschitz by its composed bound, and
+    the network a recorded row names is the one the table would build today (a drifted config
+    would silently relabel the recorded figures)."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("certified_bench", repo / "benchmarks" / "certified.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    for budget, table in bench.BUDGETS.items():
+        for name, network in table.items():
+            net = bench.classifier(network).net.eval()
+            assert lipschitz_bound(net).value == pytest.approx(1.0, abs=1e-4), (budget, name)
+    rows = [json.loads(line) for line in bench.RESULTS.read_text().splitlines() if line.strip()]
+    assert rows
+    for row in rows:
+        assert row["network"] == bench.BUDGETS[row["budget"]][row["model"]], (row["budget"], row["model"])
+    assert bench.BUDGETS["0.1M"]["lipconvnet_dense_c10"]["backbone_kwargs"]["pointwise"] == "dense"
+
+
 def test_the_separable_classifier_shape_is_chosen_and_checked():
     torch.manual_seed(0)
     net = build_network(10, (3, 16, 16), backbone="lipconvnet", backbone_kwargs={"widths": [4, 8, 16], "pointwise": "separable"},

@@ -36,7 +36,7 @@ import torch
 from compressors import DENSE, cell_config, done_keys, report
 from reproduce import CIFAR_MEAN, CIFAR_STD, EPS, datamodule, evaluate
 from sepnet import metric_names as names
-from sepnet.callbacks import RunWatch
+from sepnet.callbacks import RunWatch, last_checkpoint
 from sepnet.compress import remove_pruning_
 from sepnet.measures import fc_parameter_counts, parameter_counts
 from sepnet.module import ImageClassifier
@@ -98,10 +98,10 @@ def fit(model: ImageClassifier, epochs: int, resumable: Path | None = None) -> t
     last = None
     if resumable is not None:
         resumable.mkdir(parents=True, exist_ok=True)
-        keep = L.pytorch.callbacks.ModelCheckpoint(dirpath=resumable, save_last=True, save_top_k=0)
-        keep.FILE_EXTENSION = ".pt"  # Lightning's documented knob; a stopped session kept the curve but not last.ckpt
-        callbacks.append(keep)
-        last = resumable / "last.pt"
+        # not ModelCheckpoint(save_last=True, save_top_k=0): Lightning then writes last.ckpt
+        # only when the fit ends, and a stopped pilot had its curve but nothing to resume from
+        callbacks.append(last_checkpoint(str(resumable)))
+        last = resumable / "last.ckpt"
     trainer = L.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_checkpointing=resumable is not None,
                         enable_progress_bar=False, enable_model_summary=False, inference_mode=False,
                         num_sanity_val_steps=0, callbacks=callbacks)

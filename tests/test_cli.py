@@ -363,6 +363,46 @@ def test_the_converged_pilot_resumes_its_curve_where_it_stopped(tmp_path):
     epoch_end(again, 3, 0.35)  # an epoch run again after a stop inside it replaces its point
     assert [p["val_worst"] for p in again.points] == pytest.approx([0.1, 0.2, 0.35])
 
+def test_a_converged_cell_stopped_after_an_epoch_resumes_from_its_checkpoint(tmp_path, monkeypatch):
+    """converged.fit(..., resumable): after every epoch a checkpoint beside the curve (not only
+    when the fit ends), so a run stopped in epoch 2 starts again at epoch 2 and keeps epoch 1."""
+    import sys
+
+    import lightning as L
+    from torch.utils.data import DataLoader, TensorDataset
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    converged = _benchmark("converged")
+    torch.manual_seed(0)
+    data = TensorDataset(torch.rand(64, 3, 32, 32), torch.randint(0, 10, (64,)))
+
+    class Data(L.LightningDataModule):
+        def train_dataloader(self):
+            return DataLoader(data, batch_size=32)
+
+        def val_dataloader(self):
+            return DataLoader(data, batch_size=32)
+
+    class Stop(L.Callback):  # a stop (preemption, the session's end) as epoch 2 begins
+        def on_train_epoch_start(self, trainer, pl_module):
+            if trainer.current_epoch == 1:
+                raise KeyboardInterrupt
+
+    monkeypatch.setattr(converged, "datamodule", lambda batch: Data())
+    model = lambda: converged.classifier({"backbone": "mlp", "head": "dense", "backbone_kwargs": {"hidden_shapes": [[4, 8, 8]]}},  # noqa: E731
+                                         {}, 0.05, {"loss": "at", "attack": converged.ATTACK})
+    trainer = L.Trainer
+    monkeypatch.setattr(converged.L, "Trainer", lambda **kw: trainer(**{**kw, "callbacks": [*kw["callbacks"], Stop()]}))
+    with pytest.raises(SystemExit):  # Lightning's answer to an interrupt
+        converged.fit(model(), 3, tmp_path)
+    assert (tmp_path / "last.ckpt").is_file()
+    assert torch.load(tmp_path / "last.ckpt", weights_only=False)["epoch"] == 0
+    monkeypatch.setattr(converged.L, "Trainer", trainer)
+    _, curve, _ = converged.fit(model(), 3, tmp_path)
+    assert [p["epoch"] for p in curve] == [1, 2, 3]
+    assert torch.load(tmp_path / "last.ckpt", weights_only=False)["epoch"] == 2
+
+
 RUN0 = Path("logs/default/version_0")
 TEST_FAST = ["--report.images", "32", "--report.honesty_images", "16", "--report.square_queries", "20"]
 

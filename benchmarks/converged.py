@@ -208,6 +208,13 @@ def main(args) -> None:
         for budget in ("model30", "model10"):
             paired(records, budget)
         plot_curves([r for r in records if r.get("curve")], HERE.parent / "converged_curves.png")
+        pilots = results.with_name("compressors_converged_pilot.jsonl")
+        if pilots.is_file():  # the pilots (a stopped one is recorded with its curve so far) beside the dense cells
+            runs = [{"method": f"dense pilot, {p['epochs']}-epoch schedule" + (f", stopped at {p['stopped_at']}"
+                                                                              if p.get("stopped_at") else ""),
+                     "seed": 0, "curve": p["curve"]} for p in map(json.loads, pilots.read_text().splitlines())]
+            runs += [{**r, "method": f"dense, {r['epochs']}-epoch schedule"} for r in records if r["method"] == "dense"]
+            plot_curves(runs, HERE.parent / "converged_pilot.png")
         return
     if args.epochs is None:
         raise SystemExit("--protocol converged: give --epochs (chosen from the pilot's curve, --pilot N)")

@@ -64,6 +64,10 @@ def models(dense_widths: list[int], separable_widths: list[int], mlp_hidden: lis
             # dense classifier's parameters (about half of the model) buy
             "lipconvnet_dense_c10": convnet("separable", dense_widths, pointwise="dense",
                                             head_kwargs={"classifier_shape": [10, 1, 1]}),
+            # ... with 16 Kronecker terms in the classifier (divided by the exact norm of their
+            # sum): 16 learned spatial poolings where the rank-1 classifier has one
+            "lipconvnet_dense_c10r16": convnet("separable", dense_widths, pointwise="dense",
+                                               head_kwargs={"classifier_shape": [10, 1, 1], "rank": 16}),
             "lipmlp": {"backbone": "lipmlp", "head": "separable", "backbone_kwargs": {"hidden_shapes": mlp_hidden}}}
 
 

@@ -136,3 +136,66 @@ def test_the_margin_loss_shifts_the_wrong_logits_and_needs_a_fixed_bound():
     with pytest.raises(ValueError, match="lipschitz_margin needs a network with a Lipschitz bound"):
         ImageClassifier(network={"backbone": "mlp"}, image_shape=(1, 8, 8), mean=(0.3,), std=(0.4,),
                         adversarial={"loss": "lipschitz_margin"})
+
+
+@pytest.mark.parametrize("in_modes,out_modes,rank,isometry", [
+    ((2, 2), (4, 4), 2, True),  # every core maps r m -> n r' with r m <= n r': W^T W = I
+    ((8, 4, 4), (2, 4, 2), 3, False),  # shrinking: W W^T = I (all 16 singular values 1)
+    ((4, 4, 4), (4, 4, 4), 4, False),  # square, ranks > 1: the last core shrinks, norm < 1
+])
+def test_the_orthogonal_tt_layer_has_norm_at_most_one_and_trains(in_modes, out_modes, rank, isometry):
+    """TTLinear(orthogonal=True): after training steps every singular value of the implied
+    matrix is at most 1 + 1e-5 and the bound (product of the cores' norms) is 1 and above the
+    exact norm; an isometry where every core is tall, all ones for a shrinking layer whose
+    cores are wide; the structured forward equals the implied matrix."""
+    from sepnet.compress.tt import TTLinear
+
+    torch.manual_seed(0)
+    layer = TTLinear(in_modes, out_modes, rank, orthogonal=True)
+    opt = torch.optim.AdamW(layer.parameters(), lr=0.05)
+    for _ in range(3):
+        opt.zero_grad()
+        layer.implied_path = "never"
+        layer(torch.randn(8, layer.in_features)).square().sum().backward()
+        opt.step()
+    s = torch.linalg.svdvals(layer.implied_weight().detach().double())
+    assert float(s[0]) <= 1 + 1e-5 and abs(layer.lipschitz_constant() - 1) < 1e-5
+    assert layer.lipschitz_constant() >= float(s[0]) - 1e-6
+    if isometry or layer.out_features < layer.in_features:
+        assert (s[:min(layer.in_features, layer.out_features)] - 1).abs().max() < 1e-5
+    if (in_modes, out_modes) == ((4, 4, 4), (4, 4, 4)):
+        assert float(s[0]) < 1 - 1e-3  # not an isometry: said in the module docstring
+    x = torch.randn(5, layer.in_features)
+    torch.testing.assert_close(layer(x), x @ layer.implied_weight().T + layer.bias, rtol=1e-5, atol=1e-5)
+
+
+def test_a_network_with_orthogonal_tt_layers_is_certified_and_checked(monkeypatch):
+    """The tt compressor with `orthogonal: true` on a lipmlp's plain dense classifier (which alone
+    would make the bound its trained norm): the network's bound composes the TT layer's, every
+    layer passes the norm check by the SVD of the implied matrix; cores that are not orthogonal
+    fail it loudly; TT-SVD init with orthogonal is refused."""
+    from sepnet.compress import CompressionSpec, compress_
+    from sepnet.compress.tt import TTLinear
+
+    torch.manual_seed(0)
+    net = build_network(10, (3, 8, 8), backbone="lipmlp", head="dense", scale_inputs=False,
+                        backbone_kwargs={"hidden_shapes": [[4, 4, 4]]})
+    compress_(net, [CompressionSpec(method="tt", targets=["head.layers.1"],
+                                    options={"modes": 2, "rank": 2, "orthogonal": True})])
+    (tt,) = [m for m in net.modules() if isinstance(m, TTLinear)]
+    assert tt.orthogonal
+    bound = lipschitz_bound(net)
+    assert bound.value == pytest.approx(1.0, abs=1e-5) and "orthogonal TT" in bound.describe()
+    rows = {r["layer"]: r for r in layer_norm_check(net)}
+    assert rows["head.layers.1"]["how"] == "SVD of the implied matrix (exact)"
+    x = torch.rand(64, 3, 8, 8)
+    assert empirical_lipschitz(net, x) <= bound.value
+    cores = TTLinear.tt_cores
+    monkeypatch.setattr(TTLinear, "tt_cores", lambda self: [1.5 * c for c in cores(self)])
+    with pytest.raises(CertificateError, match=r"layer head.layers.1: spectral norm"):
+        layer_norm_check(net)
+    with pytest.raises(ValueError, match="expected init 'random' with orthogonal"):
+        compress_(build_network(10, (3, 8, 8), backbone="lipmlp", head="dense",
+                                backbone_kwargs={"hidden_shapes": [[4, 4, 4]]}),
+                  [CompressionSpec(method="tt", targets=["head.layers.1"],
+                                   options={"orthogonal": True, "init": "from_linear"})])

@@ -13,8 +13,9 @@ which fail loudly (`CertificateError`), never as a warning:
 `lipschitz_bound` composes the bound layer by layer: Normalize scales by 1 / min(std) (exact:
 a per-channel diagonal map), an orthogonal SeparableLinear (or SeparablePointwise) by its
 measured norm (1 up to rounding), an orthogonal convolution (sepnet.lipschitz_layers) by its
-DFT norm, an orthogonally parametrized nn.Linear by its measured norm, a dense nn.Linear by its
-exact spectral norm, and MaxMin, ReLU, Flatten, Unflatten, PixelUnshuffle (a permutation),
+DFT norm, an orthogonal TTLinear by the product of its cores' norms (sepnet.compress.tt), an
+orthogonally parametrized nn.Linear by its measured norm, a dense nn.Linear by its exact
+spectral norm, and MaxMin, ReLU, Flatten, Unflatten, PixelUnshuffle (a permutation),
 Identity and Dropout (eval) by 1. Any other module has no bound here and the network gets no
 certificate.
 """
@@ -30,6 +31,7 @@ from torch import Tensor, nn
 from torch.nn.utils.parametrizations import _Orthogonal  # the class torch's orthogonal() registers
 
 from sepnet.activations import MaxMin
+from sepnet.compress.tt import TTLinear
 from sepnet.guards import eval_mode
 from sepnet.heads import DenseHead, SeparableHead
 from sepnet.layers import SeparableLinear, implied_core
@@ -104,6 +106,8 @@ def lipschitz_bound(net: nn.Module) -> LipschitzBound:
             rule, constant = "orthogonal separable, measured", m.lipschitz_constant()
         elif isinstance(m, (OrthoConv2d, SeparablePointwise)) and m.orthogonal:  # sepnet.lipschitz_layers
             rule, constant = m.norm_rule, m.lipschitz_constant()
+        elif isinstance(m, TTLinear) and m.orthogonal:
+            rule, constant = "orthogonal TT, product of the core norms", m.lipschitz_constant()
         elif orthogonal_linear(m):
             rule, constant = "orthogonal linear, measured", spectral_norm(m.weight)
         elif type(m) is nn.Linear:
@@ -136,6 +140,8 @@ def layer_norm_check(net: nn.Module, tolerance: float = NORM_TOLERANCE, max_elem
             norm, how = m.lipschitz_constant(), m.norm_rule
         elif orthogonal_linear(m):
             norm, how = spectral_norm(m.weight), "SVD of the weight (exact)"
+        elif isinstance(m, TTLinear) and m.orthogonal:  # the layer itself, not the cores the bound multiplies
+            norm, how = _tt_norm(m, max_elements, power_iterations)
         elif not (isinstance(m, SeparableLinear) and m.orthogonal):
             continue
         else:
@@ -163,9 +169,18 @@ def _separable_norm(m: SeparableLinear, max_elements: int, power_iterations: int
     return norm, how
 
 
-def _power_norm(layer: SeparableLinear, iterations: int) -> float:
-    """sigma_max of the layer's linear part by power iteration on W^T W (forward, then its VJP)."""
-    v = torch.randn(1, *layer.in_shape, dtype=torch.float64)
+def _tt_norm(m: TTLinear, max_elements: int, power_iterations: int) -> tuple[float, str]:
+    """An orthogonal TTLinear's spectral norm and how it was computed (layer_norm_check)."""
+    with torch.no_grad():
+        if m.in_features * m.out_features <= max_elements:
+            return spectral_norm(m.implied_weight()), "SVD of the implied matrix (exact)"
+    return _power_norm(m, power_iterations, (m.in_features,)), f"power iteration, {power_iterations} steps (from below)"
+
+
+def _power_norm(layer: SeparableLinear | TTLinear, iterations: int, in_shape: Sequence[int] | None = None) -> float:
+    """sigma_max of the layer's linear part by power iteration on W^T W (forward, then its VJP);
+    `in_shape`: one input's shape (default: the separable layer's)."""
+    v = torch.randn(1, *(layer.in_shape if in_shape is None else in_shape), dtype=torch.float64)
     bias, layer.bias = layer.bias, None
     try:
         layer.double()

@@ -7,6 +7,14 @@ n1...nd as d cores G_k of shape (r_{k-1}, m_k, n_k, r_k), r_0 = r_d = 1:
 
 The forward contracts the input with one core after the other (from whichever end costs fewer
 multiply-adds) and never builds W.
+
+Orthogonal mode (certified networks, sepnet.lipschitz): each step of that contraction maps the
+index pair (r_{k-1}, m_k) to (n_k, r_k) and leaves every other mode alone, so W = S_d ... S_1
+with S_k = (core k as an (r_{k-1} m_k) x (n_k r_k) matrix) tensored with identities, and
+||W|| <= prod ||core k|| in that reshaping. Each core is kept (semi-)orthogonal *in that shape*
+(torch's orthogonal parametrization), so ||W|| <= 1, and W is an isometry when every core is
+tall (r_{k-1} m_k <= n_k r_k). Orthogonal cores in any other reshaping (TT-SVD's
+left-orthogonal form) bound nothing by themselves.
 """
 
 from __future__ import annotations
@@ -126,6 +134,9 @@ class TTLinear(FactorizedLayer):
         out_modes: (n1, ..., nd), their product the output features.
         rank: internal TT rank (int) or the d - 1 ranks; capped where a cut allows less.
         bias: add a learnable bias.
+        orthogonal: every core (semi-)orthogonal as an (r_{k-1} m_k) x (n_k r_k) matrix, so the
+            layer is at most 1-Lipschitz (the module docstring's argument); initialized
+            orthogonal, not from a dense layer.
 
     Initialization: i.i.d. normal cores whose implied weight entries have nn.Linear's variance,
     1 / (3 in_features): an entry is a sum over prod(r_k) products of d core entries, so each core
@@ -133,7 +144,7 @@ class TTLinear(FactorizedLayer):
     """
 
     def __init__(self, in_modes: Sequence[int], out_modes: Sequence[int], rank: int | Sequence[int] = 8,
-                 bias: bool = True) -> None:
+                 bias: bool = True, orthogonal: bool = False) -> None:
         super().__init__()
         if len(in_modes) != len(out_modes) or len(in_modes) < 2:
             raise ValueError(f"TT modes {tuple(in_modes)} -> {tuple(out_modes)}: expected the same number "
@@ -145,9 +156,17 @@ class TTLinear(FactorizedLayer):
         self.ranks = tt_ranks(in_modes, out_modes, rank)
         d = len(in_modes)
         std = (1 / (3 * self.in_features * math.prod(self.ranks))) ** (1 / (2 * d))
-        self.cores = nn.ParameterList(
-            nn.Parameter(torch.randn(self.ranks[k], m, n, self.ranks[k + 1]) * std)
-            for k, (m, n) in enumerate(zip(in_modes, out_modes)))
+        self.orthogonal = orthogonal
+        if orthogonal:  # stored as the matrices the contraction applies, kept on the Stiefel manifold
+            self.cores = nn.ParameterList(
+                nn.Parameter(nn.init.orthogonal_(torch.empty(self.ranks[k] * m, n * self.ranks[k + 1])))
+                for k, (m, n) in enumerate(zip(in_modes, out_modes)))
+            for k in range(d):
+                nn.utils.parametrizations.orthogonal(self.cores, str(k), orthogonal_map="matrix_exp")
+        else:
+            self.cores = nn.ParameterList(
+                nn.Parameter(torch.randn(self.ranks[k], m, n, self.ranks[k + 1]) * std)
+                for k, (m, n) in enumerate(zip(in_modes, out_modes)))
         # contract from the end where that is cheaper (a layer that shrinks its input: the big
         # input modes go first; benchmarks/layers.py measures it)
         self._reversed = (contraction_macs(in_modes[::-1], out_modes[::-1], self.ranks[::-1])
@@ -185,13 +204,30 @@ class TTLinear(FactorizedLayer):
             d = len(self.in_modes)
             flip = (0, *range(d, 0, -1))
             x = x.reshape(-1, *self.in_modes).permute(flip).reshape(x.shape[0], -1)
-            cores = [core.permute(3, 1, 2, 0) for core in reversed(self.cores)]
+            cores = [core.permute(3, 1, 2, 0) for core in reversed(self.tt_cores())]
             y = contract(x, cores, self.in_modes[::-1], self.out_modes[::-1])
             y = y.reshape(-1, *self.out_modes[::-1]).permute(flip).reshape(x.shape[0], -1)
         else:
-            y = contract(x, list(self.cores), self.in_modes, self.out_modes)
+            y = contract(x, self.tt_cores(), self.in_modes, self.out_modes)
         y = y.reshape(*lead, self.out_features)
         return y + self.bias if self.bias is not None else y
+
+    def tt_cores(self) -> list[Tensor]:
+        """The cores (r_{k-1}, m_k, n_k, r_k) the layer computes with (orthogonal mode: each
+        parametrized orthogonal matrix reshaped). A list, not self.cores[1:]: slicing a
+        ParameterList re-wraps its entries, which cuts them out of torch.func.functional_call's graph."""
+        cores = list(self.cores)
+        if not self.orthogonal:
+            return cores
+        return [core.reshape(self.ranks[k], m, n, self.ranks[k + 1])
+                for k, (core, m, n) in enumerate(zip(cores, self.in_modes, self.out_modes))]
+
+    def lipschitz_constant(self) -> float:
+        """A bound on the layer's spectral norm: the product of the cores' norms as the matrices
+        the contraction applies (SVDs); orthogonal mode: 1 up to float rounding."""
+        with torch.no_grad():
+            return math.prod(float(torch.linalg.matrix_norm(core.detach().double().reshape(r * m, -1), ord=2))
+                             for core, r, m in zip(self.tt_cores(), self.ranks, self.in_modes))
 
     def macs_per_row(self) -> int:
         """Multiply-adds of the core contractions for one input row, in the order forward uses."""
@@ -218,8 +254,8 @@ class TTLinear(FactorizedLayer):
 
     def implied_weight(self) -> Tensor:
         """The implied (out_features, in_features) weight, from the cores alone."""
-        cores = list(self.cores)  # not self.cores[1:]: slicing a ParameterList re-wraps its entries,
-        acc = cores[0][0]  # (m1, n1, r1)      which cuts them out of torch.func.functional_call's graph
+        cores = self.tt_cores()
+        acc = cores[0][0]  # (m1, n1, r1)
         for core in cores[1:]:
             rows, cols = acc.shape[0], acc.shape[1]
             acc = torch.einsum("MNr,rmns->MmNns", acc, core)
@@ -228,17 +264,21 @@ class TTLinear(FactorizedLayer):
 
     def extra_repr(self) -> str:
         return (f"{self.in_modes} -> {self.out_modes}, ranks={list(self.ranks)}, "
-                f"{self.dense_parameters() / self.stored_parameters():.1f}x")
+                f"{self.dense_parameters() / self.stored_parameters():.1f}x{', orthogonal' if self.orthogonal else ''}")
 
 
 class TT(Factorization, name="tt", targets=(nn.Linear,)):
     """nn.Linear -> TTLinear. options: modes (cores, default 3), rank (int), init ("random"
-    default, or "from_linear": TT-SVD of the current weights)."""
+    default, or "from_linear": TT-SVD of the current weights), orthogonal (TTLinear's
+    1-Lipschitz mode, for certified networks; random orthogonal cores)."""
 
-    defaults = {"modes": 3, "rank": 8, "init": "random"}
+    defaults = {"modes": 3, "rank": 8, "init": "random", "orthogonal": False}
 
     def units(self, net, layers):
         self.check_choice("init", ("random", "from_linear"))
+        if self.options["orthogonal"] and self.options["init"] == "from_linear":
+            raise ValueError("tt: orthogonal cores start orthogonal, not from the layer's TT-SVD (its cores are "
+                             "orthogonal in another shape); expected init 'random' with orthogonal")
         units = []
         for name, linear in layers:
             modes = (mode_split(linear.in_features, self.options["modes"]),
@@ -255,6 +295,7 @@ class TT(Factorization, name="tt", targets=(nn.Linear,)):
             layer, error = TTLinear.from_linear(linear, in_modes, out_modes, rank)
             extra = f", TT-SVD error {error:.3f}"
         else:
-            layer = TTLinear(in_modes, out_modes, rank, bias=linear.bias is not None)
+            layer = TTLinear(in_modes, out_modes, rank, bias=linear.bias is not None,
+                             orthogonal=self.options["orthogonal"])
         return [layer], (f"tt {in_modes} -> {out_modes} ranks {list(layer.ranks)}: "
                          f"{layer.stored_parameters():,} / {layer.dense_parameters():,}{extra}")

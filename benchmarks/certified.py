@@ -68,6 +68,10 @@ def models(dense_widths: list[int], separable_widths: list[int], mlp_hidden: lis
             # sum): 16 learned spatial poolings where the rank-1 classifier has one
             "lipconvnet_dense_c10r16": convnet("separable", dense_widths, pointwise="dense",
                                                head_kwargs={"classifier_shape": [10, 1, 1], "rank": 16}),
+            # ... or an orthogonal tensor-train classifier (TT ranks 16, 3 cores) in place of the
+            # dense one: the tt compressor's orthogonal mode on a plain Linear
+            "lipconvnet_dense_tt16": convnet("dense", dense_widths, head_kwargs={"orthogonal": False}, compression=[
+                {"method": "tt", "targets": ["head.layers.1"], "options": {"modes": 3, "rank": 16, "orthogonal": True}}]),
             "lipmlp": {"backbone": "lipmlp", "head": "separable", "backbone_kwargs": {"hidden_shapes": mlp_hidden}}}
 
 

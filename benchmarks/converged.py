@@ -177,7 +177,7 @@ def plot_curves(records: list[dict], out: Path) -> None:
     for r in records:
         points = r["curve"]
         ax.plot([p["epoch"] for p in points], [p["val_worst"] for p in points], marker=".",
-                label=f"{r.get('budget', '')} {r['method']} s{r['seed']}".strip(),
+                label=f"{r.get('budget', '-').strip('-')} {r['method']} s{r['seed']}".strip(),
                 linestyle="--" if r.get("dense_epochs") else "-")
     ax.set(xlabel="epoch (of this cell's own training; dashed: after the dense start)",
            ylabel="validation worst case (PGD-10, FGSM; 512 images)", title="Converged protocol: training curves")

@@ -12,6 +12,8 @@ Models (the same recipe for all: mean-only normalization, so the bound is the ne
 - lipconvnet_separable: the same convolutions, the 1x1 maps and the classifier orthogonal-
   separable (Kronecker factors), wider to spend the same budget; lipconvnet_separable_c10: the
   same with a (10, 1, 1) classifier;
+- lipconvnet_dense_c10 / _c10r16 / _tt16: the dense model with only its classifier factorized
+  (orthogonal separable (10, 1, 1) with 1 or 16 Kronecker terms; an orthogonal TT, ranks 16);
 - lipmlp: every layer orthogonal-separable, on the raw (C, H, W) image.
 Each run trains on the shared CIFAR-10 JPEG copy's 20k training images and reports, on the 10k
 test images: clean accuracy, certified accuracy at 36/255, 72/255, 108/255 (and the curve to

@@ -176,8 +176,9 @@ def plot_curves(records: list[dict], out: Path) -> None:
     fig, ax = plt.subplots(figsize=(8, 5))
     for r in records:
         points = r["curve"]
+        budget = "" if r.get("budget", "-") == "-" else f"{r['budget']} "  # dense and the pilots have none
         ax.plot([p["epoch"] for p in points], [p["val_worst"] for p in points], marker=".",
-                label=f"{r.get('budget', '-').strip('-')} {r['method']} s{r['seed']}".strip(),
+                label=f"{budget}{r['method']} s{r['seed']}",
                 linestyle="--" if r.get("dense_epochs") else "-")
     ax.set(xlabel="epoch (of this cell's own training; dashed: after the dense start)",
            ylabel="validation worst case (PGD-10, FGSM; 512 images)", title="Converged protocol: training curves")

@@ -274,6 +274,8 @@ class SeparableLinear(FactorizedLayer):
         weight = sum(kron_all(list(term)) for term in self.factors)
         return weight / self.spectral_norm() if self.orthogonal and self.rank > 1 else weight
 
+    norm_rule = "orthogonal separable, measured"  # how sepnet.lipschitz counts lipschitz_constant()
+
     def lipschitz_constant(self) -> float:
         """The exact spectral norm of the layer as it computes (orthogonal mode: 1 up to float
         rounding): R = 1, the product of the factors' largest singular values; R > 1, the

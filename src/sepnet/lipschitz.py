@@ -42,6 +42,8 @@ __all__ = ["CertificateError", "LipschitzBound", "lipschitz_bound", "certified_m
            "layer_norm_check", "empirical_lipschitz", "soundness_checks", "lipschitz_margin_loss"]
 
 NORM_TOLERANCE = 1e-4
+# layers with an `orthogonal` flag, a `norm_rule` and `lipschitz_constant()` (their measured norm)
+ORTHOGONAL_LAYERS = (SeparableLinear, SeparablePointwise, OrthoConv2d, TTLinear)
 ONE_LIPSCHITZ = (nn.ReLU, nn.Flatten, nn.Unflatten, nn.Identity, nn.Dropout, nn.PixelUnshuffle, nn.PixelShuffle)
 
 
@@ -102,12 +104,8 @@ def lipschitz_bound(net: nn.Module) -> LipschitzBound:
     for name, m in _leaves(net):
         if isinstance(m, Normalize):
             rule, constant = "1 / min(std)", 1.0 / float(m.std.min())
-        elif isinstance(m, SeparableLinear) and m.orthogonal:  # 1 up to float rounding: the measured one
-            rule, constant = "orthogonal separable, measured", m.lipschitz_constant()
-        elif isinstance(m, (OrthoConv2d, SeparablePointwise)) and m.orthogonal:  # sepnet.lipschitz_layers
+        elif isinstance(m, ORTHOGONAL_LAYERS) and m.orthogonal:  # 1 up to float rounding: the measured one
             rule, constant = m.norm_rule, m.lipschitz_constant()
-        elif isinstance(m, TTLinear) and m.orthogonal:
-            rule, constant = "orthogonal TT, product of the core norms", m.lipschitz_constant()
         elif orthogonal_linear(m):
             rule, constant = "orthogonal linear, measured", spectral_norm(m.weight)
         elif type(m) is nn.Linear:

@@ -222,6 +222,8 @@ class TTLinear(FactorizedLayer):
         return [core.reshape(self.ranks[k], m, n, self.ranks[k + 1])
                 for k, (core, m, n) in enumerate(zip(cores, self.in_modes, self.out_modes))]
 
+    norm_rule = "orthogonal TT, product of the core norms"  # how sepnet.lipschitz counts lipschitz_constant()
+
     def lipschitz_constant(self) -> float:
         """A bound on the layer's spectral norm: the product of the cores' norms as the matrices
         the contraction applies (SVDs); orthogonal mode: 1 up to float rounding."""

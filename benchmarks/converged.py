@@ -114,6 +114,11 @@ def dense_path(results: Path, epochs: int, seed: int, adv: str) -> Path:
     return results.with_name(f"converged_vgg_dense_{adv}_e{epochs}_s{seed}.pt")
 
 
+def cell_folder(results: Path, budget: str, method: str, seed: int, epochs: int) -> Path:
+    """Where a cell's training keeps its last checkpoint and curve (git-ignored)."""
+    return results.with_name("converged_cells") / f"{budget}_{method}_s{seed}_e{epochs}"
+
+
 def run_cell(budget: str, method: str, seed: int, epochs: int, results: Path, adv: str = "fgsm") -> dict:
     adversarial = {"loss": "at", "attack": {**ATTACK, "name": adv}}
     record = {"model": "vgg", "budget": budget, "method": method, "seed": seed, "protocol": "converged",
@@ -128,7 +133,7 @@ def run_cell(budget: str, method: str, seed: int, epochs: int, results: Path, ad
         if from_dense and not start.is_file():  # the dense cell is recorded, its weights (git-ignored) are not here
             print(f"{start.name}: training the dense start again ({epochs} epochs, seed {seed})", flush=True)
             dense = classifier(DENSE["vgg"], {}, 0.05, adversarial)
-            fit(dense, epochs)
+            fit(dense, epochs, cell_folder(results, "-", "dense", seed, epochs))  # resumable, as the dense cell
             torch.save(dense.net.state_dict(), start)
             torch.manual_seed(seed)
     try:
@@ -137,8 +142,7 @@ def run_cell(budget: str, method: str, seed: int, epochs: int, results: Path, ad
         return {**record, "status": "unreachable", "reason": str(err)}
     record.update(status="ok", start=f"dense after {epochs} epochs, fine-tuned at lr {FINE_TUNE_LR}" if from_dense else "scratch",
                   network=network, summary=model.net.compression_summary)
-    cell = results.with_name("converged_cells") / f"{budget}_{method}_s{seed}_e{epochs}"  # git-ignored
-    seconds, curve, warnings = fit(model, epochs, cell)
+    seconds, curve, warnings = fit(model, epochs, cell_folder(results, budget, method, seed, epochs))
     seconds = curve[-1]["seconds"] if curve else seconds  # over every start of a resumed cell
     if method == "dense":
         start.parent.mkdir(parents=True, exist_ok=True)

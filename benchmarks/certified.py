@@ -14,6 +14,8 @@ Models (the same recipe for all: mean-only normalization, so the bound is the ne
   same with a (10, 1, 1) classifier;
 - lipconvnet_dense_c10 / _c10r16 / _tt16: the dense model with only its classifier factorized
   (orthogonal separable (10, 1, 1) with 1 or 16 Kronecker terms; an orthogonal TT, ranks 16);
+- lipconvnet_dense_narrow: the dense model at narrower widths, with about as many parameters as
+  the factorized-classifier rows (the plain way to spend that budget);
 - lipmlp: every layer orthogonal-separable, on the raw (C, H, W) image.
 Each run trains on the shared CIFAR-10 JPEG copy's 20k training images and reports, on the 10k
 test images: clean accuracy, certified accuracy at 36/255, 72/255, 108/255 (and the curve to
@@ -49,11 +51,13 @@ RADII = (36 / 255, 72 / 255, 108 / 255)
 CURVE = tuple(r / 255 for r in range(0, 256, 12))
 
 
-def models(dense_widths: list[int], separable_widths: list[int], mlp_hidden: list[list[int]]) -> dict[str, dict]:
+def models(dense_widths: list[int], separable_widths: list[int], mlp_hidden: list[list[int]],
+           narrow_widths: list[int]) -> dict[str, dict]:
     """One budget's networks: the convnet dense and separable (widths chosen to spend the same
     parameters), the separable one again with a (10, 1, 1) classifier -- all channels to every
     class, each spatial mode pooled by one learned unit vector, where the default (1, 2, 5) maps
-    all channels through a single row (BENCHMARKS.md shows that bottleneck) -- and lipmlp."""
+    all channels through a single row (BENCHMARKS.md shows that bottleneck) -- the dense one with
+    a factorized classifier, a narrower dense one with as many parameters as those, and lipmlp."""
     def convnet(head: str, widths: list[int], pointwise: str | None = None, **extra) -> dict:
         return {"backbone": "lipconvnet", "head": head,
                 "backbone_kwargs": {"widths": widths, "depth": 2, "pointwise": pointwise or head}, **extra}
@@ -74,12 +78,16 @@ def models(dense_widths: list[int], separable_widths: list[int], mlp_hidden: lis
             # dense one: the tt compressor's orthogonal mode on a plain Linear
             "lipconvnet_dense_tt16": convnet("dense", dense_widths, head_kwargs={"orthogonal": False}, compression=[
                 {"method": "tt", "targets": ["head.layers.1"], "options": {"modes": 3, "rank": 16, "orthogonal": True}}]),
+            # the plain alternative to a factorized classifier: the dense model made narrower until
+            # it has as many parameters as the _c10r16 / _tt16 rows
+            "lipconvnet_dense_narrow": convnet("dense", narrow_widths),
             "lipmlp": {"backbone": "lipmlp", "head": "separable", "backbone_kwargs": {"hidden_shapes": mlp_hidden}}}
 
 
 BUDGETS = {
-    "0.1M": models([16, 32, 64], [24, 48, 96], [[32, 32, 32], [32, 32, 32], [16, 16, 16]]),
-    "0.3M": models([32, 64, 128], [48, 96, 192], [[64, 32, 32], [64, 32, 32], [64, 32, 32], [32, 16, 16]]),
+    "0.1M": models([16, 32, 64], [24, 48, 96], [[32, 32, 32], [32, 32, 32], [16, 16, 16]], [12, 24, 48]),
+    "0.3M": models([32, 64, 128], [48, 96, 192], [[64, 32, 32], [64, 32, 32], [64, 32, 32], [32, 16, 16]],
+                   [26, 52, 104]),
 }
 
 

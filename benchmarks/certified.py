@@ -200,16 +200,22 @@ def report(results: Path = RESULTS, figure: Path = HERE.parent / "certified.png"
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for (budget, model, epochs), rs in sorted(groups.items()):
-        radii = list(rs[0]["certified_curve"])
-        values = [sum(r["certified_curve"][k] for r in rs) / len(rs) for k in radii]
-        ax.plot([int(k.split("/")[0]) for k in radii], values, marker="o", ms=3,
-                label=f"{model} ({rs[0]['params'] / 1e3:.0f}k, {budget}, {epochs} ep)")
-    ax.set_xlabel("L2 radius (x/255)")
-    ax.set_ylabel("certified accuracy (CIFAR-10 test)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    budgets = sorted({b for b, _, _ in groups})
+    colors = {m: f"C{i}" for i, m in enumerate(sorted({m for _, m, _ in groups}))}  # one colour a model, every panel
+    fig, axes = plt.subplots(1, len(budgets), figsize=(5.5 * len(budgets), 4.5), sharey=True, squeeze=False)
+    for ax, panel in zip(axes[0], budgets):
+        for (budget, model, epochs), rs in sorted(groups.items()):
+            if budget != panel:
+                continue
+            radii = list(rs[0]["certified_curve"])
+            values = [sum(r["certified_curve"][k] for r in rs) / len(rs) for k in radii]
+            ax.plot([int(k.split("/")[0]) for k in radii], values, marker="o", ms=3, color=colors[model],
+                    linestyle="-" if epochs == min(e for b, _, e in groups if b == panel) else "--",
+                    label=f"{model} ({rs[0]['params'] / 1e3:.0f}k, {epochs} ep, {len(rs)} seed{'s' * (len(rs) > 1)})")
+        ax.set(title=f"budget {panel}", xlabel="L2 radius (x/255)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    axes[0][0].set_ylabel("certified accuracy (CIFAR-10 test, mean over seeds)")
     fig.tight_layout()
     fig.savefig(figure, dpi=120)
     print(f"wrote {figure}")

@@ -108,7 +108,12 @@ def test_tensor_apgd_follows_art_stock_iteration_from_the_same_start(loss_type, 
         x.numpy(), nn.functional.one_hot(y, 10).numpy())
     ours = TensorAPGD(FastClassifier(**_kwargs(model)), **attack)
     ours.start, ours.keep_best = (lambda shape, radius: start), False
-    torch.testing.assert_close(ours.generate_tensor(x, y), torch.from_numpy(stock), rtol=0, atol=1e-5)
+    gap = (ours.generate_tensor(x, y) - torch.from_numpy(stock)).abs().flatten(1).amax(1)
+    # the same images to float rounding; at most one of 32 may part ways: APGD's step-size rule
+    # compares losses, and a near-tie that float rounding decides differently on another CPU
+    # (seen on an AMD EPYC: image 30 of the L2 case, identical to 2e-7 for 5 iterations) sends
+    # that image down the other branch -- a wrong rule would move most of them
+    assert int((gap > 1e-5).sum()) <= 1, gap
     robust_stock = model(torch.from_numpy(stock)).argmax(-1) == y
     assert 0 < int(robust_stock.sum()) < len(y)  # the attack breaks some images, not all: a real comparison
     ours.keep_best = True

@@ -171,25 +171,32 @@ def pilot(epochs: int, results: Path, figures: Path) -> None:
     plot_curves([{"method": f"dense pilot ({epochs} epochs)", "seed": 0, "curve": curve}], figures / "converged_pilot.png")
 
 
-def plot_curves(records: list[dict], out: Path) -> None:
+def plot_curves(records: list[dict], out: Path) -> dict[str, list[int]]:
+    """Validation worst case against epoch, one line per cell; a cell fine-tuned from the dense
+    start is drawn dashed after its start's epochs (epoch E + 1 onwards), so the x axis counts
+    every epoch the model has trained. Returns each line's epochs, by label."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 5))
+    drawn = {}
     for r in records:
         points = r["curve"]
         budget = "" if r.get("budget", "-") == "-" else f"{r['budget']} "  # dense and the pilots have none
-        ax.plot([p["epoch"] for p in points], [p["val_worst"] for p in points], marker=".",
-                label=f"{budget}{r['method']} s{r['seed']}",
-                linestyle="--" if r.get("dense_epochs") else "-")
-    ax.set(xlabel="epoch (of this cell's own training; dashed: after the dense start)",
+        label, before = f"{budget}{r['method']} s{r['seed']}", r.get("dense_epochs", 0)
+        drawn[label] = [before + p["epoch"] for p in points]
+        ax.plot(drawn[label], [p["val_worst"] for p in points], marker=".", label=label,
+                linestyle="--" if before else "-")
+    ax.set(xlabel="epochs trained in all (dashed: fine-tuned after the dense start's epochs)",
            ylabel="validation worst case (PGD-10, FGSM; 512 images)", title="Converged protocol: training curves")
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(out, dpi=120)
+    plt.close(fig)
     print(f"curves: {out}")
+    return drawn
 
 
 def paired(records: list[dict], budget: str, leader: str = "ttconv_tt") -> None:

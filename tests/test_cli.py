@@ -337,6 +337,21 @@ def test_lowrank_cells_meet_their_budgets_and_the_converged_plan_pairs_by_seed(c
     assert "ttconv_tt - magnitude: s0 +0.050, s1 -0.030" in out and "ttconv_tt - hydra: s1 +0.120" in out
 
 
+def test_the_converged_curves_count_every_epoch_a_fine_tuned_cell_trained(tmp_path):
+    """A pruner fine-tuned after the 15-epoch dense start is drawn from epoch 16 on; a cell from
+    scratch from epoch 1."""
+    import sys
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    converged = _benchmark("converged")
+    curve = [{"epoch": e, "val_worst": 0.1} for e in (1, 2, 3)]
+    drawn = converged.plot_curves([{"budget": "-", "method": "dense", "seed": 0, "dense_epochs": 0, "curve": curve},
+                                   {"budget": "model30", "method": "magnitude", "seed": 1, "dense_epochs": 15,
+                                    "curve": curve}], tmp_path / "curves.png")
+    assert drawn == {"dense s0": [1, 2, 3], "model30 magnitude s1": [16, 17, 18]}
+    assert (tmp_path / "curves.png").stat().st_size > 0
+
+
 
 def test_the_converged_pilot_resumes_its_curve_where_it_stopped(tmp_path):
     """The pilot's curve is written as each epoch ends; a restarted pilot reads it back and goes

@@ -364,7 +364,7 @@ def done_keys(path: Path) -> set[tuple]:
 
 
 def report(path: Path, figures: Path = HERE.parent, name: str = "compressors.png",
-           models: tuple[str, ...] = ("vgg", "vit")) -> None:
+           models: tuple[str, ...] = ("vgg", "vit"), kappa: bool = True) -> None:
     """One table per model and budget (the dense reference first), the paired difference of the
     two best methods where they share seeds, and the Pareto plot (`figures`/`name`)."""
     import matplotlib
@@ -377,7 +377,8 @@ def report(path: Path, figures: Path = HERE.parent, name: str = "compressors.png
         r = json.loads(line)
         runs.setdefault((r["model"], r["budget"], r["method"], r["epochs"]), {})[r["seed"]] = r
     keys = ("clean_acc", "pgd20_acc", "worst_acc")
-    fig, axes = plt.subplots(1, 3, figsize=(19, 6.2))
+    fig, axes = plt.subplots(1, len(models) + kappa, figsize=(6.3 * (len(models) + kappa), 6.2), squeeze=False)
+    axes = axes[0]
     # one colour and marker per method, the same in both panels (more methods than a 10-colour cycle);
     # PGD-AT controls dashed
     names = sorted({split_method(method)[0] for (_, _, method, _) in runs if not method.startswith("dense")})
@@ -457,7 +458,8 @@ def report(path: Path, figures: Path = HERE.parent, name: str = "compressors.png
             ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=3)  # below: no point hidden
         else:
             ax.set_title(f"{model}: no runs yet")
-    kappa_scatter(axes[2], path)
+    if kappa:  # the conditioning study's scatter, beside the short protocol's panels
+        kappa_scatter(axes[-1], path)
     fig.tight_layout()
     out = figures / name
     fig.savefig(out, dpi=120)

@@ -216,7 +216,7 @@ def main(args) -> None:
         return
     if args.report:
         records = [json.loads(line) for line in results.read_text().splitlines()]
-        report(results, figures=HERE.parent, name="compressors_converged.png", models=("vgg",))
+        report(results, figures=HERE.parent, name="compressors_converged.png", models=("vgg",), kappa=False)
         for budget in ("model30", "model10"):
             paired(records, budget)
         plot_curves([r for r in records if r.get("curve")], HERE.parent / "converged_curves.png")

@@ -179,6 +179,11 @@ def test_compressor_report_tables_best_pair_and_unreachable_cells(tmp_path, caps
     assert "best: magnitude_global 0.170; paired worst-case difference to jsvd_tt over seeds [0, 1]: +0.030, -0.010" \
         in table
     assert (tmp_path / "compressors.png").stat().st_size > 0
+    # the converged protocol's figure: the VGG panel alone, no empty ViT panel, no kappa scatter
+    bench.report(results, figures=tmp_path, name="converged.png", models=("vgg",), kappa=False)
+    from matplotlib.image import imread
+
+    assert imread(tmp_path / "converged.png").shape[1] * 3 == imread(tmp_path / "compressors.png").shape[1]
 
 
 def test_ablation_report_pairs_seeds_and_draws_the_kappa_scatter(tmp_path, capsys):

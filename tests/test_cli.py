@@ -77,9 +77,12 @@ def test_every_config_parses_and_instantiates(path, tmp_path, monkeypatch):
 
 
 def _benchmark(name: str = "compressors"):
-    """benchmarks/<name>.py as a module (the benchmarks are scripts, not part of the package)."""
+    """benchmarks/<name>.py as a module (the benchmarks are scripts, not part of the package);
+    benchmarks/ goes on sys.path, as when the script runs, so its imports of its siblings resolve."""
     import importlib.util
 
+    if str(REPO / "benchmarks") not in sys.path:
+        sys.path.insert(0, str(REPO / "benchmarks"))
     spec = importlib.util.spec_from_file_location(f"{name}_bench", REPO / "benchmarks" / f"{name}.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
@@ -312,8 +315,6 @@ def test_vgg_ttconv_cell_meets_the_whole_model_budget_with_tt_convolutions():
 def test_lowrank_cells_meet_their_budgets_and_the_converged_plan_pairs_by_seed(capsys):
     """The low-rank cells (FC head at 84x; the whole VGG and ViT at 10x / 30x) within their
     budgets, from scratch; the converged protocol's plan (issue 30) and its paired differences."""
-    import sys
-
     from sepnet.compress.lowrank import LowRankLinear, Tucker2Conv2d
     from sepnet.measures import fc_parameter_counts, parameter_counts
     from sepnet.network import build_network
@@ -329,7 +330,6 @@ def test_lowrank_cells_meet_their_budgets_and_the_converged_plan_pairs_by_seed(c
         assert not from_dense and factor <= counts.dense / counts.nonzero < 1.3 * factor, (model, factor, counts)
         kinds = {type(m) for m in net.modules()}
         assert LowRankLinear in kinds and (Tucker2Conv2d in kinds) == (model == "vgg")
-    sys.path.insert(0, str(REPO / "benchmarks"))
     converged = _benchmark("converged")
     cells = converged.plan()
     assert sum(b == "model30" for b, _, _ in cells) == 12 and {s for b, _, s in cells if b == "model30"} == {0, 1}
@@ -345,9 +345,6 @@ def test_lowrank_cells_meet_their_budgets_and_the_converged_plan_pairs_by_seed(c
 def test_the_converged_curves_count_every_epoch_a_fine_tuned_cell_trained(tmp_path):
     """A pruner fine-tuned after the 15-epoch dense start is drawn from epoch 16 on; a cell from
     scratch from epoch 1."""
-    import sys
-
-    sys.path.insert(0, str(REPO / "benchmarks"))
     converged = _benchmark("converged")
     curve = [{"epoch": e, "val_worst": 0.1} for e in (1, 2, 3)]
     drawn = converged.plot_curves([{"budget": "-", "method": "dense", "seed": 0, "dense_epochs": 0, "curve": curve},
@@ -361,10 +358,8 @@ def test_the_converged_curves_count_every_epoch_a_fine_tuned_cell_trained(tmp_pa
 def test_the_converged_pilot_resumes_its_curve_where_it_stopped(tmp_path):
     """The pilot's curve is written as each epoch ends; a restarted pilot reads it back and goes
     on (its training resumes from the last checkpoint in the same folder)."""
-    import sys
     from types import SimpleNamespace
 
-    sys.path.insert(0, str(REPO / "benchmarks"))
     converged = _benchmark("converged")
     progress = tmp_path / "curve.jsonl"
 
@@ -386,12 +381,9 @@ def test_the_converged_pilot_resumes_its_curve_where_it_stopped(tmp_path):
 def test_a_converged_cell_stopped_after_an_epoch_resumes_from_its_checkpoint(tmp_path, monkeypatch):
     """converged.fit(..., resumable): after every epoch a checkpoint beside the curve (not only
     when the fit ends), so a run stopped in epoch 2 starts again at epoch 2 and keeps epoch 1."""
-    import sys
-
     import lightning as L
     from torch.utils.data import DataLoader, TensorDataset
 
-    sys.path.insert(0, str(REPO / "benchmarks"))
     converged = _benchmark("converged")
     torch.manual_seed(0)
     data = TensorDataset(torch.rand(64, 3, 32, 32), torch.randint(0, 10, (64,)))

@@ -171,27 +171,49 @@ def pilot(epochs: int, results: Path, figures: Path) -> None:
     plot_curves([{"method": f"dense pilot ({epochs} epochs)", "seed": 0, "curve": curve}], figures / "converged_pilot.png")
 
 
+SEED_MARKERS = "o^sv"
+
+
+def style(record: dict, others: list[str] | None = None) -> dict:
+    """A curve's line style: the colour names the method (the same on every seed and budget),
+    the marker names the seed, and a fine-tuned cell is dashed. A method outside the plan (a
+    pilot) takes the next free colour, in the order of `others`."""
+    import matplotlib
+
+    method, others = record["method"], others if others is not None else []
+    order = METHODS + [m for m in others if m not in METHODS]
+    colours = matplotlib.colormaps["tab10"].colors
+    colour = colours[order.index(method) % len(colours)] if method in order else "black"
+    return dict(color=colour, marker=SEED_MARKERS[record["seed"] % len(SEED_MARKERS)], markersize=3,
+                linestyle="--" if record.get("dense_epochs", 0) else "-")
+
+
 def plot_curves(records: list[dict], out: Path) -> dict[str, list[int]]:
-    """Validation worst case against epoch, one line per cell; a cell fine-tuned from the dense
-    start is drawn dashed after its start's epochs (epoch E + 1 onwards), so the x axis counts
-    every epoch the model has trained. Returns each line's epochs, by label."""
+    """Validation worst case against epoch, one line per cell and one panel per budget (the
+    dense cells, which have none, in every panel); a cell fine-tuned from the dense start is
+    drawn dashed after its start's epochs (epoch E + 1 onwards), so the x axis counts every
+    epoch the model has trained. Returns each line's epochs, by label."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5))
-    drawn = {}
-    for r in records:
-        points = r["curve"]
-        budget = "" if r.get("budget", "-") == "-" else f"{r['budget']} "  # dense and the pilots have none
-        label, before = f"{budget}{r['method']} s{r['seed']}", r.get("dense_epochs", 0)
-        drawn[label] = [before + p["epoch"] for p in points]
-        ax.plot(drawn[label], [p["val_worst"] for p in points], marker=".", label=label,
-                linestyle="--" if before else "-")
-    ax.set(xlabel="epochs trained in all (dashed: fine-tuned after the dense start's epochs)",
-           ylabel="validation worst case (PGD-10, FGSM; 512 images)", title="Converged protocol: training curves")
-    ax.legend(fontsize=7, ncol=2)
+    budgets = sorted({r.get("budget", "-") for r in records} - {"-"}, key=lambda b: -float(b.removeprefix("model"))) or ["-"]
+    fig, axes = plt.subplots(1, len(budgets), figsize=(8 * len(budgets), 5), squeeze=False, sharey=True)
+    drawn, others = {}, list(dict.fromkeys(r["method"] for r in records))
+    for ax, budget in zip(axes[0], budgets):
+        for r in records:
+            if r.get("budget", "-") not in ("-", budget):
+                continue
+            points = r["curve"]
+            prefix = "" if r.get("budget", "-") == "-" else f"{r['budget']} "  # dense and the pilots have none
+            label, before = f"{prefix}{r['method']} s{r['seed']}", r.get("dense_epochs", 0)
+            drawn[label] = [before + p["epoch"] for p in points]
+            ax.plot(drawn[label], [p["val_worst"] for p in points], label=label, **style(r, others))
+        ax.set(xlabel="epochs trained in all (dashed: fine-tuned after the dense start's epochs)",
+               title="Converged protocol: training curves" + ("" if budget == "-" else f", {budget}"))
+        ax.legend(fontsize=7, ncol=2)
+    axes[0][0].set_ylabel("validation worst case (PGD-10, FGSM; 512 images)")
     fig.tight_layout()
     fig.savefig(out, dpi=120)
     plt.close(fig)

@@ -352,6 +352,20 @@ def test_the_converged_curves_count_every_epoch_a_fine_tuned_cell_trained(tmp_pa
                                     "curve": curve}], tmp_path / "curves.png")
     assert drawn == {"dense s0": [1, 2, 3], "model30 magnitude s1": [16, 17, 18]}
     assert (tmp_path / "curves.png").stat().st_size > 0
+    # one colour per method on every seed, one marker per seed
+    a, b = converged.style({"method": "magnitude", "seed": 0}), converged.style({"method": "magnitude", "seed": 1})
+    assert a["color"] == b["color"] and a["marker"] != b["marker"]
+    assert len({converged.style({"method": m, "seed": 0})["color"] for m in converged.METHODS}) == len(converged.METHODS)
+    pilots = ["dense pilot", "dense, 15-epoch schedule"]
+    assert len({converged.style({"method": m, "seed": 0}, pilots)["color"] for m in pilots}) == 2
+    # a panel per budget, dense in each, and a wider figure for two
+    wide = converged.plot_curves([{"budget": "-", "method": "dense", "seed": 0, "curve": curve},
+                                  {"budget": "model10", "method": "hydra", "seed": 0, "dense_epochs": 15, "curve": curve},
+                                  {"budget": "model30", "method": "hydra", "seed": 0, "dense_epochs": 15, "curve": curve}],
+                                 tmp_path / "wide.png")
+    assert set(wide) == {"dense s0", "model10 hydra s0", "model30 hydra s0"}
+    from PIL import Image
+    assert Image.open(tmp_path / "wide.png").width > Image.open(tmp_path / "curves.png").width
 
 
 

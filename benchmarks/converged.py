@@ -45,6 +45,7 @@ HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "compressors_converged.jsonl"
 FROM_DENSE = {"magnitude_global", "magnitude", "hydra", "jsvd_tt"}  # fine-tuned from the dense cell's weights
 METHODS = ["dense", "ttconv_tt", "magnitude_global", "magnitude", "hydra", "jsvd_tt", "lowrank"]
+BUDGETS = ("model30", "model10")  # 2 seeds at the first, 1 at the second
 ATTACK = {"name": "fgsm", "eps": EPS, "step_size": 1.25 * EPS}
 FINE_TUNE_LR = 0.01
 EVAL = dict(pgd_images=2000, aa_images=2000, honesty_images=256, square_queries=5000)
@@ -54,8 +55,8 @@ def plan() -> list[tuple[str, str, int]]:
     """(budget, method, seed): the 30x cells on seed 0, then seed 1, then the 10x cells (seed 0)."""
     cells = []
     for seed in (0, 1):
-        cells += [("-" if m == "dense" else "model30", m, seed) for m in METHODS]
-    return cells + [("model10", m, 0) for m in METHODS if m != "dense"]
+        cells += [("-" if m == "dense" else BUDGETS[0], m, seed) for m in METHODS]
+    return cells + [(BUDGETS[1], m, 0) for m in METHODS if m != "dense"]
 
 
 class Curve(L.Callback):
@@ -174,16 +175,13 @@ def pilot(epochs: int, results: Path, figures: Path) -> None:
 SEED_MARKERS = "o^sv"
 
 
-def style(record: dict, others: list[str] | None = None) -> dict:
-    """A curve's line style: the colour names the method (the same on every seed and budget),
-    the marker names the seed, and a fine-tuned cell is dashed. A method outside the plan (a
-    pilot) takes the next free colour, in the order of `others`."""
+def style(record: dict, order: list[str] = METHODS) -> dict:
+    """A curve's line style: the colour names the method by its place in `order` (the same on
+    every seed and budget), the marker names the seed, and a fine-tuned cell is dashed."""
     import matplotlib
 
-    method, others = record["method"], others if others is not None else []
-    order = METHODS + [m for m in others if m not in METHODS]
     colours = matplotlib.colormaps["tab10"].colors
-    colour = colours[order.index(method) % len(colours)] if method in order else "black"
+    colour = colours[order.index(record["method"]) % len(colours)]
     return dict(color=colour, marker=SEED_MARKERS[record["seed"] % len(SEED_MARKERS)], markersize=3,
                 linestyle="--" if record.get("dense_epochs", 0) else "-")
 
@@ -198,18 +196,19 @@ def plot_curves(records: list[dict], out: Path) -> dict[str, list[int]]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    budgets = sorted({r.get("budget", "-") for r in records} - {"-"}, key=lambda b: -float(b.removeprefix("model"))) or ["-"]
+    budgets = [b for b in BUDGETS if any(r.get("budget") == b for r in records)] or ["-"]
+    order = METHODS + [m for m in dict.fromkeys(r["method"] for r in records) if m not in METHODS]  # pilots last
     fig, axes = plt.subplots(1, len(budgets), figsize=(8 * len(budgets), 5), squeeze=False, sharey=True)
-    drawn, others = {}, list(dict.fromkeys(r["method"] for r in records))
+    drawn = {}
     for ax, budget in zip(axes[0], budgets):
         for r in records:
-            if r.get("budget", "-") not in ("-", budget):
+            own = r.get("budget", "-")  # dense and the pilots have none: drawn in every panel
+            if own not in ("-", budget):
                 continue
             points = r["curve"]
-            prefix = "" if r.get("budget", "-") == "-" else f"{r['budget']} "  # dense and the pilots have none
-            label, before = f"{prefix}{r['method']} s{r['seed']}", r.get("dense_epochs", 0)
+            label, before = f"{'' if own == '-' else own + ' '}{r['method']} s{r['seed']}", r.get("dense_epochs", 0)
             drawn[label] = [before + p["epoch"] for p in points]
-            ax.plot(drawn[label], [p["val_worst"] for p in points], label=label, **style(r, others))
+            ax.plot(drawn[label], [p["val_worst"] for p in points], label=label, **style(r, order))
         ax.set(xlabel="epochs trained in all (dashed: fine-tuned after the dense start's epochs)",
                title="Converged protocol: training curves" + ("" if budget == "-" else f", {budget}"))
         ax.legend(fontsize=7, ncol=2)
@@ -239,7 +238,7 @@ def main(args) -> None:
     if args.report:
         records = [json.loads(line) for line in results.read_text().splitlines()]
         report(results, figures=HERE.parent, name="compressors_converged.png", models=("vgg",), kappa=False)
-        for budget in ("model30", "model10"):
+        for budget in BUDGETS:
             paired(records, budget)
         plot_curves([r for r in records if r.get("curve")], HERE.parent / "converged_curves.png")
         pilots = results.with_name("compressors_converged_pilot.jsonl")

@@ -357,7 +357,7 @@ def test_the_converged_curves_count_every_epoch_a_fine_tuned_cell_trained(tmp_pa
     assert a["color"] == b["color"] and a["marker"] != b["marker"]
     assert len({converged.style({"method": m, "seed": 0})["color"] for m in converged.METHODS}) == len(converged.METHODS)
     pilots = ["dense pilot", "dense, 15-epoch schedule"]
-    assert len({converged.style({"method": m, "seed": 0}, pilots)["color"] for m in pilots}) == 2
+    assert len({converged.style({"method": m, "seed": 0}, converged.METHODS + pilots)["color"] for m in pilots}) == 2
     # a panel per budget, dense in each, and a wider figure for two
     wide = converged.plot_curves([{"budget": "-", "method": "dense", "seed": 0, "curve": curve},
                                   {"budget": "model10", "method": "hydra", "seed": 0, "dense_epochs": 15, "curve": curve},

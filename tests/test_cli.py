@@ -334,6 +334,16 @@ def test_lowrank_cells_meet_their_budgets_and_the_converged_plan_pairs_by_seed(c
     cells = converged.plan()
     assert sum(b == "model30" for b, _, _ in cells) == 12 and {s for b, _, s in cells if b == "model30"} == {0, 1}
     assert [m for b, m, _ in cells if b == "model10"] == [m for m in converged.METHODS if m != "dense"]
+    # the 10x row's top two get a second seed once the row is in, and only where they are close
+    row = [m for m in converged.METHODS if m != "dense"]
+    close = [{"budget": "model10", "method": m, "seed": 0, "status": "ok", "worst_acc": 0.20 - 0.01 * i}
+             for i, m in enumerate(row)]
+    assert converged.plan(close[:-1]) == cells
+    assert converged.plan(close) == cells + [("model10", row[0], 1), ("model10", row[1], 1)]
+    apart = [dict(r, worst_acc=0.30) if r["method"] == row[2] else r for r in close]
+    assert converged.plan(apart) == cells
+    apart = [dict(r, worst_acc=0.21) if r["method"] == row[2] else r for r in close]
+    assert converged.plan(apart)[-2:] == [("model10", row[2], 1), ("model10", row[0], 1)]
     records = [{"budget": "model30", "method": m, "seed": s, "status": "ok", "worst_acc": w}
                for m, s, w in (("ttconv_tt", 0, 0.20), ("ttconv_tt", 1, 0.22), ("magnitude", 0, 0.15),
                                ("magnitude", 1, 0.25), ("hydra", 1, 0.1))]

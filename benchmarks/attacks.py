@@ -1,9 +1,9 @@
 """PGD throughput: sepnet's ART-based PGD vs ART's stock estimator vs torchattacks, the cost
 of an adversarial-training epoch, and fast FGSM: ART's FastGradientMethod vs sepnet's FGSM.
 
-    python benchmarks/attacks.py [--images 1024] [--batch 256]
-    python benchmarks/attacks.py --overhead [--threads 1]      # the training step: sepnet / plain torch
-    python benchmarks/attacks.py --evaluation [--images 500]   # run.py test's suite: sepnet / ART stock / torchattacks
+    python -m benchmarks.attacks [--images 1024] [--batch 256]
+    python -m benchmarks.attacks --overhead [--threads 1]      # the training step: sepnet / plain torch
+    python -m benchmarks.attacks --evaluation [--images 500]   # run.py test's suite: sepnet / ART stock / torchattacks
 
 A small CNN is first trained for two clean epochs on 10k images of ../shared/data/cifar10-jpeg so
 that adversarial accuracy means something; then PGD-10 Linf eps 8/255, step 2/255, random start,
@@ -25,7 +25,8 @@ import torchattacks
 from torch import nn
 from torchvision import datasets, transforms
 
-from sepnet.attacks import AdversarialTraining, Attacker, AttackSpec, adversarial_loss, attack_guard
+from sepnet.attacks import Attacker, AttackSpec, attack_guard
+from sepnet.objectives import AdversarialTraining, build_objective
 from sepnet.guards import eval_mode
 
 ROOT = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg"
@@ -101,8 +102,8 @@ def plain_step(net, opt, x, y, name, eps, step, steps) -> None:
     opt.step()
 
 
-def sepnet_step(net, opt, attacker, config, x, y) -> None:
-    _, task, _, _ = adversarial_loss(net, attacker, config, x, y)
+def sepnet_step(objective, opt, x, y) -> None:
+    task = objective(x, y).loss
     opt.zero_grad(set_to_none=True)
     task.backward()
     opt.step()
@@ -117,7 +118,7 @@ OVERHEAD_ATTACKS = {  # name: (sepnet adversarial section, plain attack name, st
 
 
 def overhead(batches: list[int], repeats: int, models: list[str], attacks: list[str]) -> None:
-    """A training step through sepnet (`adversarial_loss`: ART's attacks through the adapter,
+    """A training step through sepnet (its training objective: ART's attacks through the adapter,
     the guard, the estimator) against the plain-torch step with the same arithmetic, measured
     alternately in one run (median of `repeats`), on random CIFAR-shaped batches."""
     from sepnet.network import build_network
@@ -147,8 +148,8 @@ def overhead(batches: list[int], repeats: int, models: list[str], attacks: list[
             for attack in attacks:
                 section, plain_name, steps = OVERHEAD_ATTACKS[attack]
                 config = AdversarialTraining(**{**section, "attack": AttackSpec(eps=8 / 255, **section["attack"])})
-                spec = config.attack
-                runs = {"clean": clean, "sepnet": lambda: sepnet_step(net, opt, attacker, config, x, y),
+                spec, objective = config.attack, build_objective(config, net, attacker)
+                runs = {"clean": clean, "sepnet": lambda: sepnet_step(objective, opt, x, y),
                         "plain": lambda: plain_step(net, opt, x, y, plain_name, spec.eps, spec.step_size, steps)}
                 times = {k: [] for k in runs}
                 net.train()
@@ -186,7 +187,7 @@ def evaluation_speed(images: int, batch: int, square_queries: int) -> None:
     path = dense_start_path(argparse.Namespace(results="benchmarks/results/compressors.jsonl", dense_epochs=1), "vgg", 0)
     if not path.is_file():
         raise SystemExit(f"{path}: missing; expected the compressor benchmark's dense start "
-                         "(python benchmarks/compressors.py --model vgg --budget - --method dense --seed 0)")
+                         "(python -m benchmarks.compressors --model vgg --budget - --method dense --seed 0)")
     module = ImageClassifier(network=DENSE["vgg"], **common_kwargs("vgg"))
     module.net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     net = module.net.eval()

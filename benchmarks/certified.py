@@ -1,9 +1,9 @@
 """Certified robustness at equal parameter budgets (issue 28), and the Lipschitz-convolution
 library choice.
 
-    python benchmarks/certified.py --layers                      # AOC / AOL / deel-torchlip vs nn.Conv2d
-    python benchmarks/certified.py --budget 0.1M --model lipconvnet_dense --seed 0 --epochs 6
-    python benchmarks/certified.py --report                      # tables + certified-vs-radius plot
+    python -m benchmarks.certified --layers                      # AOC / AOL / deel-torchlip vs nn.Conv2d
+    python -m benchmarks.certified --budget 0.1M --model lipconvnet_dense --seed 0 --epochs 6
+    python -m benchmarks.certified --report                      # tables + certified-vs-radius plot
 
 Models (the same recipe for all: mean-only normalization, so the bound is the network's own
 1; the Lipschitz-margin loss at L2 36/255, temperature 0.25; AdamW 5e-3, cosine; batch 256):
@@ -30,21 +30,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from benchmarks.common import CIFAR_MEAN, CIFAR_STD, FIGURES, datamodule, train
+from sepnet.attacks import Attacker
+from sepnet.certificate import soundness_checks
+from sepnet.lipschitz import CertificateError, certified_from_logits, lipschitz_bound
+from sepnet.module import ImageClassifier
+
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-
-from reproduce import CIFAR_MEAN, CIFAR_STD, train  # noqa: E402
-
-from sepnet.attacks import Attacker  # noqa: E402
-from sepnet.lipschitz import CertificateError, certified_from_logits, lipschitz_bound, soundness_checks  # noqa: E402
-from sepnet.module import ImageClassifier  # noqa: E402
 
 RESULTS = HERE / "results" / "certified.jsonl"
 RADII = (36 / 255, 72 / 255, 108 / 255)
@@ -98,12 +96,10 @@ def classifier(network: dict) -> ImageClassifier:
         constraint={"condition_weight": 0.0, "sparsity_weight": 0.0, "proximal": False},
         optimization={"optimizer": "adamw", "lr": 5e-3, "weight_decay": 0.0, "scheduler": "cosine"},
         adversarial={"loss": "lipschitz_margin", "margin_eps": RADII[0], "margin_temperature": 0.25},
-        validation={"batches": 0, "certify_radii": list(RADII)})
+        validation={"batches": 0}, certificate={"radii": list(RADII)})
 
 
 def test_images(batch: int = 500) -> tuple[torch.Tensor, torch.Tensor]:
-    from reproduce import datamodule
-
     dm = datamodule(batch)
     dm.setup()
     xs, ys = zip(*dm.test_dataloader())  # the loader's fixed shuffle: a prefix is a random sample
@@ -177,7 +173,7 @@ def layer_choice(repeats: int = 5) -> None:
         print(f"{name:30} {norm:20.5f} {1e3 * med:11.1f} {med / base:7.2f}x {sum(p.numel() for p in layer.parameters()):7d}")
 
 
-def report(results: Path = RESULTS, figure: Path = HERE.parent / "certified.png") -> None:
+def report(results: Path = RESULTS, figure: Path = FIGURES / "certified.png") -> None:
     rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
     print("| budget | model | seeds | params | epochs | clean | certified 36/255 | 72/255 | 108/255 | bound | "
           "train s / epoch | soundness |")
@@ -231,7 +227,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--check-images", type=int, default=1000)
     parser.add_argument("--results", default=str(RESULTS))
-    parser.add_argument("--figure", default=str(HERE.parent / "certified.png"), help="--report's plot")
+    parser.add_argument("--figure", default=str(FIGURES / "certified.png"), help="--report's plot")
     args = parser.parse_args(argv)
     if args.layers:
         layer_choice()

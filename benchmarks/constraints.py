@@ -1,6 +1,6 @@
 """Which differentiable condition-number penalty to default to, and what the penalties cost.
 
-    python benchmarks/constraints.py
+    python -m benchmarks.constraints
 
 1. A teacher-student regression: a SeparableLinear (16, 16) -> (16, 16), rank 2, fits an
    ill-conditioned Kronecker teacher with MSE + weight x penalty, for each penalty form. Reports

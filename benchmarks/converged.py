@@ -1,9 +1,9 @@
 """The compressor benchmark at a converged CPU protocol: does TT-conv's 30x lead over pruning
 survive training to the plateau?
 
-    python benchmarks/compressors.py --protocol converged --pilot 60     # the dense pilot and its curve
-    python benchmarks/compressors.py --protocol converged --epochs E     # every cell, in plan order
-    python benchmarks/compressors.py --protocol converged --epochs E --report
+    python -m benchmarks.compressors --protocol converged --pilot 60     # the dense pilot and its curve
+    python -m benchmarks.compressors --protocol converged --epochs E     # every cell, in plan order
+    python -m benchmarks.compressors --protocol converged --epochs E --report
 
 Protocol (VGG-16 at 1/4 width with the 512-wide head, CIFAR-10 JPEG copy):
 - fast FGSM with random start and step 1.25 eps (Wong et al.), Linf 8/255; SGD 0.05, momentum
@@ -36,8 +36,8 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from compressors import DENSE, cell_config, done_keys, report
-from reproduce import CIFAR_MEAN, CIFAR_STD, EPS, datamodule, evaluate
+from benchmarks.cells import DENSE, cell_config, done_keys, report
+from benchmarks.common import CIFAR_MEAN, CIFAR_STD, EPS, FIGURES, datamodule, evaluate
 from sepnet import metric_names as names
 from sepnet.callbacks import RunWatch, last_checkpoint
 from sepnet.compress import remove_pruning_
@@ -247,21 +247,21 @@ def paired(records: list[dict], budget: str, leader: str = "ttconv_tt") -> None:
 def main(args) -> None:
     results = Path(args.results) if args.results != str(HERE / "results" / "compressors.jsonl") else RESULTS
     if args.pilot:
-        pilot(args.pilot, results, HERE.parent)
+        pilot(args.pilot, results, FIGURES)
         return
     if args.report:
         records = [json.loads(line) for line in results.read_text().splitlines()]
-        report(results, figures=HERE.parent, name="compressors_converged.png", models=("vgg",), kappa=False)
+        report(results, figures=FIGURES, name="compressors_converged.png", models=("vgg",), kappa=False)
         for budget in BUDGETS:
             paired(records, budget)
-        plot_curves([r for r in records if r.get("curve")], HERE.parent / "converged_curves.png")
+        plot_curves([r for r in records if r.get("curve")], FIGURES / "converged_curves.png")
         pilots = results.with_name("compressors_converged_pilot.jsonl")
         if pilots.is_file():  # the pilots (a stopped one is recorded with its curve so far) beside the dense cells
             runs = [{"method": f"dense pilot, {p['epochs']}-epoch schedule" + (f", stopped at {p['stopped_at']}"
                                                                               if p.get("stopped_at") else ""),
                      "seed": 0, "curve": p["curve"]} for p in map(json.loads, pilots.read_text().splitlines())]
             runs += [{**r, "method": f"dense, {r['epochs']}-epoch schedule"} for r in records if r["method"] == "dense"]
-            plot_curves(runs, HERE.parent / "converged_pilot.png")
+            plot_curves(runs, FIGURES / "converged_pilot.png")
         return
     if args.epochs is None:
         raise SystemExit("--protocol converged: give --epochs (chosen from the pilot's curve, --pilot N)")

@@ -1,6 +1,6 @@
 """Deployment size and CPU latency: dense vs separable models, measured in the same run.
 
-    python benchmarks/deploy.py
+    python -m benchmarks.deploy
 
 For each model: TorchScript file size, sparse state-dict size (bitmask format of sepnet.export),
 and median CPU latency of the TorchScript model at batch 1 and 64 (2 threads here). The dense

@@ -1,8 +1,8 @@
 """The GPU path, measured in one command: CUDA + bf16 + channels-last training with adversarial
 training, the separable layer and the attacks on the card, and a first GPU-scale robust figure.
 
-    python benchmarks/gpu.py --out gpu.json          # on a lent H100/H200, about 7 minutes
-    python benchmarks/gpu.py --tiny --out tiny.json  # every path on the CPU in seconds (tested)
+    python -m benchmarks.gpu --out gpu.json          # on a lent H100/H200, about 7 minutes
+    python -m benchmarks.gpu --tiny --out tiny.json  # every path on the CPU in seconds (tested)
 
 Sections (each ratio is against a baseline measured in the same run, on the same device):
 1. environment: card, torch/CUDA versions, backend flags, free memory;
@@ -321,27 +321,23 @@ class SyncDebug(L.Callback):
 
 
 def sync_section(device: torch.device, tiny: bool) -> dict:
-    """tests/test_sync_free.py's training steps on `device` under the sync debug mode (section 7)."""
-    import importlib.util
-
+    """benchmarks.sync_cases' training steps on `device` under the sync debug mode (section 7)."""
+    from benchmarks.sync_cases import CASES, LOG_EVERY, case_model
     from sepnet.callbacks import EpochLine, RunWatch
     from sepnet.data import DigitsDataModule
 
-    spec = importlib.util.spec_from_file_location("test_sync_free", REPO / "tests" / "test_sync_free.py")
-    cases = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cases)
     result = {}
-    for case in cases.CASES:
-        model = cases.case_model(case)
+    for case in CASES:
+        model = case_model(case)
         data = DigitsDataModule(batch_size=32)
         data.setup("fit")
         # the batches already on the card (a loader's host-to-device copy is not the step's)
         x, y = next(iter(data.train_dataloader()))
         loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x.to(device), y.to(device)), batch_size=32)
         trainer = L.Trainer(accelerator=device.type, devices=1, max_steps=4 if tiny else 12,
-                            log_every_n_steps=cases.LOG_EVERY, limit_val_batches=0, logger=False,
+                            log_every_n_steps=LOG_EVERY, limit_val_batches=0, logger=False,
                             enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
-                            callbacks=[RunWatch(), EpochLine(), SyncDebug(cases.LOG_EVERY)])
+                            callbacks=[RunWatch(), EpochLine(), SyncDebug(LOG_EVERY)])
         try:
             trainer.fit(model, train_dataloaders=loader)
             result[case] = "ok"

@@ -2,8 +2,8 @@
 tensorly-torch, at the separable layer's parameter count; and of a VGG 3x3 convolution vs
 TTConv2d (Garipov, and the naive 4-way TT) vs the two-conv SVD layer at a tenth of its parameters.
 
-    python benchmarks/layers.py [--batch 128] [--repeats 20] [--device cpu]
-    python benchmarks/layers.py --tt-paths     # TTLinear / TTConv2d: structured vs implied matrix / kernel
+    python -m benchmarks.layers [--batch 128] [--repeats 20] [--device cpu]
+    python -m benchmarks.layers --tt-paths     # TTLinear / TTConv2d: structured vs implied matrix / kernel
 
 Each variant runs in its own subprocess so that peak memory (ru_maxrss on CPU, the CUDA
 allocator's peak on GPU) is its own. Ratios are against the dense layer of the same run.

@@ -1,9 +1,9 @@
 """CPU study on real images: dense vs separable vs magnitude pruning, with ablations.
 
-    python benchmarks/reproduce.py --family mlp                 # run every variant of a family
-    python benchmarks/reproduce.py --family vgg --only sep_a     # one variant
-    python benchmarks/reproduce.py --report                      # table + plots from the results
-    python benchmarks/reproduce.py --family vgg --only sep_b_none sep_b_target sep_b_implied
+    python -m benchmarks.reproduce --family mlp                 # run every variant of a family
+    python -m benchmarks.reproduce --family vgg --only sep_a     # one variant
+    python -m benchmarks.reproduce --report                      # table + plots from the results
+    python -m benchmarks.reproduce --family vgg --only sep_b_none sep_b_target sep_b_implied
         sep_b_joint --epochs 10 --seed N --results benchmarks/results/constraint_ablation.jsonl
                                          # issue 12's constraint ablation (--family vit: its ViT rows)
 
@@ -26,30 +26,23 @@ import argparse
 import json
 import math
 import statistics
-import time
 from pathlib import Path
 
-import lightning as L
 import torch
 from torch import nn
-from torch.nn.utils import prune
 
-from sepnet.attacks import AttackSpec
+from benchmarks.common import (AA, CIFAR_MEAN, CIFAR_STD, DATA, EPS, EVAL, FIGURES, KappaHistory,  # noqa: F401
+                               datamodule, eval_specs, evaluate, exact_kappa, train)
 from sepnet.cli import quiet_third_party
-from sepnet.compress import compress_
-from sepnet.data import ImageFolderDataModule
-from sepnet.evaluation import correct, honesty_checks, robust_masks
+from sepnet.compress import compress_, remove_pruning_
 from sepnet.layers import SeparableLinear
-from sepnet.measures import fc_parameter_counts, layer_condition_number, parameter_counts, separable_layers
+from sepnet.measures import fc_parameter_counts, parameter_counts, separable_layers
 from sepnet.module import ImageClassifier
 
 quiet_third_party()  # Lightning's cloud-logger tip and its LeafSpec deprecation, at every run
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "reproduce.jsonl"
-DATA = HERE.parents[1] / "shared" / "data" / "cifar10-jpeg"
-CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
-EPS = 8 / 255
 CONSTRAINT = dict(condition_weight=1e-3, sparsity_weight=1e-4, proximal=True)
 
 MLP = dict(backbone="mlp", backbone_kwargs={"hidden_shapes": [[8, 16, 16], [8, 16, 16]]})
@@ -103,95 +96,6 @@ FAMILIES["vit"] = {"dense": {"network": VIT_DENSE}, "sep_b_none": {"network": VI
                    **{v: {"network": VIT_SEP, "constraint": FAMILIES["vgg"][v]["constraint"]}
                       for v in ("sep_b_target", "sep_b_implied", "sep_b_joint", "sep_b_implied_w0.0001",
                                 "sep_b_implied_w0.01")}}  # the last two: the ViT's own weight sweep (--eval-split val)
-
-
-def eval_specs(eps: float, square_queries: int = 1000) -> dict[str, AttackSpec]:
-    """PGD-20 and the reduced AutoAttack for the CPU (APGD-CE and APGD-DLR with 100 steps and 1
-    restart, Square with `square_queries` queries); steps of eps / 4."""
-    step = eps / 4
-    return {
-        "pgd20": AttackSpec(name="pgd", eps=eps, step_size=step, steps=20),
-        "aa_apgd_ce": AttackSpec(name="apgd_ce", eps=eps, step_size=step, steps=100),
-        "aa_apgd_dlr": AttackSpec(name="apgd_dlr", eps=eps, step_size=step, steps=100),
-        "aa_square": AttackSpec(name="square", eps=eps, step_size=step, steps=square_queries),
-    }
-
-
-EVAL = eval_specs(EPS)
-AA = ("aa_apgd_ce", "aa_apgd_dlr", "aa_square")
-
-
-def exact_kappa(layer) -> float:
-    """Exact kappa of a separable layer over its structural rank, also for the MLP's 2048x3072
-    rank > 1 layers, where the monitor's default gives the Weyl bound (vacuous there)."""
-    return layer_condition_number(layer, max_dense_elements=2**24).value
-
-
-class KappaHistory(L.Callback):
-    """Mean log10 kappa of the separable layers (exact values) after every epoch."""
-
-    def __init__(self) -> None:
-        self.history: list[float] = []
-        self.per_layer: list[list[float]] = []  # log10 kappa of every layer (inf: singular)
-
-    def on_train_epoch_end(self, trainer, pl_module) -> None:
-        # exact values only: the Weyl bound of large rank > 1 layers jumps between finite and
-        # vacuous and would make the curve meaningless
-        kappas = [exact_kappa(layer) for _, layer in separable_layers(pl_module)]
-        finite = [math.log10(k) for k in kappas if math.isfinite(k)]
-        self.per_layer.append([math.log10(k) for k in kappas])
-        if finite:
-            self.history.append(sum(finite) / len(finite))
-
-
-def datamodule(batch_size: int) -> ImageFolderDataModule:
-    return ImageFolderDataModule(root=str(DATA), batch_size=batch_size, num_workers=2, pin_memory=False,
-                                 mean=CIFAR_MEAN, std=CIFAR_STD, val_fraction=0.05)
-
-
-def train(model: ImageClassifier, epochs: int, batch_size: int, callbacks=(), logger=False) -> tuple[float, KappaHistory]:
-    kappa = KappaHistory()
-    trainer = L.Trainer(max_epochs=epochs, accelerator="cpu", logger=logger, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, inference_mode=False,
-                        limit_val_batches=0, num_sanity_val_steps=0, callbacks=[kappa, *callbacks])
-    start = time.perf_counter()
-    trainer.fit(model, datamodule(batch_size))
-    return time.perf_counter() - start, kappa
-
-
-def evaluate(net: nn.Module, attacker, pgd_images: int, aa_images: int, honesty_images: int = 256,
-             eps: float = EPS, split: str = "test", square_queries: int = 1000) -> dict:
-    """sepnet.evaluation on the test set: clean accuracy on all 10k images, PGD-20 on the first
-    `pgd_images`, then the reduced AutoAttack on the PGD survivors among the first `aa_images`
-    (worst_acc: an image counts if it survives all four), and the honesty checks. split "val":
-    the same on the 1,000 held-out training images instead (for choosing weights)."""
-    if split not in ("test", "val"):
-        raise ValueError(f"evaluation split {split!r}: expected 'test' or 'val'")
-    dm = datamodule(500)
-    dm.setup()
-    hits, xs, ys = [], [], []  # the test loader's fixed shuffle makes its prefix a random sample
-    subset = max(pgd_images, aa_images, honesty_images)
-    loader = dm.test_dataloader() if split == "test" else dm.val_dataloader()  # val: a random split
-    for x, y in loader:
-        hits.append(correct(net, x, y))
-        if sum(len(t) for t in ys) < subset:
-            xs.append(x), ys.append(y)
-    x, y = torch.cat(xs), torch.cat(ys)
-    if len(y) < subset:
-        raise ValueError(f"{split} split: {len(y)} images, fewer than the {subset} to attack")
-    out = {"clean_acc": torch.cat(hits).float().mean().item(), "eval_split": split}
-    specs = eval_specs(eps, square_queries)
-    pgd = robust_masks(net, attacker, x[:pgd_images], y[:pgd_images], [specs["pgd20"]])["pgd_linf"]
-    out["pgd20_acc"] = pgd.float().mean().item()
-    alive = torch.ones(aa_images, dtype=torch.bool)
-    alive[:min(pgd_images, aa_images)] = pgd[:aa_images]
-    aa = robust_masks(net, attacker, x[:aa_images], y[:aa_images], [specs[k] for k in AA], alive=alive)
-    out["worst_acc"] = aa["worst"].float().mean().item()
-    if honesty_images:
-        checks = honesty_checks(net, attacker, x[:honesty_images], y[:honesty_images], specs["pgd20"],
-                                square_queries)
-        out["honesty"] = {"accuracy": checks["accuracy"], "warnings": checks["warnings"]}
-    return out
 
 
 def prune_from_dense(family: str, dense_state: dict, reference: nn.Module, adv: str = "fgsm",
@@ -255,9 +159,7 @@ def run(family: str, variant: str, args) -> dict:
     epochs = args.epochs  # pruned models are fine-tuned as long as the others are trained
     seconds, kappa = train(model, epochs, args.batch)
     if variant.startswith("pruned_"):
-        for m in model.net.modules():
-            if isinstance(m, nn.Linear) and prune.is_pruned(m):
-                prune.remove(m, "weight")
+        remove_pruning_(model.net)  # the masks made permanent before measuring
     if variant == "dense":
         dense_path.parent.mkdir(parents=True, exist_ok=True)
         torch.save(model.net.state_dict(), dense_path)
@@ -289,7 +191,7 @@ def _key(record: dict) -> tuple:
             record.get("adv", "fgsm"), record.get("eps255", 8.0), record.get("eval_split", "test"))
 
 
-def report(results: Path, figures: Path = HERE.parent) -> None:
+def report(results: Path, figures: Path = FIGURES) -> None:
     """Print the table and the paired differences; draw the figures into `figures`."""
     import matplotlib
 

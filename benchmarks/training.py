@@ -1,7 +1,7 @@
 """Epoch time of the Lightning application against a plain PyTorch loop doing the same work,
 and the cost of the constraint monitor.
 
-    python benchmarks/training.py [--images 5120] [--repeats 2]
+    python -m benchmarks.training [--images 5120] [--repeats 2]
 
 Same data (a fixed subset of ../shared/data/cifar10-jpeg decoded once into memory), same model
 (ImageClassifier.net), same optimizer, loss (cross-entropy + condition and sparsity penalties)

@@ -4,7 +4,7 @@ import torch
 from conftest import fit_briefly
 from torch import nn
 
-from sepnet.attacks import ATTACKS, Attacker, AttackSpec, project
+from sepnet.attacks import Attacker, AttackSpec, project
 from sepnet.data import DigitsDataModule
 from sepnet.module import ImageClassifier
 
@@ -227,3 +227,16 @@ def test_fgsm_takes_its_step_size_and_defaults_to_eps():
     xr = x.clone().requires_grad_(True)
     (grad,) = torch.autograd.grad(nn.functional.cross_entropy(net(xr), y, reduction="sum"), xr)
     torch.testing.assert_close(attacker.generate(x, y, spec), (x + EPS * grad.sign()).clamp(0, 1))
+
+
+def test_one_registry_entry_says_how_an_attack_runs_and_where_it_may_be_used():
+    from sepnet.attacks import ATTACKS
+    from sepnet.evaluation import evaluation_attacks
+
+    assert all((entry.build is None) != (entry.craft is None) for entry in ATTACKS.values())
+    assert {name for name, entry in ATTACKS.items() if entry.training_only} == {"nfgsm"}
+    assert {name for name, entry in ATTACKS.items() if entry.min_classes > 2} == {
+        "apgd_dlr", "autoattack", "autoattack_standard"}
+    assert AttackSpec(name="apgd_dlr").entry is ATTACKS["apgd_dlr"]
+    with pytest.raises(ValueError, match="report.attacks: nfgsm is a training attack"):
+        evaluation_attacks([{"name": "nfgsm"}], "report.attacks")

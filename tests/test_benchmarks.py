@@ -1,6 +1,5 @@
 """The GPU script's every path, on the CPU (`--tiny`), so it cannot rot before a GPU is lent."""
 
-import importlib.util
 from pathlib import Path
 
 import torch
@@ -9,9 +8,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_gpu_script_tiny_runs_every_section(tmp_path, monkeypatch):
-    spec = importlib.util.spec_from_file_location("gpu_bench", REPO / "benchmarks" / "gpu.py")
-    gpu = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gpu)
+    from benchmarks import gpu
+
     monkeypatch.chdir(tmp_path)
     result = gpu.main(["--tiny", "--out", str(tmp_path / "tiny.json"), "--work", str(tmp_path / "work")])
     assert result["errors"] == {}, result["errors"]
@@ -35,9 +33,8 @@ def test_gpu_hours_section_times_the_cells_through_the_cli(tmp_path, monkeypatch
     """The GPU cells' hour estimate, on the CPU at 1/16 width: each cell is built from its config
     by the application's CLI (a pruning cell without its dense start) and its figure is its
     epochs x (steps per epoch x measured step + validation pass)."""
-    spec = importlib.util.spec_from_file_location("gpu_bench", REPO / "benchmarks" / "gpu.py")
-    gpu = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gpu)
+    from benchmarks import gpu
+
     monkeypatch.chdir(tmp_path)
     result = gpu.main(["--tiny", "--sections", "hours", "--out", str(tmp_path / "h.json"), "--work", str(tmp_path)])
     hours = result["hours"]

@@ -7,7 +7,8 @@ from torch import nn
 from sepnet.compress import CompressionSpec, compress_, remove_pruning_
 from sepnet.compress.tt import TTLinear
 from sepnet.layers import FlatSeparableLinear
-from sepnet.measures import fc_parameter_counts, parameter_counts, pruned_layers
+from sepnet.masks import masked_layers
+from sepnet.measures import fc_parameter_counts, parameter_counts
 from sepnet.network import build_network
 
 DENSE_MLP = dict(num_classes=10, image_shape=(1, 8, 8), mean=(0.3,), std=(0.4,), backbone="mlp",
@@ -48,19 +49,19 @@ def test_global_magnitude_keeps_exactly_the_budget_and_the_largest_weights():
     net = _net()
     weights = torch.cat([m.weight.detach().abs().flatten() for m in (net.backbone[0][1], net.backbone[3][1])])
     compress_(net, [{"method": "magnitude", "targets": ["backbone.*"], "budget": 8, "options": {"scope": "global"}}])
-    masks = [m.weight_mask for _, m in pruned_layers(net)]
+    masks = [masked.mask for _, _, masked in masked_layers(net)]
     kept = sum(int(mask.sum()) for mask in masks)
     assert kept == round(weights.numel() / 8)
     threshold = weights.sort(descending=True).values[kept - 1]
-    survivors = torch.cat([m.weight.detach().abs()[m.weight_mask.bool()] for _, m in pruned_layers(net)])
+    survivors = torch.cat([m.weight.detach().abs()[masked.mask.bool()] for _, m, masked in masked_layers(net)])
     assert survivors.min() >= threshold
     assert parameter_counts(net).nonzero == parameter_counts(_net()).nonzero - (weights.numel() - kept)
 
 
 def test_layerwise_magnitude_keeps_its_fraction_and_one_weight_per_output():
     net = _net([{"method": "magnitude", "targets": ["*"], "options": {"amount": 0.999}}])
-    for name, m in pruned_layers(net):
-        kept = int(m.weight_mask.sum())
+    for name, m, masked in masked_layers(net):
+        kept = int(masked.mask.sum())
         assert kept == max(round(0.001 * m.weight.numel()), m.weight.shape[0]), name
     assert fc_parameter_counts(net).nonzero < fc_parameter_counts(_net()).nonzero / 100
 
@@ -69,18 +70,18 @@ def test_masks_survive_a_checkpoint_and_removal_keeps_the_logits():
     spec = [{"method": "magnitude", "targets": ["backbone.*"], "budget": 10}]
     net = _net(spec)
     with torch.no_grad():  # training moves the surviving weights; masks must stay as saved
-        for _, m in pruned_layers(net):
-            m.weight_orig.add_(0.01)
+        for _, m, _ in masked_layers(net):
+            m.parametrizations.weight.original.add_(0.01)
     state = net.state_dict()
     torch.manual_seed(1)
     other = build_network(**DENSE_MLP, compression=spec)  # another init: other masks before loading
     other.load_state_dict(state)
-    for (_, a), (_, b) in zip(pruned_layers(net), pruned_layers(other)):
-        assert torch.equal(a.weight_mask, b.weight_mask)
+    for (_, _, a), (_, _, b) in zip(masked_layers(net), masked_layers(other)):
+        assert torch.equal(a.mask, b.mask)
     x = torch.rand(5, 1, 8, 8)
     torch.testing.assert_close(other(x), net(x))
     remove_pruning_(other)
-    assert not pruned_layers(other)
+    assert not masked_layers(other)
     torch.testing.assert_close(other(x), net(x))
     assert int((other.backbone[0][1].weight == 0).sum()) >= 0.89 * other.backbone[0][1].weight.numel()
 
@@ -102,8 +103,8 @@ def test_global_magnitude_never_empties_an_output_unit():
                         backbone_kwargs={"width": 1 / 16}, head="dense",
                         compression=[{"method": "magnitude", "targets": ["*"], "budget": 30,
                                       "options": {"scope": "global"}}])
-    for name, m in pruned_layers(net):  # at init the deep convs' weights are the smallest
-        assert (m.weight_mask.flatten(1).sum(1) >= 1).all(), name
+    for name, _, masked in masked_layers(net):  # at init the deep convs' weights are the smallest
+        assert (masked.mask.flatten(1).sum(1) >= 1).all(), name
     assert net(torch.rand(2, 3, 32, 32)).shape == (2, 10)
 
 
@@ -117,11 +118,8 @@ def _vgg4(compression):
 def test_layerwise_pruning_leaves_no_output_unit_empty(method):
     """Layer-scope pruning kept the layer's top-k: on the VGG/4 at budget 10 the RGB stem
     (backbone.0, 16 x 27 weights, 43 kept) lost 2 of its 16 output channels."""
-    from sepnet.masks import masked_layers
-
     net = _vgg4([{"method": method, "targets": ["*"], "budget": 10}])
-    masks = ([(n, m.weight_mask) for n, m in pruned_layers(net)] if method == "magnitude" else
-             [(n, masked.current_mask()) for n, _, masked in masked_layers(net)])
+    masks = [(n, masked.current_mask()) for n, _, masked in masked_layers(net)]  # every pruner: one mechanism
     assert len(masks) == 16
     for name, mask in masks:
         assert (mask.flatten(1).sum(1) >= 1).all(), name
@@ -135,8 +133,8 @@ def test_global_magnitude_meets_a_whole_model_budget_exactly():
     net = _vgg4([{"method": "magnitude", "targets": ["*"], "budget": 30, "budget_of": "model",
                   "options": {"scope": "global"}}])
     assert parameter_counts(net).nonzero <= dense.dense / 30 + 1
-    for name, m in pruned_layers(net):
-        assert (m.weight_mask.flatten(1).sum(1) >= 1).all(), name
+    for name, _, masked in masked_layers(net):
+        assert (masked.mask.flatten(1).sum(1) >= 1).all(), name
 
 
 @pytest.mark.parametrize("spec,match", [
@@ -173,8 +171,8 @@ def test_init_from_prunes_and_decomposes_the_given_weights(tmp_path):
         reference = _net()
         reference.load_state_dict(trained.state_dict())
         compress_(reference, [{"method": "magnitude", "targets": ["backbone.*"], "budget": 4}])
-        for (_, a), (_, b) in zip(pruned_layers(pruned), pruned_layers(reference)):
-            assert torch.equal(a.weight_mask, b.weight_mask)
+        for (_, _, a), (_, _, b) in zip(masked_layers(pruned), masked_layers(reference)):
+            assert torch.equal(a.mask, b.mask)
     x = torch.rand(4, 1, 8, 8)
     decomposed = build_network(**DENSE_MLP, init_from=str(tmp_path / "net.pt"),
                                compression=[{"method": "tt", "targets": ["head.*"],
@@ -220,12 +218,11 @@ def _hydra(budget=10, score_epochs=1):
 
 
 def test_hydra_starts_from_magnitude_pruning_and_trains_only_scores_then_only_weights():
-    from sepnet.masks import masked_layers
     from sepnet.compress import compression_epoch_
 
     hydra, magnitude = _hydra(), _net([{"method": "magnitude", "targets": ["backbone.*", "head.*"], "budget": 10}])
-    for (_, _, a), (_, b) in zip(masked_layers(hydra), pruned_layers(magnitude)):
-        assert torch.equal(a.current_mask(), b.weight_mask)  # the first mask is magnitude pruning's
+    for (_, _, a), (_, _, b) in zip(masked_layers(hydra), masked_layers(magnitude)):
+        assert torch.equal(a.current_mask(), b.mask)  # the first mask is magnitude pruning's
     compression_epoch_(hydra, 0)
     weights = {n: p.detach().clone() for n, p in hydra.named_parameters() if "scores" not in n}
     scores = {n: p.detach().clone() for n, p in hydra.named_parameters() if "scores" in n}
@@ -255,7 +252,6 @@ def test_hydra_starts_from_magnitude_pruning_and_trains_only_scores_then_only_we
 
 
 def test_hydra_phase_and_mask_survive_a_checkpoint_and_export_keeps_the_logits():
-    from sepnet.masks import masked_layers
     from sepnet.compress import compression_epoch_
 
     net = _hydra()
@@ -327,9 +323,9 @@ def test_deadwood_uses_this_steps_lambda_and_its_dual_settles_once_the_constrain
     assert float(parts["train/deadwood_lambda"]) == 2.0
     assert float(dead.lam) == pytest.approx(2.0 + 0.5 * (violation - 0.3))
     with torch.no_grad():  # the mass moves inside the top-k: the constraint is met
-        inside = topk_masks([layer.weight_orig.abs() for layer in dead._layers], dead.keep)
-        for layer, keep in zip(dead._layers, inside):
-            layer.weight_orig[~keep] *= 1e-3
+        originals = [layer.parametrizations.weight.original for layer in dead._layers]
+        for original, keep in zip(originals, topk_masks([o.abs() for o in originals], dead.keep)):
+            original[~keep] *= 1e-3
     lams = []
     for _ in range(20):
         dead.loss(x, net(x))
@@ -343,13 +339,13 @@ def test_deadwood_final_mask_keeps_exactly_the_budget_and_resumes():
 
     net = _deadwood()
     (dead,) = compression_hooks(net)
-    total = sum(m.weight.numel() for _, m in pruned_layers(net))
+    total = sum(m.weight.numel() for _, m, _ in masked_layers(net))
     assert dead.keep == round(total / 10)
     compression_epoch_(net, 2)
-    assert int(dead.phase) == 0 and all(bool(m.weight_mask.all()) for _, m in pruned_layers(net))
+    assert int(dead.phase) == 0 and all(bool(masked.mask.all()) for _, _, masked in masked_layers(net))
     compression_epoch_(net, 3)  # the penalty phase is over
     assert int(dead.phase) == 1
-    assert sum(int(m.weight_mask.sum()) for _, m in pruned_layers(net)) == dead.keep
+    assert sum(int(masked.mask.sum()) for _, _, masked in masked_layers(net)) == dead.keep
     x = torch.rand(4, 1, 8, 8)
     extra, parts = compression_hooks(net)[0].loss(x, net(x))
     assert float(extra) == 0 and not parts  # fine-tuning: the mask alone

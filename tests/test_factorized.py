@@ -1,5 +1,13 @@
 """The compressor contract: every factorized layer against the dense layer it stands for, the
-public implied-weight switch, functional_call, dtypes, and the registry."""
+public implied-weight switch, functional_call, dtypes, and the registry -- its contract test is
+parametrized over the registered methods, so a method in a new file is tested here unnamed."""
+
+import copy
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,7 +20,7 @@ from sepnet.compress.jsvd import SVDConv2d
 from sepnet.compress.lowrank import LowRankLinear, Tucker2Conv2d
 from sepnet.compress.tt import TTLinear
 from sepnet.compress.tt_conv import TTConv2d
-from sepnet.factorized import FactorizedLayer, implied_path
+from sepnet.factorized import FactorizedLayer, factorized_layers, implied_path
 from sepnet.layers import FlatSeparableLinear
 from sepnet.measures import parameter_counts
 from sepnet.network import build_network
@@ -134,3 +142,80 @@ def test_shared_factors_count_once_and_every_method_reports_the_same_dense_size(
         net = build_network(**VGG, compression=[{"method": method, "targets": targets, "budget": 4}])
         counts = parameter_counts(net)
         assert counts.dense == dense and counts.stored < dense, method
+
+
+def test_dense_weight_is_a_deprecated_alias_of_implied_weight():
+    layer = _linear_layers()["tt"]
+    with pytest.warns(DeprecationWarning, match="implied_weight"):
+        weight = layer.dense_weight()
+    torch.testing.assert_close(weight, layer.implied_weight())
+
+
+def _layer_inputs(net, names, x):
+    """The input each named layer gets in a forward pass of x."""
+    inputs, handles = {}, []
+    for name in names:
+        handles.append(net.get_submodule(name).register_forward_pre_hook(
+            lambda _, args, name=name: inputs.__setitem__(name, args[0].detach()) or None))
+    try:
+        net(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return inputs
+
+
+@pytest.mark.parametrize("method", methods())
+def test_every_registered_method_keeps_the_contract(method):
+    """Each registered method at a 3x budget on a small VGG (float64): the network keeps its
+    dtype and dense-equivalent size and gets fewer non-zero parameters; every factorized layer
+    computes, on both paths, the dense layer of its implied weight (with the settings of the
+    layer it replaced) and counts its parameters as the contract says."""
+    torch.manual_seed(0)
+    net = build_network(**VGG).double()
+    before, dense = copy.deepcopy(net), parameter_counts(net).dense
+    assert compress_(net, [{"method": method, "budget": 3}])
+    counts = parameter_counts(net)
+    assert counts.dense == dense and counts.nonzero < dense
+    x = torch.rand(2, 3, 32, 32, dtype=torch.float64)
+    assert net(x).dtype == torch.float64
+    layers = dict(factorized_layers(net))
+    inputs = _layer_inputs(net, layers, x)
+    for name, layer in layers.items():
+        original = before.get_submodule(name)
+        assert isinstance(original, layer.stands_for) and layer.implied_weight().shape == original.weight.shape
+        bias = None if layer.bias is None else layer.bias.reshape(-1)
+        if layer.stands_for is nn.Linear:
+            expected = nn.functional.linear(inputs[name].flatten(1), layer.implied_weight(), bias)
+        else:
+            expected = nn.functional.conv2d(inputs[name], layer.implied_weight(), bias, original.stride,
+                                            original.padding, original.dilation)
+        for path in ("always", "never"):
+            with implied_path(layer, path):
+                torch.testing.assert_close(layer(inputs[name]).reshape(expected.shape), expected, rtol=1e-9, atol=1e-9)
+        assert layer.stored_parameters() == sum(p.numel() for p in layer.parameters())
+        assert layer.dense_parameters() == sum(p.numel() for p in original.parameters())
+
+
+def test_a_method_in_a_new_file_is_found_and_covered_by_the_registry_tests(tmp_path):
+    """A compressor defined in a new module of sepnet.compress, nothing else changed: the
+    package finds it and the contract test above runs on it."""
+    repo = Path(__file__).resolve().parents[1]
+    source = tmp_path / "src"
+    shutil.copytree(repo / "src" / "sepnet", source / "sepnet")
+    (source / "sepnet" / "compress" / "halve_example.py").write_text(
+        "from torch import nn\n"
+        "from sepnet.compress.factorize import Factorization, Unit\n"
+        "from sepnet.compress.lowrank import LowRankLinear\n\n\n"
+        "class HalveExample(Factorization, name='halve_example', targets=(nn.Linear,)):\n"
+        "    defaults = {'rank': 1}\n\n"
+        "    def units(self, net, layers):\n"
+        "        return [Unit([(n, m)], lambda r, m=m: r * (m.in_features + m.out_features)) for n, m in layers]\n\n"
+        "    def build(self, unit, rank):\n"
+        "        (_, m), = unit.layers\n"
+        "        return [LowRankLinear.from_linear(m, rank)], f'halve_example rank {rank}'\n")
+    env = {**os.environ, "PYTHONPATH": str(source)}
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(Path(__file__)),
+                          "-k", "every_registered_method_keeps_the_contract and halve_example"],
+                         cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+    assert "1 passed" in out.stdout, out.stdout[-2000:] + out.stderr[-2000:]

@@ -12,8 +12,8 @@ from sepnet.activations import MaxMin
 from sepnet.attacks import Attacker, AttackSpec
 from sepnet.data import DigitsDataModule
 from sepnet.layers import SeparableLinear
-from sepnet.lipschitz import (CertificateError, certified_masks, empirical_lipschitz, layer_norm_check,
-                              lipschitz_bound, lipschitz_margin_loss, soundness_checks)
+from sepnet.certificate import certified_masks, empirical_lipschitz, layer_norm_check, soundness_checks
+from sepnet.lipschitz import CertificateError, lipschitz_bound, lipschitz_margin_loss
 from sepnet.module import ImageClassifier
 from sepnet.network import build_network
 
@@ -81,7 +81,7 @@ def _trained_lipmlp(epochs=6):
                             network={"backbone": "lipmlp", "backbone_kwargs": {"hidden_shapes": [[16, 8, 8], [16, 8, 8]]}},
                             adversarial={"loss": "lipschitz_margin", "margin_eps": 0.1},
                             optimization={"optimizer": "adamw", "lr": 0.01, "weight_decay": 0.0},
-                            validation={"batches": 0, "certify_radii": [0.05, 0.1]})
+                            validation={"batches": 0}, certificate={"radii": [0.05, 0.1]})
     trainer = L.Trainer(max_epochs=epochs, logger=False, enable_progress_bar=False, enable_model_summary=False,
                         enable_checkpointing=False, limit_val_batches=0)
     dm = DigitsDataModule(batch_size=64)
@@ -110,7 +110,7 @@ def test_certified_images_survive_strong_l2_attacks_and_the_checks_pass():
 
 
 def test_a_layer_that_is_not_lipschitz_makes_the_checks_fail(monkeypatch):
-    import sepnet.lipschitz as lipschitz
+    import sepnet.certificate as certificate
 
     model, x, y = _trained_lipmlp(epochs=2)
     layer = model.net.backbone[2]
@@ -120,9 +120,9 @@ def test_a_layer_that_is_not_lipschitz_makes_the_checks_fail(monkeypatch):
     bound = lipschitz_bound(model.net)  # measured: the bound itself stays honest
     assert bound.value == pytest.approx(3 / 0.4, rel=1e-3)
     with pytest.raises(CertificateError, match=r"layer backbone.2: spectral norm 3.0"):
-        layer_norm_check(model.net)
+        layer_norm_check(model.net, x)
     claimed = type(bound)(1 / 0.4, bound.factors)  # a certificate that trusted the flag instead ...
-    monkeypatch.setattr(lipschitz, "layer_norm_check", lambda net: [])  # ... and skipped the norm check
+    monkeypatch.setattr(certificate, "layer_norm_check", lambda net, x: [])  # ... and skipped the norm check
     with pytest.raises(CertificateError, match="exceeds the claimed bound"):  # the empirical check catches it
         soundness_checks(model.net, Attacker(model.net, (1, 8, 8), 10), x, y, [0.1], claimed)
 
@@ -186,14 +186,14 @@ def test_a_network_with_orthogonal_tt_layers_is_certified_and_checked(monkeypatc
     assert tt.orthogonal
     bound = lipschitz_bound(net)
     assert bound.value == pytest.approx(1.0, abs=1e-5) and "orthogonal TT" in bound.describe()
-    rows = {r["layer"]: r for r in layer_norm_check(net)}
-    assert rows["head.layers.1"]["how"] == "SVD of the implied matrix (exact)"
     x = torch.rand(64, 3, 8, 8)
+    rows = {r["layer"]: r for r in layer_norm_check(net, x)}
+    assert rows["head.layers.1"]["how"] == "SVD of the layer as applied (exact)"
     assert empirical_lipschitz(net, x) <= bound.value
     cores = TTLinear.tt_cores
     monkeypatch.setattr(TTLinear, "tt_cores", lambda self: [1.5 * c for c in cores(self)])
     with pytest.raises(CertificateError, match=r"layer head.layers.1: spectral norm"):
-        layer_norm_check(net)
+        layer_norm_check(net, x)
     with pytest.raises(ValueError, match="expected init 'random' with orthogonal"):
         compress_(build_network(10, (3, 8, 8), backbone="lipmlp", head="dense",
                                 backbone_kwargs={"hidden_shapes": [[4, 4, 4]]}),

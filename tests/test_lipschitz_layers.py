@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from sepnet.lipschitz import empirical_lipschitz, layer_norm_check, lipschitz_bound
+from sepnet.certificate import empirical_lipschitz, layer_norm_check
+from sepnet.lipschitz import lipschitz_bound
 from sepnet.lipschitz_layers import BjorckOrthonormal, OrthoConv2d, SeparablePointwise, circular_conv_norm
 from sepnet.network import build_network
 
@@ -78,11 +79,11 @@ def test_lipconvnet_carries_a_bound_every_layer_checked(pointwise):
     rules = bound.describe()
     assert "orthogonal conv, DFT norm (exact)" in rules
     assert ("orthogonal separable pointwise" in rules) == (pointwise == "separable")
-    rows = layer_norm_check(net)
+    x = torch.rand(16, 3, 16, 16)
+    rows = layer_norm_check(net, x)
     kinds = [type(m).__name__ for m in net.modules()]
     assert len(rows) == kinds.count("OrthoConv2d") + kinds.count("SeparablePointwise") + 1  # + the classifier
     assert all(r["spectral_norm"] <= 1 + 1e-4 for r in rows)
-    x = torch.rand(16, 3, 16, 16)
     assert net(x).shape == (16, 10)
     assert empirical_lipschitz(net, x, steps=30) <= bound.value
     centred = build_network(10, (3, 16, 16), mean=(0.5, 0.5, 0.5), std=(0.25, 0.5, 0.5), backbone="lipconvnet",
@@ -105,14 +106,9 @@ def test_the_certified_benchmark_records_a_line_per_run_and_skips_it_after(tmp_p
     """benchmarks/certified.py's bookkeeping, with training and the data replaced by stand-ins:
     one JSON line per run (the certificate's figures, the soundness checks' verdict), skipped on
     a rerun, and the report's table and plot."""
-    import importlib.util
     import json
-    from pathlib import Path
 
-    repo = Path(__file__).resolve().parents[1]
-    spec = importlib.util.spec_from_file_location("certified_bench", repo / "benchmarks" / "certified.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    from benchmarks import certified as bench
     small = {"lipconvnet_dense": {"backbone": "lipconvnet", "head": "dense",
                                   "backbone_kwargs": {"widths": [4, 8, 8], "depth": 1}}}
     monkeypatch.setitem(bench.BUDGETS, "0.1M", small)
@@ -135,14 +131,9 @@ def test_the_certified_benchmark_models_match_their_recorded_rows_and_carry_a_bo
     """Every model of benchmarks/certified.py builds, is 1-Lipschitz by its composed bound, and
     the network a recorded row names is the one the table would build today (a drifted config
     would silently relabel the recorded figures)."""
-    import importlib.util
     import json
-    from pathlib import Path
 
-    repo = Path(__file__).resolve().parents[1]
-    spec = importlib.util.spec_from_file_location("certified_bench", repo / "benchmarks" / "certified.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    from benchmarks import certified as bench
     for budget, table in bench.BUDGETS.items():
         for name, network in table.items():
             net = bench.classifier(network).net.eval()

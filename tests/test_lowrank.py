@@ -14,7 +14,8 @@ def test_from_linear_is_the_truncated_svd_with_the_eckart_young_error():
     linear = nn.Linear(40, 30).double()
     s = torch.linalg.svdvals(linear.weight.detach())
     for rank in (1, 5, 30):
-        layer, error = LowRankLinear.from_linear(linear, rank)
+        layer = LowRankLinear.from_linear(linear, rank)
+        error = layer.approximation_error
         expected = s[rank:].square().sum().sqrt() / s.square().sum().sqrt()
         assert error == pytest.approx(float(expected), abs=1e-10)
         x = torch.randn(3, 40, dtype=torch.float64)
@@ -29,12 +30,14 @@ def test_tucker2_is_exact_for_a_kernel_of_low_channel_ranks_and_counts_by_formul
     with torch.no_grad():  # channel ranks (4 out, 3 in)
         conv.weight.copy_(torch.einsum("sb,bayx,ac->scyx", torch.randn(10, 4, dtype=torch.float64), core,
                                        torch.randn(3, 12, dtype=torch.float64)))
-    layer, error = Tucker2Conv2d.from_conv(conv, (3, 4))
+    layer = Tucker2Conv2d.from_conv(conv, (3, 4))
+    error = layer.approximation_error
     assert error < 1e-10
     x = torch.randn(2, 12, 8, 8, dtype=torch.float64)
     torch.testing.assert_close(layer(x), conv(x))
     assert layer.stored_parameters() == 12 * 3 + 4 * 3 * 9 + 4 * 10 + 10
-    lossy, worse = Tucker2Conv2d.from_conv(conv, (2, 2))
+    lossy = Tucker2Conv2d.from_conv(conv, (2, 2))
+    worse = lossy.approximation_error
     assert worse > 0.01 and lossy.rank_in == 2
 
 

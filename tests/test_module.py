@@ -217,7 +217,7 @@ def test_network_is_built_without_lightning():
 
 
 def test_sections_as_dataclasses_or_dicts_and_plain_hyperparameters(tmp_path):
-    from sepnet.attacks import AdversarialTraining
+    from sepnet.objectives import AdversarialTraining
     from sepnet.constraints import ConstraintConfig
     from sepnet.network import NetworkConfig
 
@@ -241,7 +241,7 @@ def test_binary_tasks_skip_apgd_dlr_and_refuse_it_when_asked():
     model = ImageClassifier(num_classes=2, network=MLP)
     assert "apgd_dlr" not in [a.name for a in model.test_attacks] and "square" in [a.name for a in model.test_attacks]
     assert "apgd_dlr" in [a.name for a in ImageClassifier(network=MLP).test_attacks]
-    with pytest.raises(ValueError, match="APGD-DLR needs at least 3 classes, the model has 2"):
+    with pytest.raises(ValueError, match="report.attacks: apgd_dlr needs at least 3 classes .* the model has 2"):
         model.configure_test_suite([AttackSpec(name="apgd_dlr")])
-    with pytest.raises(ValueError, match="APGD-DLR needs at least 3 classes"):
-        ImageClassifier(num_classes=2, network=MLP, validation={"attacks": [{"name": "apgd_dlr"}]})
+    with pytest.raises(ValueError, match="validation.attacks: autoattack needs at least 3 classes"):
+        ImageClassifier(num_classes=2, network=MLP, validation={"attacks": [{"name": "autoattack"}]})

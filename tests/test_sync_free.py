@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 import torch
 
+from benchmarks.sync_cases import CASES, LOG_EVERY, case_model
 from sepnet.callbacks import EpochLine, RunWatch
 from sepnet.data import DigitsDataModule
 from sepnet.module import ImageClassifier
 
 SYNCS = ("item", "cpu", "numpy", "tolist", "__bool__", "__int__", "__float__")
 NUMPY_RANDOM = ("uniform", "randn", "rand", "normal", "random", "choice", "randint")
-LOG_EVERY = 4
 
 
 class Counter(L.Callback):
@@ -40,28 +40,6 @@ class Counter(L.Callback):
                 self.calls[(self.step, name)] += 1
             return original(*args, **kwargs)
         return counted
-
-
-CASES = ("fgsm", "pgd", "trades", "nfgsm", "proximal", "rank2", "hydra", "deadwood")
-
-
-def case_model(case: str) -> ImageClassifier:
-    """One training configuration of CASES (benchmarks/gpu.py runs them on the card too)."""
-    attack = {"name": {"pgd": "pgd", "trades": "pgd", "nfgsm": "nfgsm"}.get(case, "fgsm"), "eps": 0.1,
-              "step_size": 0.1, "steps": 3}
-    network = {"backbone": "mlp", "backbone_kwargs": {"hidden_shapes": [[4, 8, 8]], "rank": 2 if case == "rank2" else 1}}
-    constraint = {"condition_weight": 1e-3, "condition_form": "implied", "sparsity_target": 0.5}
-    if case == "proximal":
-        constraint = {"condition_weight": 1e-3, "sparsity_weight": 1e-4, "proximal": True}
-    if case in ("hydra", "deadwood"):
-        options = {"hydra": {"score_epochs": 1}, "deadwood": {"kick_in": 0, "penalty_epochs": 1}}[case]
-        network = {"backbone": "mlp", "backbone_kwargs": {"hidden_shapes": [[4, 8, 8]], "dense": True},
-                   "head": "dense", "compression": [{"method": case, "targets": ["*"], "budget": 4, "options": options}]}
-        constraint = {}
-    torch.manual_seed(0)
-    return ImageClassifier(num_classes=10, image_shape=(1, 8, 8), mean=(0.3,), std=(0.4,), network=network,
-                           constraint=constraint, validation={"batches": 0},
-                           adversarial={"loss": "trades" if case == "trades" else "at", "attack": attack})
 
 
 def count_syncs(model: ImageClassifier, monkeypatch, steps: int = 8) -> collections.Counter:

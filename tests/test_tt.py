@@ -27,19 +27,20 @@ def test_tt_svd_reconstructs_an_exact_low_tt_rank_matrix():
     linear = nn.Linear(60, 24).double()
     with torch.no_grad():
         linear.weight.copy_(source.implied_weight())
-    layer, error = TTLinear.from_linear(linear, (4, 3, 5), (3, 4, 2), rank=3)
+    layer = TTLinear.from_linear(linear, (4, 3, 5), (3, 4, 2), rank=3)
+    error = layer.approximation_error
     assert error < 1e-10
     torch.testing.assert_close(layer.implied_weight(), linear.weight, rtol=0, atol=1e-10)
     torch.testing.assert_close(layer.bias, linear.bias)
     # rank 2 cannot: the error is real and reported
-    _, truncated = TTLinear.from_linear(linear, (4, 3, 5), (3, 4, 2), rank=2)
+    truncated = TTLinear.from_linear(linear, (4, 3, 5), (3, 4, 2), rank=2).approximation_error
     assert truncated > 1e-3
 
 
 def test_tt_svd_error_decreases_with_rank_and_full_rank_is_exact():
     torch.manual_seed(0)
     linear = nn.Linear(64, 32).double()
-    errors = [TTLinear.from_linear(linear, (4, 4, 4), (2, 4, 4), rank=r)[1] for r in (1, 2, 4, 8, 16, 64)]
+    errors = [TTLinear.from_linear(linear, (4, 4, 4), (2, 4, 4), rank=r).approximation_error for r in (1, 2, 4, 8, 16, 64)]
     assert all(a >= b - 1e-12 for a, b in zip(errors, errors[1:])), errors
     assert errors[0] > 0.5 and errors[-1] < 1e-10
 
@@ -168,7 +169,8 @@ def test_tt_conv_svd_is_exact_for_a_low_rank_kernel_and_counts_by_formula(naive)
     conv = nn.Conv2d(8, 8, 3, padding=1).double()
     with torch.no_grad():
         conv.weight.copy_(TTConv2d((2, 4), (4, 2), 3, rank=3, naive=naive).double().implied_weight())
-    layer, error = TTConv2d.from_conv(conv, (2, 4), (4, 2), rank=3, naive=naive)
+    layer = TTConv2d.from_conv(conv, (2, 4), (4, 2), rank=3, naive=naive)
+    error = layer.approximation_error
     assert error < 1e-10
     x = torch.randn(1, 8, 6, 6, dtype=torch.float64)
     torch.testing.assert_close(layer(x), conv(x), rtol=1e-10, atol=1e-10)

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import asdict, dataclass, field
-from typing import Callable, Iterator, Literal
+from dataclasses import asdict, dataclass
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -25,12 +25,11 @@ from art.attacks.evasion import (
 from art.estimators.classification import PyTorchClassifier
 from torch import Tensor, nn
 
-from sepnet import metric_names as names
 from sepnet.art_adapter import FastClassifier, FloatLogits, TensorAPGD, TensorPGD, TensorSquare
 from sepnet.guards import eval_mode
 
-__all__ = ["AttackSpec", "attack_guard", "eval_mode", "FastClassifier", "Attacker", "ATTACKS",
-           "TRAINING_ATTACKS", "project", "adversarial_batch", "trades_loss"]
+__all__ = ["AttackSpec", "AttackEntry", "attack_guard", "eval_mode", "FastClassifier", "Attacker", "ATTACKS",
+           "project"]
 
 _NORMS = {"linf": np.inf, "l2": 2}
 
@@ -40,8 +39,8 @@ class AttackSpec:
     """One attack, every parameter explicit (ART's defaults assume other scales).
 
     name: one of ATTACKS ("fgsm", "pgd", "apgd_ce", "apgd_dlr", "autoattack",
-        "autoattack_standard", "cw_linf", "deepfool", "square"), or a training-only attack of
-        TRAINING_ATTACKS ("nfgsm": N-FGSM, whose examples leave the eps ball by design).
+        "autoattack_standard", "cw_linf", "deepfool", "square", and the training-only "nfgsm":
+        N-FGSM, whose examples leave the eps ball by design).
     norm: "linf" or "l2". eps, step_size: pixel units; step_size unset is eps for "fgsm" and
         "nfgsm" (the classic one-step attacks) and 2/255 for the others. FGSM with a random start
         and step_size ~1.25 eps is fast FGSM (Wong et al.): one PGD step, step_size honoured.
@@ -59,9 +58,8 @@ class AttackSpec:
     restarts: int = 1
 
     def __post_init__(self) -> None:
-        if self.name not in ATTACKS and self.name not in TRAINING_ATTACKS:
-            raise ValueError(f"unknown attack {self.name!r}; expected one of "
-                             f"{sorted([*ATTACKS, *TRAINING_ATTACKS])}")
+        if self.name not in ATTACKS:
+            raise ValueError(f"unknown attack {self.name!r}; expected one of {sorted(ATTACKS)}")
         if self.norm not in _NORMS:
             raise ValueError(f"unknown attack norm {self.norm!r}; expected 'linf' or 'l2'")
         if not (isinstance(self.eps, (int, float)) and self.eps >= 0 and math.isfinite(self.eps)):
@@ -80,6 +78,17 @@ class AttackSpec:
             raise ValueError(f"attack restarts must be >= 1, got {self.restarts}")
         if self.name in ("cw_linf", "nfgsm") and self.norm != "linf":
             raise ValueError(f"{self.name} is an Linf attack, got norm {self.norm!r}")
+
+    @property
+    def entry(self) -> "AttackEntry":
+        """What ATTACKS knows of this attack: its builder, path, use and class-count rule."""
+        return ATTACKS[self.name]
+
+    def check_classes(self, num_classes: int, where: str) -> None:
+        """A one-line error where the model has too few classes for this attack."""
+        if num_classes < self.entry.min_classes:
+            raise ValueError(f"{where}: {self.name} needs at least {self.entry.min_classes} classes (it uses the "
+                             f"third logit), the model has {num_classes}: expected other attacks")
 
     @property
     def label(self) -> str:
@@ -215,16 +224,34 @@ def n_fgsm(estimator: FastClassifier, x: Tensor, y: Tensor, spec: AttackSpec) ->
     return (start + spec.step_size * grad.sign()).clamp(0, 1).detach()
 
 
-# attacks the adapter runs on device tensors (for a FastClassifier); the rest go through ART's numpy
-TENSOR_ATTACKS = ("fgsm", "pgd", "apgd_ce", "apgd_dlr", "square")
+@dataclass(frozen=True)
+class AttackEntry:
+    """One attack of the registry. build: (estimator, spec, batch size) -> an ART attack object;
+    craft: (estimator, x, y, spec) -> examples, for an attack that is a function, not an ART
+    class; tensor: runs on device tensors through sepnet.art_adapter (with a FastClassifier);
+    one_hot: its tensor path takes one-hot (or soft) labels, not class indices; training_only:
+    its examples leave the eps ball, so it never scores a model; min_classes: fewest classes it
+    works on (DLR divides by the third-largest logit)."""
 
-# training-only attacks: their examples are not inside the eps ball, so they never score a model
-TRAINING_ATTACKS: dict[str, Callable] = {"nfgsm": n_fgsm}
+    build: Callable | None = None
+    craft: Callable | None = None
+    tensor: bool = False
+    one_hot: bool = False
+    training_only: bool = False
+    min_classes: int = 2
 
-ATTACKS: dict[str, Callable] = {
-    "fgsm": _fgsm, "pgd": _pgd, "apgd_ce": _apgd("cross_entropy"),
-    "apgd_dlr": _apgd("difference_logits_ratio"), "square": _square, "autoattack": _autoattack,
-    "autoattack_standard": _autoattack_standard, "cw_linf": _cw_linf, "deepfool": _deepfool,
+
+ATTACKS: dict[str, AttackEntry] = {
+    "fgsm": AttackEntry(_fgsm, tensor=True, one_hot=True),
+    "pgd": AttackEntry(_pgd, tensor=True, one_hot=True),
+    "apgd_ce": AttackEntry(_apgd("cross_entropy"), tensor=True),
+    "apgd_dlr": AttackEntry(_apgd("difference_logits_ratio"), tensor=True, min_classes=3),
+    "square": AttackEntry(_square, tensor=True),
+    "autoattack": AttackEntry(_autoattack, min_classes=3),
+    "autoattack_standard": AttackEntry(_autoattack_standard, min_classes=3),
+    "cw_linf": AttackEntry(_cw_linf),
+    "deepfool": AttackEntry(_deepfool),
+    "nfgsm": AttackEntry(craft=n_fgsm, training_only=True),
 }
 
 
@@ -267,22 +294,23 @@ class Attacker:
         """
         if spec.eps == 0:
             return x.detach().clone()
-        if spec.name in TRAINING_ATTACKS:
+        entry = spec.entry
+        if entry.craft is not None:
             with attack_guard(self.model):
                 estimator = self.estimator(x.device, soft_labels=not self.fast)  # always a FastClassifier
-                return TRAINING_ATTACKS[spec.name](estimator, x.detach().float(), y, spec).to(x.dtype)
+                return entry.craft(estimator, x.detach().float(), y, spec).to(x.dtype)
         with attack_guard(self.model):
             estimator = self.estimator(x.device, soft_labels=soft_targets is not None)
             key = (id(estimator), spec, x.shape[0])
-            tensor_path = isinstance(estimator, FastClassifier) and spec.name in TENSOR_ATTACKS
+            tensor_path = isinstance(estimator, FastClassifier) and entry.tensor
             if not tensor_path:  # ART's other attacks keep state between calls: new ones
-                attack = ATTACKS[spec.name](estimator, spec, x.shape[0])
+                attack = entry.build(estimator, spec, x.shape[0])
             else:  # the adapter's attacks keep none: built (their settings checked) once
                 if key not in self._attacks:
-                    self._attacks[key] = ATTACKS[spec.name](estimator, spec, x.shape[0])
+                    self._attacks[key] = entry.build(estimator, spec, x.shape[0])
                 attack = self._attacks[key]
             labels = soft_targets if soft_targets is not None else y
-            if tensor_path and isinstance(attack, TensorPGD):
+            if tensor_path and entry.one_hot:  # TensorPGD
                 if soft_targets is None:
                     labels = nn.functional.one_hot(y.long(), self.num_classes).float()
                 adv = attack.generate_tensor(x.detach().float(), labels.detach().float())
@@ -294,82 +322,3 @@ class Attacker:
         # minimum-perturbation attacks (DeepFool, CW) are unbounded: score them inside the ball;
         # for the others this only removes float rounding at the boundary
         return project(torch.as_tensor(adv, device=x.device).to(x.dtype), x.detach(), spec.eps, spec.norm)
-
-
-# --------------------------------------------------------------------------- training losses
-def adversarial_batch(attacker: Attacker, spec: AttackSpec, x: Tensor, y: Tensor, mix: float = 1.0) -> Tensor:
-    """The batch with its first round(mix * len) images replaced by adversarial ones (PGD-AT,
-    fast FGSM, N-FGSM)."""
-    n_adv = round(mix * x.shape[0])
-    if n_adv == 0:
-        return x
-    if n_adv == x.shape[0]:  # the whole batch: no copy into a new one
-        return attacker.generate(x, y, spec)
-    return torch.cat([attacker.generate(x[:n_adv], y[:n_adv], spec), x[n_adv:]])
-
-
-def trades_loss(net: nn.Module, attacker: Attacker, spec: AttackSpec, x: Tensor, y: Tensor,
-                beta: float) -> tuple[Tensor, Tensor, Tensor]:
-    """TRADES: x_adv maximizes KL(p(x) || p(x_adv)) (p(x) from the eval-mode model, as the attack
-    runs in eval mode); returns (clean logits, CE(f(x), y) + beta KL(p(x) || p(x_adv)), the KL)."""
-    with torch.no_grad(), eval_mode(net):
-        clean_probs = net(x).softmax(-1)
-    x_adv = attacker.generate(x, y, spec, soft_targets=clean_probs)
-    logits = net(x)
-    kl = nn.functional.kl_div(net(x_adv).log_softmax(-1), logits.softmax(-1), reduction="batchmean")
-    return logits, nn.functional.cross_entropy(logits, y) + beta * kl, kl
-
-
-@dataclass(frozen=True)
-class AdversarialTraining:
-    """The `model.adversarial` section: which examples the network trains on.
-
-    loss: "none" (clean training), "at" (cross-entropy on adversarial examples: PGD-AT with a
-        "pgd" attack, fast AT with "fgsm" (random start, step ~1.25 eps) or "nfgsm" (noise of 2
-        eps, step = eps, no clipping; resists catastrophic overfitting)) or "trades" (CE(clean)
-        + trades_beta KL(clean || adv), the attack maximizing that KL; "pgd" or "fgsm" or
-        "lipschitz_margin" (certified training of a network with a Lipschitz bound, no attack:
-        cross-entropy with sqrt(2) L margin_eps added to every wrong logit, Tsuzuku et al. 2018;
-        sepnet.lipschitz).
-    attack: the training attack, an AttackSpec (eps and step in pixel units).
-    mix: fraction of each batch replaced by adversarial examples ("at" only; 1 = all).
-    trades_beta: TRADES' weight of the robustness term.
-    margin_eps, margin_temperature: the Lipschitz-margin loss's L2 radius (pixel units) and the
-        temperature dividing its logits.
-    """
-
-    loss: Literal["none", "at", "trades", "lipschitz_margin"] = "none"
-    attack: AttackSpec = field(default_factory=AttackSpec)
-    mix: float = 1.0
-    trades_beta: float = 6.0
-    margin_eps: float = 36 / 255
-    margin_temperature: float = 1.0
-
-    def __post_init__(self) -> None:
-        if isinstance(self.attack, dict):  # read back from a checkpoint's hyperparameters
-            object.__setattr__(self, "attack", AttackSpec(**self.attack))
-        if self.loss not in ("none", "at", "trades", "lipschitz_margin"):
-            raise ValueError(f"adversarial.loss {self.loss!r}: expected 'none', 'at', 'trades' or 'lipschitz_margin'")
-        if self.margin_eps < 0 or self.margin_temperature <= 0:
-            raise ValueError(f"adversarial.margin_eps must be >= 0 and margin_temperature > 0, got "
-                             f"{self.margin_eps} and {self.margin_temperature}")
-        if not 0 <= self.mix <= 1:
-            raise ValueError(f"adversarial.mix must be in [0, 1], got {self.mix}")
-        if self.trades_beta < 0:
-            raise ValueError(f"adversarial.trades_beta must be >= 0, got {self.trades_beta}")
-        if self.loss == "trades" and self.attack.name not in ("pgd", "fgsm"):
-            raise ValueError(f"adversarial.attack {self.attack.name!r} cannot maximize TRADES' KL: "
-                             "expected 'pgd' or 'fgsm' with loss 'trades'")
-
-
-def adversarial_loss(net: nn.Module, attacker: Attacker, config: AdversarialTraining, x: Tensor,
-                     y: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor], Tensor]:
-    """(logits, task loss, extra figures to log, the inputs the logits are of) for one training
-    batch: the adversarial batch for "at", the clean one for "none" and "trades"."""
-    if config.loss == "trades":
-        logits, task, kl = trades_loss(net, attacker, config.attack, x, y, config.trades_beta)
-        return logits, task, {names.TRADES_KL: kl}, x
-    if config.loss == "at":
-        x = adversarial_batch(attacker, config.attack, x, y, config.mix)
-    logits = net(x)
-    return logits, nn.functional.cross_entropy(logits, y), {}, x

@@ -20,7 +20,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from sepnet import metric_names as names
 from sepnet.evaluation import evaluation_attacks, honesty_checks, masking_warnings, unique_labels
 from sepnet.layers import SeparableLinear
-from sepnet.lipschitz import CertificateError, lipschitz_bound, soundness_checks
+from sepnet.lipschitz import CertificateError
 from sepnet.masks import masked_layers
 from sepnet.measures import (
     condition_number,
@@ -28,7 +28,6 @@ from sepnet.measures import (
     implied_nonzeros,
     layer_condition_number,
     parameter_counts,
-    pruned_layers,
     separable_layers,
     singular_values,
     sparsity,
@@ -95,9 +94,7 @@ class ConstraintMonitor(L.Callback):
         for name, layer in factorized_layers(pl_module):  # TT, TT-conv, joint-SVD, low-rank layers
             if not isinstance(layer, SeparableLinear):
                 metrics[f"compression/{name}/compression"] = layer.compression()
-        for name, layer in pruned_layers(pl_module):  # magnitude, Lagrangian-dual pruning
-            metrics[f"compression/{name}/kept_fraction"] = float(layer.weight_mask.float().mean())
-        for name, _, masked in masked_layers(pl_module):  # HYDRA
+        for name, _, masked in masked_layers(pl_module):  # every pruner's masks
             metrics[f"compression/{name}/kept_fraction"] = float(masked.current_mask().float().mean())
         counts = parameter_counts(pl_module)
         metrics.update({
@@ -133,18 +130,17 @@ class EvalReport(L.Callback):
         cascade: False runs every attack on all clean-correct images (standalone figures).
         square_queries: Square's queries in the default suite and in the honesty check.
         honesty_images: images for the honesty checks (0 switches them off).
-        certify_images: for a network with a Lipschitz bound, the images on which the
-            certificate's soundness checks run (sepnet.lipschitz.soundness_checks: layer norms,
-            an empirical Lipschitz lower bound, PGD-L2 and APGD-L2 at each certified radius); a
-            failed check is written into the report as its error and the command fails.
+    A network with a Lipschitz bound also gets its certificate: the bound, the certified
+    accuracies and, after `test`, the soundness checks on `model.certificate.check_images` test
+    images (sepnet.certificate); a failed check is written into the report as its error and the
+    command fails.
     """
 
     def __init__(self, attacks: list[dict[str, Any]] | None = None, images: int = 512, cascade: bool = True,
-                 square_queries: int = 1000, honesty_images: int = 256, certify_images: int = 1000) -> None:
-        if images < 0 or honesty_images < 0 or square_queries < 1 or certify_images < 0:
-            raise ValueError(f"report: images, honesty_images and certify_images must be >= 0 and square_queries "
-                             f">= 1, got {images}, {honesty_images}, {certify_images} and {square_queries}")
-        self.certify_images = certify_images
+                 square_queries: int = 1000, honesty_images: int = 256) -> None:
+        if images < 0 or honesty_images < 0 or square_queries < 1:
+            raise ValueError(f"report: images and honesty_images must be >= 0 and square_queries >= 1, got "
+                             f"{images}, {honesty_images} and {square_queries}")
         self.attacks = None if attacks is None else evaluation_attacks(attacks, "report.attacks")
         self.images, self.cascade = images, cascade
         self.square_queries, self.honesty_images = square_queries, honesty_images
@@ -184,7 +180,7 @@ class EvalReport(L.Callback):
             report["honesty"] = honesty_checks(pl_module.net, pl_module.attacker, x.to(pl_module.device),
                                                y.to(pl_module.device), attacks[0], self.square_queries)
         failure = None
-        if getattr(pl_module, "certifiable", False):
+        if pl_module.certifier.certifiable:
             report["certificate"], failure = self._certificate(trainer, pl_module, stage, metrics)
         folder = Path(log_dir or ".")
         folder.mkdir(parents=True, exist_ok=True)
@@ -199,17 +195,17 @@ class EvalReport(L.Callback):
 
     def _certificate(self, trainer, pl_module, stage: str, metrics: dict) -> tuple[dict, Exception | None]:
         """The bound, how it was computed, the certified accuracies and (test) the soundness checks."""
-        bound = lipschitz_bound(pl_module.net)
-        radii = pl_module.validation.certify_radii
+        certifier = pl_module.certifier
+        bound = certifier.measure()
+        radii = certifier.config.radii
         certificate = {"lipschitz_bound": bound.value, "how": bound.describe(),
                        "certified_acc": {names.radius_label(r): metrics.get(names.certified_acc(stage, r)) for r in radii}}
-        if stage != "test" or not self.certify_images:
+        if stage != "test" or not certifier.config.check_images:
             return certificate, None
-        x, y = _first_images(trainer, self.certify_images)
+        x, y = _first_images(trainer, certifier.config.check_images)
         certificate["checked_images"] = len(y)
         try:
-            certificate["soundness"] = soundness_checks(pl_module.net, pl_module.attacker, x.to(pl_module.device),
-                                                        y.to(pl_module.device), radii, bound)
+            certificate["soundness"] = certifier.check(pl_module.attacker, x.to(pl_module.device), y.to(pl_module.device))
         except CertificateError as err:
             certificate["error"] = str(err)
             return certificate, err
@@ -283,13 +279,13 @@ class EpochLine(L.Callback):
         parts = [f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}"]
         if self._batches:
             parts.append(f"train loss {float(self._loss_sum) / self._batches:.4f}")
-        every = getattr(getattr(pl_module, "validation", None), "every_n_epochs", 1)
+        every = pl_module.validation.every_n_epochs
         attacked = (trainer.current_epoch + 1) % max(1, every) == 0  # else the worst case is an old one
         for key, label in ((names.acc("val"), "val acc"), (names.robust_acc("val"), "val worst case")):
             if key in metrics and (attacked or key == names.acc("val")):
                 parts.append(f"{label} {float(metrics[key]):.4f}")
-        radii = getattr(getattr(pl_module, "validation", None), "certify_radii", ())
-        if getattr(pl_module, "certifiable", False) and radii and names.certified_acc("val", radii[0]) in metrics:
+        radii = pl_module.certificate.radii
+        if pl_module.certifier.certifiable and names.certified_acc("val", radii[0]) in metrics:
             parts.append(f"val certified {names.radius_label(radii[0])} "
                          f"{float(metrics[names.certified_acc('val', radii[0])]):.4f}")
         parts.append(f"{time.perf_counter() - self._start:.0f} s")

@@ -34,7 +34,7 @@ log = logging.getLogger("sepnet")
 LINKED = ("num_classes", "image_shape", "mean", "std")
 # model settings that only say how validation attacks the model: a flag wins over the
 # checkpoint's value (any other flag that contradicts the checkpoint is refused)
-EVALUATION_KEYS = ("validation", "fast_attacks")
+EVALUATION_KEYS = ("validation", "certificate", "fast_attacks")
 # hyperparameters of older checkpoints and configs that no longer exist, and where their job went
 REMOVED = {"robust_test_batches": "test image counts are --report.images"}
 _SECTIONS = {
@@ -51,6 +51,9 @@ RENAMED = {
     "val_attacks": "validation.attacks", "robust_batches": "validation.batches",
     "robust_every_n_epochs": "validation.every_n_epochs",
 }
+# settings that moved between sections (sepnet 0.2.0): the old key -> the line that says where
+MOVED = {"validation.certify_radii": "model.validation.certify_radii is now model.certificate.radii",
+         "report.certify_images": "report.certify_images is now model.certificate.check_images"}
 
 
 def _flat(config: dict, prefix: str = "") -> dict:
@@ -198,6 +201,11 @@ class SepnetCLI(LightningCLI):
                 raise ValueError(f"checkpoint {ckpt} has the removed hyperparameter {key} ({where}): "
                                  f"expected a checkpoint of this sepnet version; delete "
                                  f"hyper_parameters['{key}'] from it to load it")
+        moved = [line for key, line in MOVED.items() if key.startswith("validation.")
+                 and key.split(".")[1] in (hparams.get("validation") or {})]
+        if moved:
+            raise ValueError(f"checkpoint {ckpt} predates the certificate section ({moved[0]}): expected a "
+                             "checkpoint of this sepnet version; move the value in its hyper_parameters")
         old = [key for key in hparams if key in RENAMED]
         if old:
             raise ValueError(f"checkpoint {ckpt} predates the model config sections ({old[0]} is now "
@@ -323,6 +331,9 @@ def _one_line(err: BaseException) -> str:
     if old and ("not expected" in text or "unrecognized" in text):
         return (f"model.{old} is now model.{RENAMED[old]} (the model config has sections: network, "
                 "constraint, adversarial, optimization, validation; see conf/)")
+    moved = next((line for key, line in MOVED.items() if key.split(".")[1] in text), None)
+    if moved and ("not expected" in text or "unrecognized" in text):
+        return f"{moved} (see CHANGELOG.md)"
     if "Original Traceback" in text:
         return re.sub(r"^[\w.]+(Error|Exception): ", "", lines[-1])
     reasons = [line[2:] for line in lines[1:] if line.startswith("- ") and "NoneType" not in line]

@@ -1,5 +1,6 @@
 """The joint constraint on separable factors: the condition-number and sparsity penalties, their
-proximal step, the sparsity target and the `model.constraint` section. The measures they build
+proximal step and the `model.constraint` section (its sparsity target, a pruner, is
+sepnet.compress.sparsity). The measures they build
 on (kappa, sparsity, counts) are pure functions in sepnet.measures.
 
 Everything numerical runs in float64 with autocast off, so results are finite for zero,
@@ -17,8 +18,7 @@ from torch import Tensor, nn
 
 from sepnet import metric_names as names
 from sepnet.layers import SeparableLinear
-from sepnet.masks import topk_masks
-from sepnet.measures import factor_list, implied_core, separable_layers, structural_rank
+from sepnet.measures import implied_core, separable_layers, structural_rank
 
 ConditionForm = Literal["amgm", "logdet", "logcond", "implied"]
 SparsityForm = Literal["l1", "tl1"]
@@ -37,7 +37,6 @@ __all__ = [
     "ConstraintConfig",
     "constraint_loss",
     "proximal_constraint_",
-    "SparsityTarget",
 ]
 
 
@@ -217,94 +216,6 @@ def proximal_constraint_(model: nn.Module, config: ConstraintConfig, lr: float) 
     """The proximal sparsity step after an optimizer step taken with `lr` (when configured)."""
     if config.proximal and config.sparsity_weight > 0:
         proximal_step_(model, lr * config.sparsity_weight, config.sparsity_form, config.tl1_a)
-
-
-class SparsityTarget(nn.Module):
-    """Exact sparsity at a chosen level in every separable layer's factors.
-
-    The rule (gradual magnitude pruning, Zhu & Gupta 2017, on the factors): at optimizer step t
-    each layer's factors keep their largest-magnitude entries so that a fraction
-    target x (1 - (1 - t / T)^3) of them is zero, T = ramp x the run's optimizer steps; pruned
-    entries stay pruned (a mask, re-applied after every step), and from step T on the zero
-    pattern is frozen at exactly the target and the network fine-tunes with it. The start of the
-    last epoch freezes whatever has not reached the target yet. Masks are buffers: zeros survive
-    resume and the sparse export.
-
-    An earlier rule -- a Lagrangian-dual L1 weight with the proximal step -- collapsed a VGG/4
-    head to chance at target 0.5: the per-step soft threshold accumulates over steps and shrank
-    every factor entry, wanted or not (BENCHMARKS.md, "Sparsity at a chosen level").
-    """
-
-    def __init__(self, model: nn.Module, target: float, ramp: float = 0.5) -> None:
-        super().__init__()
-        if not 0 < ramp <= 1:
-            raise ValueError(f"constraint.sparsity_ramp must be in (0, 1], got {ramp}")
-        self.target, self.ramp = target, ramp
-        self.__dict__["_layers"] = [layer for _, layer in separable_layers(model)]  # not submodules
-        if not self._layers:
-            raise ValueError("constraint.sparsity_target: the model has no separable layer to sparsify")
-        self.register_buffer("frozen", torch.zeros(len(self._layers), dtype=torch.bool))
-        self._frozen: list[bool] | None = None  # the buffer's host copy
-        for i, layer in enumerate(self._layers):
-            for j, factor in enumerate(factor_list(layer)):
-                self.register_buffer(f"mask_{i}_{j}", torch.ones_like(factor, dtype=torch.bool))
-
-    def zero_fractions(self) -> list[float]:
-        return [sum(int((f == 0).sum()) for f in factor_list(l)) / sum(f.numel() for f in factor_list(l))
-                for l in self._layers]
-
-    def level(self, step: int, total_steps: int) -> float:
-        """The zero fraction the schedule asks for after optimizer step `step`."""
-        ramp = max(1, round(self.ramp * total_steps))
-        return self.target * (1 - (1 - min(1.0, step / ramp)) ** 3)
-
-    def _is_frozen(self, i: int) -> bool:
-        """Whether layer i's mask is fixed, read on the host: the buffer is read once after
-        construction or a checkpoint load, not at every step (a device sync)."""
-        if self._frozen is None:
-            self._frozen = [bool(f) for f in self.frozen.tolist()]
-        return self._frozen[i]
-
-    def _freeze(self, i: int) -> None:
-        self._is_frozen(i)
-        self._frozen[i] = True
-        self.frozen[i] = True
-
-    def _load_from_state_dict(self, *args, **kwargs) -> None:
-        super()._load_from_state_dict(*args, **kwargs)
-        self._frozen = None
-
-    @torch.no_grad()
-    def step_(self, step: int, total_steps: int) -> None:
-        """After optimizer step `step` of `total_steps`."""
-        level = self.level(step, total_steps)
-        for i in range(len(self._layers)):
-            if not self._is_frozen(i):
-                self._prune_(i, level)
-                if level >= self.target:
-                    self._freeze(i)
-            for j, factor in enumerate(factor_list(self._layers[i])):
-                factor.mul_(getattr(self, f"mask_{i}_{j}"))
-
-    @torch.no_grad()
-    def freeze_(self, i: int | None = None) -> None:
-        """Prune layer i (every unfrozen layer when None) to exactly the target and fix its mask."""
-        for index in ([i] if i is not None else range(len(self._layers))):
-            if not self._is_frozen(index):
-                self._prune_(index, self.target)
-                self._freeze(index)
-
-    def _prune_(self, index: int, level: float) -> None:
-        """Layer `index`'s factors with the smallest-magnitude entries zeroed: `level` of them,
-        among those its mask still keeps (a pruned entry never comes back)."""
-        factors = factor_list(self._layers[index])
-        masks = [getattr(self, f"mask_{index}_{j}") for j in range(len(factors))]
-        entries = sum(f.numel() for f in factors)
-        keep = max(1, entries - round(level * entries))
-        magnitudes = [torch.where(m, f.abs(), -1.0) for f, m in zip(factors, masks)]  # pruned: last
-        for factor, mask, chosen in zip(factors, masks, topk_masks(magnitudes, keep)):
-            mask &= chosen
-            factor.mul_(mask)
 
 
 def implied_penalty(layer: SeparableLinear) -> Tensor:

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from sepnet import metric_names as names
-from sepnet.attacks import TRAINING_ATTACKS, Attacker, AttackSpec, eval_mode
+from sepnet.attacks import Attacker, AttackSpec, eval_mode
 
 __all__ = ["ValidationConfig", "evaluation_attacks", "reduced_autoattack", "unique_labels", "correct", "robust_masks", "accuracies",
            "honesty_checks", "masking_warnings"]
@@ -26,7 +26,7 @@ def evaluation_attacks(specs: Sequence[dict | AttackSpec], where: str) -> list[A
     the eps ball) is a one-line error naming `where` it was given."""
     attacks = [spec if isinstance(spec, AttackSpec) else AttackSpec(**spec) for spec in specs]
     for spec in attacks:
-        if spec.name in TRAINING_ATTACKS:
+        if spec.entry.training_only:
             raise ValueError(f"{where}: {spec.name} is a training attack (its examples leave the eps "
                              "ball); expected an evaluation attack")
     return attacks
@@ -44,15 +44,12 @@ class ValidationConfig:
     batches: validation batches attacked (the first ones of the unshuffled loader, so the same
         images every time); None attacks all of them.
     every_n_epochs: attack at validation every this many epochs.
-    certify_radii: L2 radii (pixel units) of the certified accuracy, for a network whose
-        Lipschitz bound sepnet.lipschitz can compose (every image, validation and test:
-        `<stage>/certified_acc/<radius>`, e.g. val/certified_acc/36_255).
+    (A certifiable network's certified accuracy: the `certificate` section, sepnet.certificate.)
     """
 
     attacks: list[AttackSpec] | None = None
     batches: int | None = 4
     every_n_epochs: int = 1
-    certify_radii: tuple[float, ...] = (36 / 255, 72 / 255, 108 / 255)
 
     def __post_init__(self) -> None:
         default = [AttackSpec(), AttackSpec(name="fgsm", step_size=AttackSpec.eps, random_start=False)]
@@ -61,9 +58,6 @@ class ValidationConfig:
             raise ValueError(f"validation.batches must be >= 0 or null, got {self.batches}")
         if self.every_n_epochs < 1:
             raise ValueError(f"validation.every_n_epochs must be >= 1, got {self.every_n_epochs}")
-        object.__setattr__(self, "certify_radii", tuple(float(r) for r in self.certify_radii))
-        if any(r <= 0 for r in self.certify_radii):
-            raise ValueError(f"validation.certify_radii must be > 0, got {list(self.certify_radii)}")
 
 
 def reduced_autoattack(spec: AttackSpec, square_queries: int = 1000, apgd_steps: int = 100) -> list[AttackSpec]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from typing import ClassVar, Iterator, Literal
 
 from torch import Tensor, nn
@@ -46,12 +47,21 @@ class FactorizedLayer(nn.Module):
 
     stands_for: ClassVar[type[nn.Module]] = nn.Linear
     _implied_path: ImpliedPath = "auto"
+    # the relative Frobenius error of the implied weight against the dense layer's, where the
+    # layer was made from one (`from_linear` / `from_conv`, which every method returns as a layer)
+    approximation_error: float | None = None
 
     # ------------------------------------------------------------------ what a subclass gives
     def implied_weight(self) -> Tensor:
         """The dense weight this layer stands for: (out, in) for nn.Linear (C-order flattening of
         the features), (out, in, kH, kW) for nn.Conv2d."""
         raise NotImplementedError(f"{type(self).__name__} must implement implied_weight()")
+
+    def dense_weight(self) -> Tensor:
+        """Deprecated alias of `implied_weight` (renamed in 0.2.0; removed in 0.3.0)."""
+        warnings.warn("dense_weight() is deprecated since sepnet 0.2.0: use implied_weight()", DeprecationWarning,
+                      stacklevel=2)
+        return self.implied_weight()
 
     def _implied_pays(self, rows: int) -> bool:
         """The "auto" rule: whether building the weight pays for `rows` rows / output pixels."""

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from sepnet.activations import MaxMin
 from sepnet.convert import balanced_factorization
 from sepnet.layers import SeparableLinear
+from sepnet.lipschitz import LipschitzChain
 from sepnet.lipschitz_layers import orthonormal_linear_
 
 __all__ = ["DenseHead", "SeparableHead", "HEADS", "classifier_shape"]
@@ -28,7 +29,7 @@ def classifier_shape(num_classes: int, modes: int) -> tuple[int, ...]:
     return (1,) * (modes - 1) + (num_classes,)
 
 
-class DenseHead(nn.Module):
+class DenseHead(LipschitzChain, nn.Module):
     """Optional global average pool, flatten, dense hidden layers, dense classifier.
 
     Args:
@@ -41,6 +42,8 @@ class DenseHead(nn.Module):
             norm at most 1), MaxMin instead of ReLU: a 1-Lipschitz head (sepnet.lipschitz
             certifies it).
     """
+
+    lipschitz_parts = ("layers",)
 
     def __init__(self, in_shape: Sequence[int], num_classes: int, hidden: Sequence[int] = (),
                  dropout: float = 0.0, pool: bool = False, orthogonal: bool = False) -> None:
@@ -66,7 +69,7 @@ class DenseHead(nn.Module):
         return self.layers(features)
 
 
-class SeparableHead(nn.Module):
+class SeparableHead(LipschitzChain, nn.Module):
     """Chain of SeparableLinear layers on the unflattened features, then the classifier.
 
     Args:
@@ -86,6 +89,8 @@ class SeparableHead(nn.Module):
             reshape), e.g. [-1, 1, 1]: every class from all channels, each spatial mode pooled by
             one learned vector; None splits num_classes over the modes ((1, 2, 5) for 10).
     """
+
+    lipschitz_parts = ("layers",)
 
     def __init__(self, in_shape: Sequence[int], num_classes: int,
                  hidden_shapes: Sequence[Sequence[int]] = (), rank: int = 1, dropout: float = 0.0,

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from sepnet.factorized import FactorizedLayer, built_matrix_pays
+from sepnet.lipschitz import LipschitzModule
 
 # the orthogonal mode's rank-R normalization is exact (an SVD of the implied core in every forward)
 # up to this many core entries, and R (the triangle inequality) above
@@ -132,7 +133,7 @@ def _mode_product(x: Tensor, factor: Tensor, mode: int) -> Tensor:
 
 
 # --------------------------------------------------------------------------- the layer
-class SeparableLinear(FactorizedLayer):
+class SeparableLinear(FactorizedLayer, LipschitzModule):
     """Linear map on unflattened tensors: (..., *in_shape) -> (..., *out_shape).
 
     Args:
@@ -274,21 +275,22 @@ class SeparableLinear(FactorizedLayer):
         weight = sum(kron_all(list(term)) for term in self.factors)
         return weight / self.spectral_norm() if self.orthogonal and self.rank > 1 else weight
 
-    norm_rule = "orthogonal separable, measured"  # how sepnet.lipschitz counts lipschitz_constant()
+    lipschitz_rule = "orthogonal separable, measured"  # the LipschitzModule contract
 
-    def lipschitz_constant(self) -> float:
-        """The exact spectral norm of the layer as it computes (orthogonal mode: 1 up to float
+    def lipschitz_constant(self) -> float | None:
+        """Orthogonal mode: the exact spectral norm of the layer as it computes (1 up to float
         rounding): R = 1, the product of the factors' largest singular values; R > 1, the
-        largest singular value of the (normalized) implied core."""
+        largest singular value of the (normalized) implied core. None outside it."""
+        if not self.orthogonal:
+            return None
         with torch.no_grad():
             if self.rank == 1:
                 return math.prod(float(torch.linalg.matrix_norm(f.double(), ord=2)) for f in self.factors[0])
             if self.core_elements() > EXACT_NORM_MAX_ELEMENTS:  # the triangle inequality's bound
-                bound = sum(math.prod(float(torch.linalg.matrix_norm(f.double(), ord=2)) for f in term)
-                            for term in self.factors)
-                return bound / self.rank if self.orthogonal else bound
+                return sum(math.prod(float(torch.linalg.matrix_norm(f.double(), ord=2)) for f in term)
+                           for term in self.factors) / self.rank
             norm = torch.linalg.matrix_norm(implied_core(self, torch.float64), ord=2)
-            return float(norm / self.spectral_norm().double()) if self.orthogonal else float(norm)
+            return float(norm / self.spectral_norm().double())
 
     def core_elements(self) -> int:
         """Entries of `implied_core(self)` (at most; its sides are bounded by the factors' spans)."""

@@ -1,95 +1,76 @@
-"""Lipschitz certificates for networks of 1-Lipschitz layers.
+"""The Lipschitz contract: layers that state their L2 bound, and the bound of a network of them.
 
 A network f whose logits are L-Lipschitz in L2 cannot change its prediction on x under any
 perturbation of L2 norm <= eps while the logit margin f_y(x) - max_{j != y} f_j(x) exceeds
-sqrt(2) L eps (Tsuzuku et al. 2018, "Lipschitz-margin training"): the certified accuracy at eps
-is the share of images that are correct with such a margin. It costs one forward pass and no
-attack can overstate it -- provided the bound L is right, which the soundness checks test and
-which fail loudly (`CertificateError`), never as a warning:
-- every layer's exact spectral norm is at most its claimed constant (x (1 + 1e-4));
-- an empirical lower bound of L (gradient-norm ascent) never exceeds the claimed L;
-- PGD-L2 and APGD-L2 at eps break no image certified at eps.
+sqrt(2) L eps (Tsuzuku et al. 2018, "Lipschitz-margin training"). This module holds what the
+layers need to take part (it imports no sepnet layer, so every layer module can):
 
-`lipschitz_bound` composes the bound layer by layer: Normalize scales by 1 / min(std) (exact:
-a per-channel diagonal map), an orthogonal SeparableLinear (or SeparablePointwise) by its
-measured norm (1 up to rounding), an orthogonal convolution (sepnet.lipschitz_layers) by its
-DFT norm, an orthogonal TTLinear by the product of its cores' norms (sepnet.compress.tt), an
-orthogonally parametrized nn.Linear by its measured norm, a dense nn.Linear by its exact
-spectral norm, and MaxMin, ReLU, Flatten, Unflatten, PixelUnshuffle (a permutation),
-Identity and Dropout (eval) by 1. Any other module has no bound here and the network gets no
-certificate.
+- `LipschitzModule`: a layer that gives `lipschitz_constant()` (its L2 constant, or None where
+  this instance has none) and `lipschitz_rule` (how, for the report); `lipschitz_fixed` says
+  training cannot change it (orthogonal by construction). deel-torchlip's `LipschitzModule` is
+  the model. A subclass that gives neither is refused when its class is created.
+- `LipschitzChain`: a module applied as its parts in order (`lipschitz_parts` names them).
+- `OrthogonalParametrization`: a weight parametrization whose result has norm at most 1.
+
+`lipschitz_bound` walks a network through chains and nn.Sequential and multiplies the leaves'
+constants; torch's own layers, which cannot sign the contract, have their rules here: an
+orthogonally parametrized nn.Linear by its measured norm, a dense nn.Linear by its exact spectral
+norm (which training changes), and ReLU, Flatten, Unflatten, Identity, Dropout (eval),
+PixelShuffle / PixelUnshuffle (permutations) by 1. Any other layer has no bound, and the network
+no certificate. The checks that a bound is sound are in sepnet.certificate.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import ClassVar, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
 from torch.nn.utils.parametrizations import _Orthogonal  # the class torch's orthogonal() registers
 
-from sepnet.activations import MaxMin
-from sepnet.compress.tt import TTLinear
-from sepnet.guards import eval_mode
-from sepnet.heads import DenseHead, SeparableHead
-from sepnet.layers import SeparableLinear, implied_core
-from sepnet.lipschitz_layers import BjorckOrthonormal, OrthoConv2d, SeparablePointwise
-from sepnet.network import Network, Normalize
+__all__ = ["LipschitzModule", "LipschitzChain", "OrthogonalParametrization", "CertificateError", "LipschitzBound",
+           "LayerBound", "lipschitz_bound", "lipschitz_leaves", "layer_bound", "spectral_norm",
+           "certified_from_logits", "lipschitz_margin_loss"]
 
-__all__ = ["CertificateError", "LipschitzBound", "lipschitz_bound", "certified_masks", "certified_from_logits",
-           "layer_norm_check", "empirical_lipschitz", "soundness_checks", "lipschitz_margin_loss"]
-
-NORM_TOLERANCE = 1e-4
-# layers with an `orthogonal` flag, a `norm_rule` and `lipschitz_constant()` (their measured norm)
-ORTHOGONAL_LAYERS = (SeparableLinear, SeparablePointwise, OrthoConv2d, TTLinear)
 ONE_LIPSCHITZ = (nn.ReLU, nn.Flatten, nn.Unflatten, nn.Identity, nn.Dropout, nn.PixelUnshuffle, nn.PixelShuffle)
-
-
-def orthogonal_linear(m: nn.Module) -> bool:
-    """An nn.Linear whose weight is (semi-)orthogonal by construction: BjorckOrthonormal, or
-    torch's `parametrizations.orthogonal`, as its only parametrization."""
-    return (isinstance(m, nn.Linear) and nn.utils.parametrize.is_parametrized(m, "weight")
-            and len(m.parametrizations.weight) == 1
-            and isinstance(m.parametrizations.weight[0], (BjorckOrthonormal, _Orthogonal)))
 
 
 class CertificateError(RuntimeError):
     """A soundness check of a certificate failed: the certificate is void."""
 
 
-@dataclass
-class LipschitzBound:
-    """The network's L2 Lipschitz bound and how it was computed, one factor per layer."""
+class LipschitzModule(nn.Module):
+    """The contract of a layer with an L2 Lipschitz bound. Subclasses give
+    `lipschitz_constant()` and `lipschitz_rule`; `lipschitz_fixed` (default True) says the
+    constant holds whatever the weights (orthogonal by construction: its norm is at most 1 up to
+    rounding, which sepnet.certificate checks on the layer as applied)."""
 
-    value: float
-    factors: list[tuple[str, str, float]] = field(default_factory=list)  # (module name, rule, constant)
+    lipschitz_rule: ClassVar[str] = ""
+    lipschitz_fixed: ClassVar[bool] = True
 
-    def describe(self) -> str:
-        parts = [f"{name or 'input'} {rule} {constant:.7g}" for name, rule, constant in self.factors
-                 if constant != 1.0]
-        return f"product of per-layer L2 constants = {self.value:.7g} ({'; '.join(parts) or 'every layer 1'})"
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.lipschitz_constant is LipschitzModule.lipschitz_constant or not cls.lipschitz_rule:
+            raise TypeError(f"{cls.__name__} breaks the LipschitzModule contract: expected it to define "
+                            "lipschitz_constant() and lipschitz_rule")
 
-    @property
-    def fixed(self) -> bool:
-        """Whether training cannot change it (no dense layer counted by its trained norm): what
-        the Lipschitz-margin loss needs to use it as a constant."""
-        return all(rule != "spectral norm" for _, rule, _ in self.factors)
+    def lipschitz_constant(self) -> float | None:
+        """The layer's L2 Lipschitz constant as it computes (an upper bound), or None where this
+        instance has none (e.g. a separable layer outside its orthogonal mode)."""
+        raise NotImplementedError
 
 
-def _leaves(module: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
-    """The chain of layers in order: the Network's parts, heads and Sequential containers are opened."""
-    if isinstance(module, Network):
-        for part in ("normalize", "backbone", "head"):
-            yield from _leaves(getattr(module, part), f"{prefix}{part}")
-    elif isinstance(module, (DenseHead, SeparableHead)):
-        yield from _leaves(module.layers, f"{prefix}.layers")
-    elif isinstance(module, nn.Sequential):
-        for name, child in module.named_children():
-            yield from _leaves(child, f"{prefix}.{name}" if prefix else name)
-    else:
-        yield prefix, module
+class LipschitzChain:
+    """Mixin of a module whose forward applies `lipschitz_parts` (attribute names) in order, so
+    its bound is the product of theirs."""
+
+    lipschitz_parts: ClassVar[tuple[str, ...]] = ()
+
+
+class OrthogonalParametrization(nn.Module):
+    """Base of a weight parametrization whose result has spectral norm at most 1."""
 
 
 def spectral_norm(weight: Tensor) -> float:
@@ -97,128 +78,95 @@ def spectral_norm(weight: Tensor) -> float:
         return float(torch.linalg.matrix_norm(weight.detach().double().flatten(1), ord=2))
 
 
-def lipschitz_bound(net: nn.Module) -> LipschitzBound:
-    """The L2 Lipschitz bound of a chain network (sepnet.network.Network or nn.Sequential);
-    ValueError naming the first layer that has none."""
+def _orthogonal_linear(m: nn.Module) -> bool:
+    """An nn.Linear whose weight is (semi-)orthogonal by construction: one parametrization, an
+    OrthogonalParametrization or torch's `parametrizations.orthogonal`."""
+    return (isinstance(m, nn.Linear) and nn.utils.parametrize.is_parametrized(m, "weight")
+            and len(m.parametrizations.weight) == 1
+            and isinstance(m.parametrizations.weight[0], (OrthogonalParametrization, _Orthogonal)))
+
+
+@dataclass(frozen=True)
+class LayerBound:
+    """One layer's part of the bound."""
+
+    name: str
+    rule: str
+    constant: float
+    fixed: bool
+
+
+def layer_bound(name: str, m: nn.Module) -> LayerBound | None:
+    """The layer's constant and rule, or None where it has none."""
+    if isinstance(m, LipschitzModule):
+        constant = m.lipschitz_constant()
+        return None if constant is None else LayerBound(name, m.lipschitz_rule, constant, m.lipschitz_fixed)
+    if _orthogonal_linear(m):
+        return LayerBound(name, "orthogonal linear, measured", spectral_norm(m.weight), True)
+    if type(m) is nn.Linear:
+        return LayerBound(name, "spectral norm", spectral_norm(m.weight), False)
+    if isinstance(m, ONE_LIPSCHITZ):
+        return LayerBound(name, type(m).__name__, 1.0, True)
+    return None
+
+
+def lipschitz_leaves(module: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
+    """The layers of a chain network in order: LipschitzChain parts and nn.Sequential opened."""
+    if isinstance(module, LipschitzChain):
+        for part in module.lipschitz_parts:
+            yield from lipschitz_leaves(getattr(module, part), f"{prefix}.{part}" if prefix else part)
+    elif isinstance(module, nn.Sequential):
+        for name, child in module.named_children():
+            yield from lipschitz_leaves(child, f"{prefix}.{name}" if prefix else name)
+    else:
+        yield prefix, module
+
+
+@dataclass
+class LipschitzBound:
+    """The network's L2 Lipschitz bound and how it was computed, one entry per layer; `missing`
+    names the first layer without a bound (then the network has no certificate)."""
+
+    value: float
+    factors: list[LayerBound] = field(default_factory=list)
+    missing: str | None = None
+
+    @property
+    def certifiable(self) -> bool:
+        return self.missing is None
+
+    @property
+    def fixed(self) -> bool:
+        """Whether training cannot change it (no dense layer counted by its trained norm): what
+        the Lipschitz-margin loss needs to use it as a constant."""
+        return self.certifiable and all(f.fixed for f in self.factors)
+
+    def describe(self) -> str:
+        parts = [f"{f.name or 'input'} {f.rule} {f.constant:.7g}" for f in self.factors if f.constant != 1.0]
+        return f"product of per-layer L2 constants = {self.value:.7g} ({'; '.join(parts) or 'every layer 1'})"
+
+
+def lipschitz_bound(net: nn.Module, strict: bool = True) -> LipschitzBound:
+    """The L2 Lipschitz bound of a chain network. A layer without a bound: ValueError naming it
+    (strict), or a bound whose `missing` names it."""
     bound = LipschitzBound(1.0)
-    for name, m in _leaves(net):
-        if isinstance(m, Normalize):
-            rule, constant = "1 / min(std)", 1.0 / float(m.std.min())
-        elif isinstance(m, ORTHOGONAL_LAYERS) and m.orthogonal:  # 1 up to float rounding: the measured one
-            rule, constant = m.norm_rule, m.lipschitz_constant()
-        elif orthogonal_linear(m):
-            rule, constant = "orthogonal linear, measured", spectral_norm(m.weight)
-        elif type(m) is nn.Linear:
-            rule, constant = "spectral norm", spectral_norm(m.weight)
-        elif isinstance(m, (MaxMin, *ONE_LIPSCHITZ)):
-            rule, constant = type(m).__name__, 1.0
-        else:
-            raise ValueError(f"no Lipschitz bound for {name} ({type(m).__name__}): expected orthogonal separable "
+    for name, m in lipschitz_leaves(net):
+        part = layer_bound(name, m)
+        if part is None:
+            bound.missing = (f"no Lipschitz bound for {name} ({type(m).__name__}): expected orthogonal separable "
                              "layers or convolutions, nn.Linear, Normalize, MaxMin, ReLU or reshaping layers")
-        bound.factors.append((name, rule, constant))
-        bound.value *= constant
+            if strict:
+                raise ValueError(bound.missing)
+            bound.value = math.inf
+            return bound
+        bound.factors.append(part)
+        bound.value *= part.constant
     return bound
 
 
-def layer_norm_check(net: nn.Module, tolerance: float = NORM_TOLERANCE, max_elements: int = 2 ** 22,
-                     power_iterations: int = 200) -> list[dict]:
-    """Every orthogonal layer's spectral norm, computed apart from the layer's own bookkeeping,
-    against its claimed 1; CertificateError if one exceeds 1 + tolerance. Convolutions: the DFT
-    norm (sepnet.lipschitz_layers; exact for circular padding, an upper bound for zeros);
-    orthogonal nn.Linear: the SVD. Separable layers (SeparablePointwise: its SeparableLinear),
-    R = 1: the product of the factors' largest singular values (SVDs; the singular values of a
-    Kronecker product are the products of the factors'), exact. R > 1: the SVD of the implied
-    matrix, or of `implied_core` (same non-zero singular values), where either has at most
-    `max_elements` entries; else power iteration on the layer itself (its forward and vector-
-    Jacobian product, bias off), which approaches the norm from below: reported as such."""
-    rows = []
-    for name, m in _leaves(net):
-        m = m.layer if isinstance(m, SeparablePointwise) else m
-        if isinstance(m, OrthoConv2d):
-            norm, how = m.lipschitz_constant(), m.norm_rule
-        elif orthogonal_linear(m):
-            norm, how = spectral_norm(m.weight), "SVD of the weight (exact)"
-        elif isinstance(m, TTLinear) and m.orthogonal:  # the layer itself, not the cores the bound multiplies
-            norm, how = _tt_norm(m, max_elements, power_iterations)
-        elif not (isinstance(m, SeparableLinear) and m.orthogonal):
-            continue
-        else:
-            norm, how = _separable_norm(m, max_elements, power_iterations)
-        rows.append({"layer": name, "spectral_norm": norm, "how": how})
-        if norm > 1 + tolerance:
-            raise CertificateError(f"layer {name}: spectral norm {norm:.6f} > 1 + {tolerance:g}: the Lipschitz "
-                                   "bound is void")
-    return rows
-
-
-def _separable_norm(m: SeparableLinear, max_elements: int, power_iterations: int) -> tuple[float, str]:
-    """An orthogonal SeparableLinear's spectral norm and how it was computed (layer_norm_check)."""
-    with torch.no_grad():
-        if m.rank == 1:
-            norm = math.prod(spectral_norm(f) for f in m.factors[0])
-            how = "product of the factors' SVD norms (exact)"
-        elif m.in_features * m.out_features <= max_elements:
-            norm, how = spectral_norm(m.implied_weight()), "SVD of the implied matrix (exact)"
-        elif m.core_elements() <= max_elements:
-            norm = spectral_norm(implied_core(m) / m.spectral_norm().double())
-            how = "SVD of the implied core (exact)"
-        else:
-            norm, how = _power_norm(m, power_iterations), f"power iteration, {power_iterations} steps (from below)"
-    return norm, how
-
-
-def _tt_norm(m: TTLinear, max_elements: int, power_iterations: int) -> tuple[float, str]:
-    """An orthogonal TTLinear's spectral norm and how it was computed (layer_norm_check)."""
-    with torch.no_grad():
-        if m.in_features * m.out_features <= max_elements:
-            return spectral_norm(m.implied_weight()), "SVD of the implied matrix (exact)"
-    return _power_norm(m, power_iterations, (m.in_features,)), f"power iteration, {power_iterations} steps (from below)"
-
-
-def _power_norm(layer: SeparableLinear | TTLinear, iterations: int, in_shape: Sequence[int] | None = None) -> float:
-    """sigma_max of the layer's linear part by power iteration on W^T W (forward, then its VJP);
-    `in_shape`: one input's shape (default: the separable layer's)."""
-    v = torch.randn(1, *(layer.in_shape if in_shape is None else in_shape), dtype=torch.float64)
-    bias, layer.bias = layer.bias, None
-    try:
-        layer.double()
-        for _ in range(iterations):
-            v = v / v.norm()
-            with torch.enable_grad():
-                x = v.clone().requires_grad_(True)
-                y = layer(x)
-                (v,) = torch.autograd.grad(y, x, y)  # W^T W v
-        return float(v.norm().sqrt())
-    finally:
-        layer.float()
-        layer.bias = bias
-
-
-def empirical_lipschitz(net: nn.Module, x: Tensor, steps: int = 50, lr: float = 0.01) -> float:
-    """A lower bound of the network's L2 Lipschitz constant: the largest ||f(a) - f(b)|| / ||a - b||
-    found by gradient ascent from pairs (x, x + small noise), over the images given."""
-    with eval_mode(net), torch.enable_grad():
-        a = x.detach().clone().requires_grad_(True)
-        b = (x + 1e-2 * torch.randn_like(x)).detach().requires_grad_(True)
-        opt = torch.optim.Adam([a, b], lr=lr)
-        best = 0.0
-        for _ in range(steps):
-            ratio = (net(a) - net(b)).flatten(1).norm(dim=1) / (a - b).flatten(1).norm(dim=1).clamp_min(1e-12)
-            best = max(best, float(ratio.detach().max()))
-            opt.zero_grad()
-            (-ratio.sum()).backward()
-            opt.step()
-    return best
-
-
-def certified_masks(net: nn.Module, x: Tensor, y: Tensor, radii: Sequence[float], bound: float) -> dict[float, Tensor]:
-    """Per radius, the images certified at it: correct with a logit margin > sqrt(2) bound radius."""
-    with eval_mode(net), torch.no_grad():
-        return certified_from_logits(net(x), y, radii, bound)
-
-
 def certified_from_logits(logits: Tensor, y: Tensor, radii: Sequence[float], bound: float) -> dict[float, Tensor]:
-    """`certified_masks` from eval-mode logits already computed."""
+    """Per radius, the images certified at it: correct with a logit margin > sqrt(2) bound radius
+    (eval-mode logits)."""
     logits = logits.detach().float()
     top2 = logits.topk(2, dim=-1)
     correct = top2.indices[:, 0] == y
@@ -232,35 +180,3 @@ def lipschitz_margin_loss(logits: Tensor, y: Tensor, eps: float, bound: float, t
     radius eps; `temperature` divides the logits (a larger one, a softer hinge)."""
     shifted = logits + math.sqrt(2) * bound * eps * (1 - nn.functional.one_hot(y, logits.shape[-1]).to(logits.dtype))
     return nn.functional.cross_entropy(shifted / temperature, y)
-
-
-def soundness_checks(net: nn.Module, attacker, x: Tensor, y: Tensor, radii: Sequence[float],
-                     bound: LipschitzBound, attack_steps: int = 50) -> dict:
-    """The three checks of a certificate; CertificateError on the first that fails. Returns
-    their figures for the report."""
-    from sepnet.attacks import AttackSpec
-
-    report = {"layer_norms": layer_norm_check(net)}
-    lower = empirical_lipschitz(net, x[: min(len(x), 64)])
-    report["empirical_lipschitz_lower_bound"] = lower
-    if lower > bound.value * (1 + NORM_TOLERANCE):
-        raise CertificateError(f"empirical Lipschitz lower bound {lower:.6g} exceeds the claimed bound "
-                               f"{bound.value:.6g}: the certificate is void")
-    masks = certified_masks(net, x, y, radii, bound.value)
-    report["attacks_at_radius"] = {}
-    for r in radii:
-        certified = masks[r]
-        broken = {}
-        for name in ("pgd", "apgd_ce"):
-            spec = AttackSpec(name=name, norm="l2", eps=r, step_size=r / 4, steps=attack_steps, random_start=True)
-            if certified.any():
-                adv = attacker.generate(x[certified], y[certified], spec)
-                with eval_mode(net), torch.no_grad():
-                    broken[name] = int((net(adv).argmax(-1) != y[certified]).sum())
-            else:
-                broken[name] = 0
-        report["attacks_at_radius"][f"{r:.6g}"] = {"certified": int(certified.sum()), "broken": broken}
-        if any(broken.values()):
-            raise CertificateError(f"an L2 attack at radius {r:.4g} broke {max(broken.values())} of the "
-                                   f"{int(certified.sum())} images certified at it: the certificate is void")
-    return report

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from sepnet.layers import SeparableLinear
+from sepnet.lipschitz import LipschitzModule, OrthogonalParametrization
 
 __all__ = ["BjorckOrthonormal", "OrthoConv2d", "SeparablePointwise", "circular_conv_norm", "orthonormal_linear_"]
 
@@ -43,7 +44,7 @@ def circular_conv_norm(kernel: Tensor, grid: tuple[int, int]) -> float:
         return float(torch.linalg.matrix_norm(spectrum, ord=2).max())
 
 
-class BjorckOrthonormal(nn.Module):
+class BjorckOrthonormal(OrthogonalParametrization):
     """Parametrization of a weight by its (semi-)orthogonal polar factor, computed by Bjorck /
     Newton-Schulz iterations X <- 1.5 X - 0.5 X X^T X from W / ||W||_F and differentiated
     through (Anil et al. 2019, "Sorting out Lipschitz function approximation"). Each iteration
@@ -74,7 +75,7 @@ def orthonormal_linear_(layer: nn.Linear, iterations: int = 15) -> nn.Linear:
     return layer
 
 
-class OrthoConv2d(nn.Module):
+class OrthoConv2d(LipschitzModule):
     """Orthogonal k x k convolution, stride 1, for (in_channels, *input_hw) maps.
 
     Args:
@@ -86,8 +87,6 @@ class OrthoConv2d(nn.Module):
             (orthogonal inside, norm <= 1 at the border; its norm bounded above).
         bias: a learnable bias (no effect on the Lipschitz constant).
     """
-
-    orthogonal = True  # like SeparableLinear's flag: sepnet.lipschitz reads it
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, input_hw: Sequence[int],
                  padding_mode: str = "circular", bias: bool = True) -> None:
@@ -113,7 +112,7 @@ class OrthoConv2d(nn.Module):
         return circular_conv_norm(self.conv.weight, grid)
 
     @property
-    def norm_rule(self) -> str:
+    def lipschitz_rule(self) -> str:
         return ("orthogonal conv, DFT norm (exact)" if self.padding_mode == "circular"
                 else "orthogonal conv, DFT norm on the padded grid (upper bound)")
 
@@ -121,7 +120,7 @@ class OrthoConv2d(nn.Module):
         return f"input_hw={self.input_hw}"
 
 
-class SeparablePointwise(nn.Module):
+class SeparablePointwise(LipschitzModule):
     """A 1x1 convolution (C, H, W) -> (C', H, W) whose C' x C channel matrix is the Kronecker
     product of an orthogonal SeparableLinear over channel modes (C = prod(in_modes)): the same
     map at every pixel, so the operator is I_HW (x) W and its L2 norm is W's."""
@@ -135,11 +134,11 @@ class SeparablePointwise(nn.Module):
     def orthogonal(self) -> bool:
         return self.layer.orthogonal
 
-    def lipschitz_constant(self) -> float:
+    lipschitz_rule = "orthogonal separable pointwise, measured"
+
+    def lipschitz_constant(self) -> float | None:
         """The measured norm of the channel map (orthogonal: 1 up to rounding), the layer's."""
         return self.layer.lipschitz_constant()
-
-    norm_rule = "orthogonal separable pointwise, measured"
 
     def forward(self, x: Tensor) -> Tensor:
         n, c, h, w = x.shape

@@ -1,6 +1,9 @@
-"""Trainable pruning masks as weight parametrizations (torch.nn.utils.parametrize).
+"""Pruning masks, one mechanism for every pruner: a weight parametrization (torch.nn.utils.parametrize).
 
-`MaskedWeight` multiplies a weight by a 0/1 mask held as a buffer (so checkpoints keep it).
+`MaskedWeight` multiplies a tensor (a layer's weight, a separable layer's factor) by a 0/1 mask
+held as a buffer (so checkpoints keep it); magnitude pruning, the Lagrangian-dual pruning,
+HYDRA and the factors' sparsity target all mask this way, so the measures, the monitors and the
+export have one path (`masked_tensors`, `remove_masks_`).
 With scores (HYDRA, Sehwag et al. 2020) the mask is the top-k of |scores| in the forward, and
 the gradient reaches the scores straight through it; once fixed, the mask is a plain buffer.
 Each MaskedWeight has a `phase`: 0 while its scores train with the network's weights frozen,
@@ -16,7 +19,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-__all__ = ["MaskedWeight", "masked_layers", "remove_masks_", "topk_masks"]
+__all__ = ["MaskedWeight", "mask_tensor_", "masked_tensors", "masked_layers", "remove_masks_", "topk_masks"]
 
 
 def topk_masks(scores: list[Tensor], keep: int, every_row: bool = False) -> list[Tensor]:
@@ -100,20 +103,33 @@ class MaskedWeight(nn.Module):
             self._phase = 1
 
 
-def masked_layers(net: nn.Module) -> list[tuple[str, nn.Module, MaskedWeight]]:
-    """(name, layer, its MaskedWeight) for every layer whose weight carries one."""
+def mask_tensor_(module: nn.Module, name: str, mask: Tensor, keep: int | None = None, scores: Tensor | None = None,
+                 score_epochs: int = 0) -> MaskedWeight:
+    """Put `module.<name>` (a weight, or an entry of a ParameterList) under a MaskedWeight; a
+    fixed mask keeps what `mask` keeps. Returns the MaskedWeight."""
+    masked = MaskedWeight(mask, int(mask.sum()) if keep is None else keep, scores, score_epochs)
+    parametrize.register_parametrization(module, name, masked)
+    return masked
+
+
+def masked_tensors(net: nn.Module) -> list[tuple[str, nn.Module, str, MaskedWeight]]:
+    """(module name, module, tensor name, its MaskedWeight) for every masked tensor in `net`."""
     out = []
-    for name, m in net.named_modules():
-        if parametrize.is_parametrized(m, "weight"):
-            found = [p for p in m.parametrizations["weight"] if isinstance(p, MaskedWeight)]
-            if found:
-                out.append((name, m, found[0]))
+    for module_name, m in net.named_modules():
+        if parametrize.is_parametrized(m):
+            for tensor, chain in m.parametrizations.items():
+                out += [(module_name, m, tensor, p) for p in chain if isinstance(p, MaskedWeight)]
     return out
 
 
+def masked_layers(net: nn.Module) -> list[tuple[str, nn.Module, MaskedWeight]]:
+    """(name, layer, its MaskedWeight) for every layer whose weight carries one (the pruners')."""
+    return [(name, m, masked) for name, m, tensor, masked in masked_tensors(net) if tensor == "weight"]
+
+
 def remove_masks_(net: nn.Module) -> nn.Module:
-    """Make every mask permanent (zeros in `weight`, no parametrization): for export."""
-    for _, m, masked in masked_layers(net):
+    """Make every mask permanent (zeros in the tensor, no parametrization): for export."""
+    for _, m, tensor, masked in masked_tensors(net):
         masked.fix_()
-        parametrize.remove_parametrizations(m, "weight", leave_parametrized=True)
+        parametrize.remove_parametrizations(m, tensor, leave_parametrized=True)
     return net

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from sepnet.factorized import FactorizedLayer, factorized_layers
 from sepnet.layers import SeparableLinear, implied_core, kron_all
-from sepnet.masks import masked_layers
+from sepnet.masks import masked_tensors
 
 _DENSE_KAPPA_MAX_ELEMENTS = 2**22
 _GRAM_MIN_SIDE = 256  # from here on the Gram route is exact enough (see _dense_singular_values)
@@ -34,8 +34,8 @@ __all__ = [
     "implied_nonzeros",
     "implied_core",
     "separable_layers",
-    "pruned_layers",
     "factor_list",
+    "compression_report",
 ]
 
 
@@ -168,40 +168,33 @@ def parameter_counts(module: nn.Module) -> ParameterCounts:
     """Counts over every parameter of `module` (convs, norms, embeddings, heads included).
 
     A factorized layer (sepnet.factorized.FactorizedLayer) counts as the layer it
-    stands for in `dense`, shared factors once; a masked weight (torch.nn.utils.prune, or a
-    sepnet.masks.MaskedWeight) counts its unmasked entries as non-zero, its full size as stored;
-    HYDRA's scores are training-only state and not counted.
+    stands for in `dense`, shared factors once; a masked tensor (sepnet.masks: a pruned weight or
+    factor) counts its unmasked non-zero entries as non-zero, its full size as stored; HYDRA's
+    scores are training-only state and not counted.
     """
     stored = nonzero = dense = 0
     seen: set[int] = set()
+    masked: dict[int, Tensor] = {}  # id(original) -> the tensor the network computes with
+    for _, m, tensor, mask in masked_tensors(module):
+        masked[id(m.parametrizations[tensor].original)] = getattr(m, tensor)
+        if mask.scores is not None:
+            seen.add(id(mask.scores))  # HYDRA's scores: training-only state, not part of the model
+
+    def nonzeros(p: Tensor) -> int:
+        return int(masked.get(id(p), p).count_nonzero())
+
     with torch.no_grad():
         for _, layer in factorized_layers(module):
             params = [p for p in layer.parameters() if id(p) not in seen]  # shared factors once
             seen.update(id(p) for p in params)
             stored += sum(p.numel() for p in params)
-            nonzero += sum(int(p.count_nonzero()) for p in params)
+            nonzero += sum(nonzeros(p) for p in params)
             dense += layer.dense_parameters()
-        for _, m, masked in masked_layers(module):
-            orig = m.parametrizations["weight"].original
-            if masked.scores is not None:
-                seen.add(id(masked.scores))  # training-only state, not part of the model
-            if id(orig) not in seen:
-                seen.add(id(orig))
-                stored += orig.numel()
-                nonzero += int((orig * masked.current_mask()).count_nonzero())
-                dense += orig.numel()
-        for m in module.modules():
-            mask = getattr(m, "weight_mask", None)
-            orig = getattr(m, "weight_orig", None)
-            if isinstance(mask, Tensor) and isinstance(orig, nn.Parameter) and id(orig) not in seen:
-                seen.add(id(orig))
-                stored += orig.numel()
-                nonzero += int((orig * mask).count_nonzero())
-                dense += orig.numel()
         for p in module.parameters():
             if id(p) not in seen:
+                seen.add(id(p))
                 stored += p.numel()
-                nonzero += int(p.count_nonzero())
+                nonzero += nonzeros(p)
                 dense += p.numel()
     return ParameterCounts(stored, nonzero, dense)
 
@@ -232,7 +225,21 @@ def structural_rank(layer: SeparableLinear, core: Tensor) -> int:
     return min(*core.shape, layer.rank * math.prod(min(o, i) for o, i in zip(layer.out_shape, layer.in_shape)))
 
 
-
-def pruned_layers(net: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Layers carrying a torch.nn.utils.prune mask on their weight."""
-    return [(name, m) for name, m in net.named_modules() if isinstance(getattr(m, "weight_mask", None), Tensor)]
+def compression_report(net: nn.Module, compressor_lines: Sequence[str] = ()) -> str:
+    """Per separable layer its shapes, stored / dense-equivalent parameters and zeros; the other
+    compressors' summary lines (`compressor_lines`); the whole model's counts."""
+    lines = ["separable layers (stored / dense-equivalent parameters):"]
+    for name, layer in separable_layers(net):
+        nnz, exact = implied_nonzeros(layer)
+        zeros = sum(int((f == 0).sum()) for t in layer.factors for f in t)
+        sparse = f", {zeros:,} zero factor entries, implied nnz {'' if exact else '<= '}{nnz:,}" if zeros else ""
+        lines.append(f"  {name}: {layer.in_shape} -> {layer.out_shape} rank {layer.rank}: "
+                     f"{layer.stored_parameters():,} / {layer.dense_parameters():,} "
+                     f"({layer.dense_parameters() / layer.stored_parameters():.1f}x){sparse}")
+    others = [line for line in compressor_lines if ": separable " not in line]
+    if others:
+        lines += ["other compressors:", *(f"  {line}" for line in others)]
+    c = parameter_counts(net)
+    lines.append(f"  whole model: {c.stored:,} stored, {c.nonzero:,} non-zero, {c.dense:,} "
+                 f"dense-equivalent ({c.compression:.1f}x)")
+    return "\n".join(lines)

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from sepnet.backbones import build_backbone
 from sepnet.compress import CompressionSpec, compress_
 from sepnet.heads import HEADS
+from sepnet.lipschitz import LipschitzChain, LipschitzModule
 
 __all__ = ["NetworkConfig", "Normalize", "Network", "build_network", "load_weights_"]
 
@@ -46,8 +47,11 @@ class NetworkConfig:
         object.__setattr__(self, "compression", specs)
 
 
-class Normalize(nn.Module):
-    """(x - mean) / std per channel: the model's first layer, so attacks work on [0, 1] pixels."""
+class Normalize(LipschitzModule):
+    """(x - mean) / std per channel: the model's first layer, so attacks work on [0, 1] pixels.
+    A per-channel diagonal map: its L2 constant is exactly 1 / min(std)."""
+
+    lipschitz_rule = "1 / min(std)"
 
     def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
         super().__init__()
@@ -57,9 +61,14 @@ class Normalize(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return (x - self.mean) / self.std
 
+    def lipschitz_constant(self) -> float:
+        return 1.0 / float(self.std.min())
 
-class Network(nn.Module):
+
+class Network(LipschitzChain, nn.Module):
     """The plain model: normalize, backbone, head. Pixels in [0, 1] in, logits out."""
+
+    lipschitz_parts = ("normalize", "backbone", "head")
 
     def __init__(self, normalize: Normalize, backbone: nn.Module, head: nn.Module) -> None:
         super().__init__()

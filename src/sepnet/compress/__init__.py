@@ -11,15 +11,19 @@ compression of those layers' parameters, e.g. 10 for 10x fewer) or the method's 
 
 A method is one module of this package: a `Compressor` subclass (usually a `Factorization` or a
 `Pruner`) that registers itself by name, its layers deriving from sepnet.factorized.FactorizedLayer
-and, where it trains, a `hooks.CompressionHook`. The imports below are the registrations.
+and, where it trains, a `hooks.CompressionHook`. Every module of this package is imported here,
+found by listing the package (no hand-kept list), so a new method is one new file.
 """
+
+import importlib
+import pkgutil
 
 from sepnet.compress.hooks import CompressionHook, compression_epoch_, compression_loss
 from sepnet.compress.prune import remove_pruning_
 from sepnet.compress.spec import CompressionSpec, Compressor, compress_, methods
 
-# the methods: importing a module registers its compressor
-from sepnet.compress import separable, tt, tt_conv, jsvd, lowrank, prune, hydra, deadwood  # noqa: E402,F401  isort: skip
+for _module in pkgutil.iter_modules(__path__):  # importing a module registers its compressor
+    importlib.import_module(f"{__name__}.{_module.name}")
 
 __all__ = ["CompressionSpec", "Compressor", "CompressionHook", "compress_", "methods", "remove_pruning_",
            "compression_loss", "compression_epoch_"]

@@ -13,8 +13,8 @@ distillation term pulls the network towards the dense teacher it started from (T
 temperature T), beside the run's adversarial loss. After `penalty_epochs` epochs the global
 magnitude mask keeps exactly k weights and the network fine-tunes with it.
 
-The targeted layers carry torch.nn.utils.prune masks from the start (all ones during the penalty
-phase), so a checkpoint of either phase loads into a freshly built network.
+The targeted layers carry sepnet.masks masks from the start (all ones during the penalty phase),
+so a checkpoint of either phase loads into a freshly built network.
 """
 
 from __future__ import annotations
@@ -23,12 +23,11 @@ import copy
 
 import torch
 from torch import Tensor, nn
-from torch.nn.utils import prune
 
 from sepnet import metric_names as names
 from sepnet.compress.hooks import CompressionHook, attach_hook
 from sepnet.compress.prune import Pruner
-from sepnet.masks import topk_masks
+from sepnet.masks import MaskedWeight, mask_tensor_, topk_masks
 
 __all__ = ["Deadwood", "DualPruning"]
 
@@ -37,7 +36,8 @@ class Deadwood(CompressionHook):
     """The penalty, its dual variable and the phase of one Lagrangian-dual pruning entry.
 
     Args:
-        layers: the targeted nn.Linear / nn.Conv2d modules (already carrying identity prune masks).
+        layers: the targeted nn.Linear / nn.Conv2d modules.
+        masks: their MaskedWeights (all ones until the penalty phase ends).
         keep: non-zero weights the budget allows over all of them together.
         kick_in: epochs before lambda starts to grow.
         penalty_epochs: epochs of the penalty phase; then the mask is fixed.
@@ -47,7 +47,8 @@ class Deadwood(CompressionHook):
         teacher: the dense network to distil from (kept out of the state dict and the counts).
     """
 
-    def __init__(self, layers: list[nn.Module], keep: int, kick_in: int = 1, penalty_epochs: int = 5,
+    def __init__(self, layers: list[nn.Module], masks: list[MaskedWeight], keep: int, kick_in: int = 1,
+                 penalty_epochs: int = 5,
                  dual_step: float = 0.05, tolerance: float = 0.05, kd_weight: float = 1.0,
                  temperature: float = 4.0, teacher: nn.Module | None = None) -> None:
         super().__init__()
@@ -58,6 +59,7 @@ class Deadwood(CompressionHook):
         self.register_buffer("lam", torch.zeros(()))
         self.register_buffer("phase", torch.tensor(0))
         self.__dict__["_layers"] = layers  # not submodules: they live in the network already
+        self.__dict__["_masks"] = masks
         self.__dict__["_teacher"] = teacher.eval().requires_grad_(False) if teacher is not None else None
         self._epoch = 0
         self._phase: int | None = None  # the buffer's host copy: read at epoch starts, not every step
@@ -72,7 +74,7 @@ class Deadwood(CompressionHook):
         return self._phase
 
     def _weights(self) -> list[Tensor]:
-        return [m.weight_orig * m.weight_mask for m in self._layers]
+        return [m.weight for m in self._layers]  # masked (all ones in the penalty phase)
 
     def violation(self) -> Tensor:
         """Fraction of the L1 mass outside the global top-`keep` (0 when within the budget)."""
@@ -105,8 +107,8 @@ class Deadwood(CompressionHook):
         `keep` weights, for good."""
         self._epoch = epoch
         if self._current_phase() == 0 and epoch >= self.penalty_epochs:
-            for m, chosen in zip(self._layers, topk_masks([w.abs() for w in self._weights()], self.keep)):
-                m.weight_mask.copy_(chosen)
+            for masked, chosen in zip(self._masks, topk_masks([w.abs() for w in self._weights()], self.keep)):
+                masked.mask.copy_(chosen)
             self.phase.fill_(1)
             self._phase = 1
 
@@ -126,9 +128,9 @@ class DualPruning(Pruner, name="deadwood", targets=(nn.Linear, nn.Conv2d)):
         total = sum(m.weight.numel() for _, m in layers)
         keep = max(1, round(total * self.keep_fraction()))
         teacher = copy.deepcopy(net)
-        for _, m in layers:  # identity masks: a checkpoint of either phase loads into a new network
-            prune.identity(m, "weight")
+        # all-ones masks from the start: a checkpoint of either phase loads into a new network
+        masks = [mask_tensor_(m, "weight", torch.ones_like(m.weight)) for _, m in layers]
         options = {k: v for k, v in self.options.items() if k != "amount"}
-        dead = attach_hook(net, Deadwood([m for _, m in layers], keep, teacher=teacher, **options))
+        dead = attach_hook(net, Deadwood([m for _, m in layers], masks, keep, teacher=teacher, **options))
         return [f"{', '.join(n for n, _ in layers[:3])}{' ...' if len(layers) > 3 else ''}: deadwood keeps "
                 f"{keep:,} / {total:,} weights after {dead.penalty_epochs} penalty epochs"]

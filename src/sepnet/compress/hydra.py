@@ -6,11 +6,10 @@ from __future__ import annotations
 import math
 
 from torch import Tensor, nn
-from torch.nn.utils import parametrize
 
 from sepnet.compress.hooks import CompressionHook, attach_hook, compression_hooks
 from sepnet.compress.prune import Pruner
-from sepnet.masks import MaskedWeight, masked_layers
+from sepnet.masks import mask_tensor_, masked_layers, topk_masks
 
 __all__ = ["Hydra", "ScorePhases", "hydra_scores"]
 
@@ -57,9 +56,9 @@ class Hydra(Pruner, name="hydra", targets=(nn.Linear, nn.Conv2d)):
         lines = []
         for name, m in layers:
             keep = self.layer_keep(m.weight, fraction)
-            masked = MaskedWeight(m.weight.new_zeros(m.weight.shape), keep, hydra_scores(m.weight.detach()), epochs)
-            masked.mask.copy_(masked.current_mask())
-            parametrize.register_parametrization(m, "weight", masked)
+            scores = hydra_scores(m.weight.detach())
+            first = topk_masks([scores.abs()], keep, every_row=True)[0]  # the scores' top-k: the mask they start with
+            mask_tensor_(m, "weight", first, keep, scores, epochs)
             lines.append(f"{name}: hydra keeps {keep:,} / {m.weight.numel():,} weights (scores for {epochs} epochs)")
         if not any(isinstance(h, ScorePhases) for h in compression_hooks(net)):
             attach_hook(net, ScorePhases(net))

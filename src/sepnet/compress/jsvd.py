@@ -126,6 +126,16 @@ class SVDConv2d(FactorizedLayer):
                 torch.randn(self.out_channels, r, 1, kw, **new) / math.sqrt(r * kw)))
         self.bias = nn.Parameter(conv.bias.detach().clone()) if conv.bias is not None else None
 
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, rank: int) -> "SVDConv2d":
+        """One branch: the truncated SVD of `conv`'s unfolded kernel (`approximation_error`: its
+        relative error)."""
+        layer = cls(conv, [rank])
+        layer.set_factors_(joint_svd([unfold_kernel(conv.weight.detach())], "svd", rank)[0])
+        kernel = conv.weight.detach()
+        layer.approximation_error = float((layer.implied_weight() - kernel).norm() / kernel.norm().clamp_min(1e-30))
+        return layer
+
     def set_factors_(self, terms: Sequence[tuple[Tensor, Tensor]]) -> None:
         """Load (U, V) matrix factors of the unfolded kernel into the branches."""
         o, i = self.out_channels, self.in_channels

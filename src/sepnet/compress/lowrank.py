@@ -43,8 +43,9 @@ class LowRankLinear(FactorizedLayer):
         self.bias = nn.Parameter(torch.empty(out_features).uniform_(-bound, bound)) if bias else None
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, rank: int) -> tuple["LowRankLinear", float]:
-        """(the truncated SVD of `linear`, singular values split evenly; its relative error)."""
+    def from_linear(cls, linear: nn.Linear, rank: int) -> "LowRankLinear":
+        """The truncated SVD of `linear`, singular values split evenly (`approximation_error`:
+        its relative error)."""
         layer = cls(linear.in_features, linear.out_features, rank, linear.bias is not None)
         layer.to(device=linear.weight.device, dtype=linear.weight.dtype)
         u, s, vh = _leading(linear.weight, rank)
@@ -54,7 +55,8 @@ class LowRankLinear(FactorizedLayer):
             if linear.bias is not None:
                 layer.bias.copy_(linear.bias)
         error = (layer.implied_weight() - linear.weight).norm() / linear.weight.norm().clamp_min(1e-30)
-        return layer, float(error.detach())
+        layer.approximation_error = float(error.detach())
+        return layer
 
     def implied_weight(self) -> Tensor:
         return self.second @ self.first
@@ -91,9 +93,9 @@ class Tucker2Conv2d(FactorizedLayer):
         self.bias = nn.Parameter(torch.empty(self.out_channels).uniform_(-bound, bound)) if conv.bias is not None else None
 
     @classmethod
-    def from_conv(cls, conv: nn.Conv2d, ranks: tuple[int, int]) -> tuple["Tucker2Conv2d", float]:
-        """(the truncated HOSVD of `conv`'s kernel on its output and input channel modes, its
-        relative error)."""
+    def from_conv(cls, conv: nn.Conv2d, ranks: tuple[int, int]) -> "Tucker2Conv2d":
+        """The truncated HOSVD of `conv`'s kernel on its output and input channel modes
+        (`approximation_error`: its relative error)."""
         layer = cls(conv, ranks).to(device=conv.weight.device, dtype=conv.weight.dtype)
         kernel = conv.weight.detach()
         out_basis = _leading(kernel.flatten(1), layer.rank_out)[0]  # (S, r_out)
@@ -105,7 +107,8 @@ class Tucker2Conv2d(FactorizedLayer):
             if conv.bias is not None:
                 layer.bias.copy_(conv.bias)
         error = (layer.implied_weight() - kernel).norm() / kernel.norm().clamp_min(1e-30)
-        return layer, float(error.detach())
+        layer.approximation_error = float(error.detach())
+        return layer
 
     def implied_weight(self) -> Tensor:
         return torch.einsum("sb,bayx,ac->scyx", self.last[:, :, 0, 0], self.core, self.first[:, :, 0, 0])
@@ -143,11 +146,12 @@ class LowRank(Factorization, name="lowrank", targets=(nn.Linear, nn.Conv2d)):
         (_, m), svd = unit.layers[0], self.options["init"] == "svd"
         if isinstance(m, nn.Linear):
             rank = min(rank, m.in_features, m.out_features)
-            layer, error = (LowRankLinear.from_linear(m, rank) if svd else
-                            (LowRankLinear(m.in_features, m.out_features, rank, m.bias is not None), None))
+            layer = (LowRankLinear.from_linear(m, rank) if svd else
+                     LowRankLinear(m.in_features, m.out_features, rank, m.bias is not None))
             shape = f"rank {rank}"
         else:
-            layer, error = Tucker2Conv2d.from_conv(m, (rank, rank)) if svd else (Tucker2Conv2d(m, (rank, rank)), None)
+            layer = Tucker2Conv2d.from_conv(m, (rank, rank)) if svd else Tucker2Conv2d(m, (rank, rank))
             shape = f"Tucker-2 ranks ({layer.rank_in}, {layer.rank_out})"
+        error = layer.approximation_error
         extra = f", SVD error {error:.3f}" if error is not None else ""
         return [layer], f"lowrank {shape}: {layer.stored_parameters():,} / {layer.dense_parameters():,}{extra}"

@@ -10,11 +10,9 @@ from __future__ import annotations
 import logging
 
 from torch import nn
-from torch.nn.utils import prune
 
 from sepnet.compress.spec import Compressor
-from sepnet.masks import remove_masks_, topk_masks
-from sepnet.measures import pruned_layers
+from sepnet.masks import mask_tensor_, remove_masks_, topk_masks
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +43,7 @@ class Pruner(Compressor):
 
 class Magnitude(Pruner, name="magnitude", targets=(nn.Linear, nn.Conv2d)):
     """Unstructured magnitude pruning of nn.Linear / nn.Conv2d weights (biases kept), with
-    torch.nn.utils.prune masks. options: scope ("layer": each layer keeps 1/budget of its
+    sepnet.masks masks. options: scope ("layer": each layer keeps 1/budget of its
     weights; "global": the largest weights of all targets together, exactly the budget's
     count), amount (fraction pruned, instead of a budget). Either way each output unit keeps its
     largest weight, inside the count. The masks stay through fine-tuning; `remove_pruning_` makes
@@ -68,15 +66,12 @@ class Magnitude(Pruner, name="magnitude", targets=(nn.Linear, nn.Conv2d)):
             masks = topk_masks(weights, max(keep, rows), every_row=True)
         else:
             masks = [topk_masks([w], self.layer_keep(w, fraction), every_row=True)[0] for w in weights]
-        for (_, m), mask in zip(layers, masks):
-            prune.custom_from_mask(m, "weight", mask)
-        return [f"{name}: magnitude ({scope}) keeps {int(m.weight_mask.sum()):,} / {m.weight.numel():,} weights"
-                for name, m in layers]
+        kept = [mask_tensor_(m, "weight", mask).keep for (_, m), mask in zip(layers, masks)]
+        return [f"{name}: magnitude ({scope}) keeps {keep:,} / {m.weight.numel():,} weights"
+                for (name, m), keep in zip(layers, kept)]
 
 
 def remove_pruning_(net: nn.Module) -> nn.Module:
-    """Make every pruning mask (torch.nn.utils.prune, sepnet.masks) permanent: zeros in
-    `weight`, no mask buffer or parametrization. For export."""
-    for _, m in pruned_layers(net):
-        prune.remove(m, "weight")
+    """Make every pruning mask (sepnet.masks) permanent: zeros in the weights and factors, no
+    mask buffer or parametrization. For export."""
     return remove_masks_(net)

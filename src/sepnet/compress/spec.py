@@ -18,8 +18,10 @@ from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar, Sequence
 
 from torch import nn
+from torch.nn.utils.parametrize import type_before_parametrizations
 
-from sepnet.measures import parameter_counts, pruned_layers
+from sepnet.masks import masked_layers
+from sepnet.measures import parameter_counts
 
 log = logging.getLogger(__name__)
 
@@ -125,13 +127,15 @@ def replace_module(net: nn.Module, name: str, layer: nn.Module) -> None:
 def _targets(net: nn.Module, spec: CompressionSpec) -> list[tuple[str, nn.Module]]:
     kinds = spec.compressor.targets
     found = [(name, m) for name, m in net.named_modules()
-             if type(m) in kinds and _matches(name, spec.targets) and not _matches(name, spec.exclude)]
-    masked = [name for name, m in found if hasattr(m, "weight_mask")]
+             if type_before_parametrizations(m) in kinds and _matches(name, spec.targets)
+             and not _matches(name, spec.exclude)]
+    pruned = {name for name, _, _ in masked_layers(net)}
+    masked = [name for name, _ in found if name in pruned]
     if masked:
         raise ValueError(f"compression {spec.method}: {masked[0]} is already pruned; expected pruning "
                          "after the factorizations in the compression list")
     if not found:
-        layers = [name for name, m in net.named_modules() if type(m) in kinds]
+        layers = [name for name, m in net.named_modules() if type_before_parametrizations(m) in kinds]
         raise ValueError(f"compression {spec.method}: targets {spec.targets} match no "
                          f"{'/'.join(k.__name__ for k in kinds)} layer; expected some of {layers[:8]}"
                          f"{' ...' if len(layers) > 8 else ''}")
@@ -146,7 +150,7 @@ def _as_target_budget(net: nn.Module, spec: CompressionSpec, targets: list[tuple
     # or norm shift initialized at zero does not stay zero) except the weights a mask holds at zero
     own = {id(p) for _, m in targets for p in m.parameters()}
     rest = sum(p.numel() for p in {id(p): p for p in net.parameters()}.values() if id(p) not in own)
-    rest -= sum(int((m.weight_mask == 0).sum()) for _, m in pruned_layers(net))
+    rest -= sum(int((masked.current_mask() == 0).sum()) for _, _, masked in masked_layers(net))
     allowed = model.dense / spec.budget - rest
     if allowed <= 0:
         raise ValueError(f"compression {spec.method}: whole-model budget {spec.budget:g}x is unreachable: the "

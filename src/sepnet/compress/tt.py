@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from sepnet.compress.factorize import Factorization, Unit, mode_split
 from sepnet.factorized import FactorizedLayer, built_matrix_pays
+from sepnet.lipschitz import LipschitzModule
 
 __all__ = ["TTLinear", "TT", "tensor_train", "tt_ranks", "tt_parameters", "tt_svd", "capped_ranks", "load_cores_"]
 
@@ -126,7 +127,7 @@ def contraction_macs(in_modes: Sequence[int], out_modes: Sequence[int], ranks: S
                for k in range(len(in_modes)))
 
 
-class TTLinear(FactorizedLayer):
+class TTLinear(FactorizedLayer, LipschitzModule):
     """nn.Linear(prod(in_modes), prod(out_modes)) in tensor-train format.
 
     Args:
@@ -178,8 +179,8 @@ class TTLinear(FactorizedLayer):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, in_modes: Sequence[int], out_modes: Sequence[int],
-                    rank: int | Sequence[int]) -> tuple["TTLinear", float]:
-        """(the TT-SVD approximation of `linear`, its relative Frobenius error)."""
+                    rank: int | Sequence[int]) -> "TTLinear":
+        """The TT-SVD approximation of `linear` (`approximation_error`: its relative Frobenius error)."""
         if (math.prod(in_modes), math.prod(out_modes)) != (linear.in_features, linear.out_features):
             raise ValueError(f"TT modes {tuple(in_modes)} -> {tuple(out_modes)} imply a {math.prod(in_modes)} -> "
                              f"{math.prod(out_modes)} layer, but the linear layer is {linear.in_features} -> "
@@ -187,7 +188,8 @@ class TTLinear(FactorizedLayer):
         layer = cls(in_modes, out_modes, rank, bias=linear.bias is not None)
         layer.to(device=linear.weight.device, dtype=linear.weight.dtype)
         cores = tt_svd(linear.weight, in_modes, out_modes, layer.ranks[1:-1])
-        return layer, load_cores_(layer, cores, linear.bias, layer.implied_weight, linear.weight)
+        layer.approximation_error = load_cores_(layer, cores, linear.bias, layer.implied_weight, linear.weight)
+        return layer
 
     def forward(self, x: Tensor) -> Tensor:
         if x.shape[-1] != self.in_features:
@@ -222,11 +224,13 @@ class TTLinear(FactorizedLayer):
         return [core.reshape(self.ranks[k], m, n, self.ranks[k + 1])
                 for k, (core, m, n) in enumerate(zip(cores, self.in_modes, self.out_modes))]
 
-    norm_rule = "orthogonal TT, product of the core norms"  # how sepnet.lipschitz counts lipschitz_constant()
+    lipschitz_rule = "orthogonal TT, product of the core norms"  # the LipschitzModule contract
 
-    def lipschitz_constant(self) -> float:
-        """A bound on the layer's spectral norm: the product of the cores' norms as the matrices
-        the contraction applies (SVDs); orthogonal mode: 1 up to float rounding."""
+    def lipschitz_constant(self) -> float | None:
+        """Orthogonal mode: a bound on the layer's spectral norm, the product of the cores' norms
+        as the matrices the contraction applies (SVDs; 1 up to float rounding). None outside it."""
+        if not self.orthogonal:
+            return None
         with torch.no_grad():
             return math.prod(float(torch.linalg.matrix_norm(core.detach().double().reshape(r * m, -1), ord=2))
                              for core, r, m in zip(self.tt_cores(), self.ranks, self.in_modes))
@@ -294,8 +298,8 @@ class TT(Factorization, name="tt", targets=(nn.Linear,)):
         (_, linear), (in_modes, out_modes) = unit.layers[0], unit.plan
         extra = ""
         if self.options["init"] == "from_linear":
-            layer, error = TTLinear.from_linear(linear, in_modes, out_modes, rank)
-            extra = f", TT-SVD error {error:.3f}"
+            layer = TTLinear.from_linear(linear, in_modes, out_modes, rank)
+            extra = f", TT-SVD error {layer.approximation_error:.3f}"
         else:
             layer = TTLinear(in_modes, out_modes, rank, bias=linear.bias is not None,
                              orthogonal=self.options["orthogonal"])

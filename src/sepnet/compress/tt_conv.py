@@ -74,15 +74,16 @@ class TTConv2d(FactorizedLayer):
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, in_modes: Sequence[int], out_modes: Sequence[int],
-                  rank: int | Sequence[int], naive: bool = False) -> tuple["TTConv2d", float]:
-        """(the TT-SVD approximation of `conv`, its relative Frobenius error)."""
+                  rank: int | Sequence[int], naive: bool = False) -> "TTConv2d":
+        """The TT-SVD approximation of `conv` (`approximation_error`: its relative Frobenius error)."""
         if conv.groups != 1 or (math.prod(in_modes), math.prod(out_modes)) != (conv.in_channels, conv.out_channels):
             raise ValueError(f"TT conv modes {tuple(in_modes)} -> {tuple(out_modes)} do not fit {conv}: expected "
                              f"{conv.in_channels} -> {conv.out_channels} channels, groups 1")
         layer = cls(in_modes, out_modes, conv.kernel_size, rank, conv.stride, conv.padding, conv.dilation,
                     bias=conv.bias is not None, naive=naive).to(device=conv.weight.device, dtype=conv.weight.dtype)
         cores = tensor_train(layer._arranged(conv.weight), layer.ranks)
-        return layer, load_cores_(layer, cores, conv.bias, layer.implied_weight, conv.weight)
+        layer.approximation_error = load_cores_(layer, cores, conv.bias, layer.implied_weight, conv.weight)
+        return layer
 
     def _arranged(self, kernel: Tensor) -> Tensor:
         """An (S, C, kH, kW) kernel as the tensor the cores factorize (see `_sizes`)."""
@@ -200,8 +201,8 @@ class TTConv(Factorization, name="tt_conv", targets=(nn.Conv2d,)):
         (_, conv), (in_modes, out_modes) = unit.layers[0], unit.plan
         naive, extra = self.options["naive"], ""
         if self.options["init"] == "from_conv":
-            layer, error = TTConv2d.from_conv(conv, in_modes, out_modes, rank, naive=naive)
-            extra = f", TT-SVD error {error:.3f}"
+            layer = TTConv2d.from_conv(conv, in_modes, out_modes, rank, naive=naive)
+            extra = f", TT-SVD error {layer.approximation_error:.3f}"
         else:
             layer = TTConv2d(in_modes, out_modes, conv.kernel_size, rank, conv.stride, conv.padding, conv.dilation,
                              bias=conv.bias is not None, naive=naive)

@@ -1,0 +1,199 @@
+"""Long, resumable certified-training runs toward the target (issue 43): >= 50% certified at L2
+36/255 with <= 0.3M parameters.
+
+    python -m benchmarks.certified_long --budget 0.1M --model lipconvnet_dense --data 40k --epochs 100
+    python -m benchmarks.certified_long --report
+
+Each run trains one model of benchmarks/certified.py (the same recipe: mean-only normalization,
+the Lipschitz-margin loss at 36/255, temperature 0.25, AdamW 5e-3 cosine, batch 256) on the
+shared CIFAR-10 JPEG copy (`--data 20k`: cifar10-jpeg, `40k`: cifar10-jpeg-40k; 5% of the
+training images held out, as in certified.py), and after every epoch writes one JSON line with
+clean and certified accuracy on all 10k test images (the curve; the weights are not chosen on
+it: the run reports its last epoch). At the end: the soundness checks on 1,000 test images and
+a final line.
+
+Resumable across sessions: the run's state (Lightning's last.ckpt: weights, optimizer,
+scheduler, loop and RNG states; about 1 MB) lives in benchmarks/results/certified_long/<run>/ and
+is committed, so a fresh machine continues where the last session stopped (an epoch boundary:
+at most one epoch is lost). A rerun of a finished run does nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from benchmarks.certified import BUDGETS, RADII, classifier
+from benchmarks.common import CIFAR_MEAN, CIFAR_STD
+from sepnet.attacks import Attacker
+from sepnet.callbacks import last_checkpoint
+from sepnet.certificate import soundness_checks
+from sepnet.data import ImageFolderDataModule
+from sepnet.lipschitz import CertificateError, certified_from_logits, lipschitz_bound
+
+HERE = Path(__file__).resolve().parent
+
+RESULTS = HERE / "results" / "certified_long.jsonl"
+STATE = HERE / "results" / "certified_long"
+DATA = {"20k": HERE.parent.parent / "shared" / "data" / "cifar10-jpeg",
+        "40k": HERE.parent.parent / "shared" / "data" / "cifar10-jpeg-40k"}
+
+
+def run_key(budget: str, model: str, data: str, epochs: int, seed: int) -> str:
+    return f"{model}_{budget}_{data}_e{epochs}_s{seed}"
+
+
+def data_root(data: str) -> Path:
+    """The folder to read. The shared cifar10-jpeg-40k/test is a link to cifar10-jpeg/test, which
+    the copy on these machines holds as a plain file naming its target: then a view of it under
+    data/ (git-ignored) links train and test to the real folders."""
+    root = DATA[data]
+    link = root / "test"
+    if not link.is_file():
+        return root
+    view = HERE.parent / "data" / root.name
+    view.mkdir(parents=True, exist_ok=True)
+    for name, target in (("train", root / "train"), ("test", (root / link.read_text().strip()).resolve())):
+        if not (view / name).exists():
+            (view / name).symlink_to(target, target_is_directory=True)
+    return view
+
+
+def datamodule(data: str, batch_size: int, workers: int) -> ImageFolderDataModule:
+    return ImageFolderDataModule(root=str(data_root(data)), batch_size=batch_size, num_workers=workers,
+                                 pin_memory=False, mean=CIFAR_MEAN, std=CIFAR_STD, val_fraction=0.05)
+
+
+def test_set(data: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The 10k test images (the same for 20k and 40k)."""
+    dm = datamodule(data, 500, 0)
+    dm.setup()
+    xs, ys = zip(*dm.test_dataloader())  # the loader's fixed shuffle: a prefix is a random sample
+    return torch.cat(xs), torch.cat(ys)
+
+
+def certified_figures(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict:
+    """Clean and certified accuracy (float32, eval mode) on (x, y), and the bound."""
+    bound = lipschitz_bound(net)
+    with torch.no_grad():
+        logits = torch.cat([net(c) for c in x.split(500)])
+    return {"clean_acc": float((logits.argmax(-1) == y).float().mean()), "lipschitz_bound": bound.value,
+            "certified": {f"{r * 255:.0f}/255": float(m.float().mean())
+                          for r, m in certified_from_logits(logits, y, RADII, bound.value).items()}}
+
+
+class CertifiedCurve(L.Callback):
+    """After every training epoch: one JSON line with the test figures."""
+
+    def __init__(self, key: str, x: torch.Tensor, y: torch.Tensor, results: Path) -> None:
+        self.key, self.x, self.y, self.results = key, x, y, results
+        self._start = 0.0
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._start = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        seconds = time.perf_counter() - self._start
+        was_training = pl_module.training
+        pl_module.eval()
+        try:
+            figures = certified_figures(pl_module.net, self.x, self.y)
+        finally:
+            pl_module.train(was_training)
+        line = {"run": self.key, "kind": "epoch", "epoch": trainer.current_epoch + 1, "train_seconds": seconds,
+                **figures}
+        with self.results.open("a") as f:
+            f.write(json.dumps(line) + "\n")
+        print(json.dumps(line), flush=True)
+
+
+def records(results: Path) -> list[dict]:
+    return [json.loads(line) for line in results.read_text().splitlines() if line.strip()] if results.is_file() else []
+
+
+def run(args: argparse.Namespace) -> None:
+    key = run_key(args.budget, args.model, args.data, args.epochs, args.seed)
+    if any(r["run"] == key and r["kind"] == "final" for r in records(args.results)):
+        print(f"{key}: done")
+        return
+    torch.manual_seed(args.seed)
+    module = classifier(BUDGETS[args.budget][args.model])
+    state = STATE / key
+    state.mkdir(parents=True, exist_ok=True)
+    resume = state / "last.ckpt"
+    x, y = test_set(args.data)
+    trainer = L.Trainer(max_epochs=args.epochs, accelerator="cpu", logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, inference_mode=False, limit_val_batches=0,
+                        num_sanity_val_steps=0, callbacks=[CertifiedCurve(key, x, y, args.results),
+                                                           last_checkpoint(str(state))])
+    trainer.fit(module, datamodule(args.data, 256, args.workers), ckpt_path=str(resume) if resume.is_file() else None)
+    net = module.net.eval()
+    final = {"run": key, "kind": "final", "budget": args.budget, "model": args.model, "data": args.data,
+             "seed": args.seed, "epochs": args.epochs, "params": sum(p.numel() for p in net.parameters()),
+             "network": BUDGETS[args.budget][args.model], **certified_figures(net, x, y)}
+    n = args.check_images
+    try:
+        report = soundness_checks(net, Attacker(net, (3, 32, 32), 10), x[:n], y[:n], RADII, lipschitz_bound(net))
+        final["soundness"] = {"passed": True, "images": n,
+                              "empirical_lipschitz_lower_bound": report["empirical_lipschitz_lower_bound"],
+                              "max_layer_norm": max(r["spectral_norm"] for r in report["layer_norms"]),
+                              "attacks_at_radius": report["attacks_at_radius"]}
+    except CertificateError as err:
+        final["soundness"] = {"passed": False, "error": str(err)}
+    with args.results.open("a") as f:
+        f.write(json.dumps(final) + "\n")
+    print(json.dumps(final), flush=True)
+    if not final["soundness"]["passed"]:
+        raise SystemExit(f"soundness check FAILED, the certificates are void: {final['soundness']['error']}")
+
+
+def report(results: Path) -> None:
+    """Per run: the last epoch's figures, and the curve every 10 epochs."""
+    rows = records(results)
+    epochs: dict[str, dict[int, dict]] = {}
+    for r in rows:
+        if r["kind"] == "epoch":
+            epochs.setdefault(r["run"], {})[r["epoch"]] = r  # a redone epoch: the later line
+    finals = {r["run"]: r for r in rows if r["kind"] == "final"}
+    print("| run | epochs done | clean | certified 36/255 | 72/255 | 108/255 | s / epoch | soundness |")
+    print("|---|---:|---:|---:|---:|---:|---:|---|")
+    for key, curve in sorted(epochs.items()):
+        last = curve[max(curve)]
+        status = ("passed" if finals[key]["soundness"]["passed"] else "FAILED") if key in finals else "running"
+        seconds = sum(r["train_seconds"] for r in curve.values()) / len(curve)
+        print(f"| {key} | {max(curve)} | {last['clean_acc']:.3f} | "
+              + " | ".join(f"{last['certified'][k]:.3f}" for k in ("36/255", "72/255", "108/255"))
+              + f" | {seconds:.0f} | {status} |")
+    for key, curve in sorted(epochs.items()):
+        points = [f"{e}: {curve[e]['certified']['36/255']:.3f}" for e in sorted(curve) if e % 10 == 0 or e == 1]
+        print(f"{key} certified 36/255 by epoch: {', '.join(points)}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--report", action="store_true", help="the table of runs and their curves")
+    parser.add_argument("--budget", choices=sorted(BUDGETS), default="0.1M")
+    parser.add_argument("--model", choices=sorted(BUDGETS["0.1M"]), default="lipconvnet_dense")
+    parser.add_argument("--data", choices=sorted(DATA), default="40k")
+    parser.add_argument("--epochs", type=int, default=100)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workers", type=int, default=1, help="data loader workers")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (the other core stays free)")
+    parser.add_argument("--check-images", type=int, default=1000)
+    parser.add_argument("--results", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    if args.report:
+        report(args.results)
+        return
+    torch.set_num_threads(args.threads)
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    run(args)
+
+
+if __name__ == "__main__":
+    main()

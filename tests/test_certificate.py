@@ -1,0 +1,107 @@
+"""The Lipschitz contract and the certificate part: a layer that breaks the contract is refused
+when its class is made, the walk bounds layers it has never heard of, the layer check measures
+the layer as applied (not the number the layer reports), and certificates are float32 whatever
+the autocast around them."""
+
+import pytest
+import torch
+from torch import nn
+
+from sepnet.certificate import CertificateConfig, Certifier, layer_norm_check
+from sepnet.lipschitz import CertificateError, LipschitzChain, LipschitzModule, lipschitz_bound
+from sepnet.module import ImageClassifier
+from sepnet.network import build_network
+
+
+def test_a_lipschitz_layer_without_its_constant_or_rule_is_refused_when_its_class_is_made():
+    with pytest.raises(TypeError, match="NoConstant breaks the LipschitzModule contract"):
+        class NoConstant(LipschitzModule):
+            lipschitz_rule = "claims nothing"
+
+    with pytest.raises(TypeError, match="NoRule breaks the LipschitzModule contract"):
+        class NoRule(LipschitzModule):
+            def lipschitz_constant(self):
+                return 1.0
+
+
+class Scale(LipschitzModule):
+    """A layer sepnet has never heard of: y = s x, whose constant it states (honestly or not)."""
+
+    lipschitz_rule = "scale, stated"
+    lipschitz_fixed = False
+
+    def __init__(self, applied: float, stated: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.tensor(applied))
+        self.stated = stated
+
+    def forward(self, x):
+        return self.weight * x
+
+    def lipschitz_constant(self):
+        return self.stated
+
+
+class Pair(LipschitzChain, nn.Module):
+    lipschitz_parts = ("first", "second")
+
+    def __init__(self, first, second) -> None:
+        super().__init__()
+        self.first, self.second = first, second
+
+    def forward(self, x):
+        return self.second(self.first(x))
+
+
+def test_the_walk_bounds_any_chain_of_contract_layers_and_the_check_catches_a_false_claim():
+    net = Pair(Scale(2.0, 2.0), nn.Sequential(nn.ReLU(), Scale(0.5, 0.5)))
+    bound = lipschitz_bound(net)
+    assert bound.value == pytest.approx(1.0) and [f.name for f in bound.factors] == ["first", "second.0", "second.1"]
+    assert not bound.fixed  # Scale says training changes it
+    x = torch.randn(4, 6)
+    rows = layer_norm_check(net, x)
+    assert [r["spectral_norm"] for r in rows] == pytest.approx([2.0, 0.5])
+    assert all(r["how"] == "SVD of the layer as applied (exact)" for r in rows)
+    liar = Pair(Scale(3.0, 1.0), nn.Identity())  # applies 3, tells the bound 1
+    assert lipschitz_bound(liar).value == 1.0
+    with pytest.raises(CertificateError, match=r"layer first: spectral norm 3.000000 as applied exceeds the constant 1"):
+        layer_norm_check(liar, x)
+    missing = Pair(Scale(1.0, 1.0), nn.Tanh())
+    assert lipschitz_bound(missing, strict=False).missing.startswith("no Lipschitz bound for second (Tanh)")
+    assert not Certifier(missing, CertificateConfig()).certifiable
+
+
+def test_a_layer_too_large_for_its_matrix_is_checked_by_power_iteration_from_below():
+    net = Pair(Scale(1.5, 1.5), nn.Identity())
+    (row,) = layer_norm_check(net, torch.randn(2, 8, 8), max_elements=16)
+    assert row["spectral_norm"] == pytest.approx(1.5, rel=1e-6) and "power iteration" in row["how"]
+
+
+def test_bf16_autocast_certifies_exactly_what_float32_certifies():
+    """Under the GPU presets' bf16-mixed precision, Lightning runs the evaluation step under
+    autocast; the certificate must come from float32 logits, never from the bf16 ones (which
+    moved by up to 0.08 in an audit and certified images float32 does not)."""
+    torch.manual_seed(0)
+    net = build_network(10, (3, 8, 8), backbone="lipconvnet", head="dense", scale_inputs=False,
+                        backbone_kwargs={"widths": [4, 8], "depth": 1}).eval()
+    certifier = Certifier(net, CertificateConfig(radii=(0.01, 0.02, 0.05)))
+    certifier.measure()
+    x, y = torch.rand(256, 3, 8, 8), torch.randint(0, 10, (256,))
+    with torch.no_grad():
+        y = net(x).argmax(-1)  # every image correct: the margins decide
+        reference = certifier.masks(x, y)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            bf16_logits = net(x)
+            under_autocast = certifier.masks(x, y, bf16_logits)
+    naive = certifier.masks(x, y, bf16_logits.float())  # what certifying the bf16 logits would give
+    assert bf16_logits.dtype == torch.bfloat16
+    for r in reference:
+        assert torch.equal(under_autocast[r], reference[r])
+    assert any(not torch.equal(naive[r], reference[r]) for r in reference)  # the hole was real here
+
+
+def test_the_old_certify_radii_field_is_a_one_line_migration_error():
+    with pytest.raises(ValueError, match=r"validation.certify_radii is now certificate.radii"):
+        ImageClassifier(validation={"batches": 0, "certify_radii": [0.1]})
+    with pytest.raises(ValueError, match=r"certificate.radii must be > 0"):
+        CertificateConfig(radii=(0.1, -1.0))

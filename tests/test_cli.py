@@ -1,6 +1,7 @@
 """run.py end to end: configs, resume, bad input (one line, non-zero exit), DDP on CPU."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -467,6 +468,25 @@ def test_default_fit_then_test_reports_the_worst_case(tmp_path):
     table = printed[printed.index("test report"):]
     assert table.index("test/robust_acc/worst") < table.index("test/robust_acc/pgd_linf")
     assert "honesty" in report and "honesty/square" in table
+    # the threat model heads the table and the report; the attacked images are named
+    assert table.splitlines()[1].split() == ["threat", "model", "Linf", "0.1000", "eps", "25.5/255,", "pixels",
+                                             "in", "[0,", "1]"]
+    assert report["threat_model"] == {"norm": "linf", "eps": 0.1, "eps_255": 25.5}
+    order = report["image_order"]
+    assert order["seed"] == 2 and len(report["attacked_indices"]) == 32
+    assert report["attacked_indices"] == torch.randperm(359, generator=torch.Generator().manual_seed(2)).tolist()[:32]
+    # no progress bar: a line per attack and chunk, with the time left
+    assert "test: pgd_linf " in printed and " about " in printed and " s left" in printed
+    # quiet: the evaluation does not warn about the fit's callbacks
+    assert "callbacks used to create the checkpoint" not in printed and "used instead of" not in printed
+    # a second test keeps the first report and chooses its images by --report.seed
+    first = report
+    run(["test", *FAST, *TEST_FAST, "--report.seed", "7", "--report.honesty_images", "0", "--ckpt_path", "last"],
+        cwd=tmp_path)
+    assert json.loads((run0 / "test_report.0.json").read_text()) == first
+    second = json.loads((run0 / "test_report.json").read_text())
+    assert (run0 / "test_report.json").resolve().name == "test_report.1.json"
+    assert second["image_order"]["seed"] == 7 and second["attacked_indices"] != first["attacked_indices"]
 
 
 def test_test_runs_the_attacks_asked_for_not_the_checkpoints(tmp_path):
@@ -546,6 +566,48 @@ def test_sigterm_saves_a_resumable_checkpoint_and_exits_nonzero(tmp_path):
     assert torch.load(ckpt, weights_only=False)["global_step"] == state["global_step"] + 2
 
 
+SIGTERM_AT = """
+import os
+import signal
+
+import lightning as L
+
+
+class SigtermAt(L.Callback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGTERM)
+"""
+
+
+def test_sigterm_mid_epoch_then_resume_ends_with_the_uninterrupted_runs_weights(tmp_path):
+    """Preempted in the middle of its second epoch (3 batches an epoch, SIGTERM after step 4),
+    a deterministic run resumed with --ckpt_path last ends with the same weights, bit for bit,
+    as the run that was never stopped: last.ckpt is the end of epoch 1, and epoch 2 runs again."""
+    common = [*FAST, "--trainer.deterministic", "true", "--trainer.max_epochs", "3"]
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    run(["fit", *common], cwd=a)
+    (tmp_path / "sigterm_at.py").write_text(SIGTERM_AT)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    stopped = subprocess.run([sys.executable, str(REPO / "run.py"), "fit", *common,
+                              "--trainer.callbacks+=sigterm_at.SigtermAt", "--trainer.callbacks.step=4"],
+                             cwd=b, env=env, text=True, capture_output=True, timeout=600)
+    assert stopped.returncode == 143 and "stopped by SIGTERM" in stopped.stderr, stopped.stderr[-2000:]
+    ckpt = b / RUN0 / "checkpoints/last.ckpt"
+    assert torch.load(ckpt, weights_only=True)["global_step"] == 3  # the end of epoch 1, not step 4
+    resumed = run(["fit", *common, "--ckpt_path", "last"], cwd=b)
+    sa = torch.load(a / RUN0 / "checkpoints/last.ckpt", weights_only=True)
+    sb = torch.load(ckpt, weights_only=True)
+    assert sa["global_step"] == sb["global_step"] == 9
+    for key, value in sa["state_dict"].items():
+        assert torch.equal(value, sb["state_dict"][key]), key
+    assert "weights_only" not in resumed.stderr
+
+
 def _resume_pair(tmp_path):
     """2 epochs in one go (a), and the same run stopped after epoch 1 and resumed (b)."""
     # adversarial training on: its random starts (numpy) must also continue identically
@@ -595,7 +657,12 @@ def _corrupt_image_folder(root: Path) -> Path:
         (["--report.certify_images", "5"], "report.certify_images is now model.certificate.check_images"),
         (["--nonsense", "3"], "unrecognized arguments: --nonsense 3"),
         (["--data.init_args.batch_size", "0"], "batch_size must be >= 1, got 0"),
-        (["--trainer.max_epochs", "-5"], "`max_epochs` must be a non-negative integer or -1. You passed in -5"),
+        (["--trainer.max_epochs", "-5"], "--trainer.max_epochs -5: expected a positive number of epochs"),
+        (["--trainer.max_epochs", "0"], "--trainer.max_epochs 0: expected a positive number of epochs"),
+        (["--trainer.max_epochs", "-1"], "-1 only with --trainer.max_steps or --trainer.max_time"),
+        (["--checkpoint.dirpath", "/proc/sepnet_checkpoints"], "/proc is not writable"),
+        (["--trainer.logger.init_args.save_dir", "/proc/sepnet_logs"], "/proc is not writable"),
+        (["--config", "broken.yaml"], "config broken.yaml line 3 column 1: expected ',' or '}'"),
         (["--checkpoint.dirpath", "a_file/ckpts"], "--checkpoint.dirpath a_file/ckpts: a_file is a file"),
         (["--model.network.backbone", "vgg16", "--model.network.backbone_kwargs", "{}"],
          "backbone 'vgg16' cannot take images of shape (1, 8, 8): expected larger images"),
@@ -606,6 +673,7 @@ def _corrupt_image_folder(root: Path) -> Path:
 )
 def test_bad_input_is_one_line_and_nonzero(args, message, tmp_path, monkeypatch, capfd):
     (tmp_path / "a_file").write_text("x")
+    (tmp_path / "broken.yaml").write_text("trainer:\n  max_epochs: {3, 4\n")
     _corrupt_image_folder(tmp_path / "corrupt")
     monkeypatch.chdir(tmp_path)  # in this process: the same main() as run.py, without the imports
     with pytest.raises(SystemExit) as exit_info:
@@ -617,6 +685,20 @@ def test_bad_input_is_one_line_and_nonzero(args, message, tmp_path, monkeypatch,
     assert "Traceback" not in err and "usage:" not in err
     assert not list(tmp_path.rglob("last.ckpt"))
     assert not list(tmp_path.rglob("version_*"))  # a failed run leaves no empty log folder
+
+
+@pytest.mark.parametrize("given,expected", [(["--trainer.limit_val_batches", "1"], 1),
+                                            (["--trainer.limit_val_batches=2"], 2),
+                                            (["--trainer.limit_val_batches", "1.0"], 1.0),
+                                            (["--trainer.limit_val_batches", "0.25"], 0.25),
+                                            (["--config", "limits.yaml"], 3)])
+def test_an_integer_batch_limit_is_a_batch_count(given, expected, tmp_path, monkeypatch):
+    """Lightning reads an int limit as batches and a float as a fraction; its signature made
+    `--trainer.limit_val_batches 1` a float, 1.0: every batch."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "limits.yaml").write_text("trainer:\n  limit_val_batches: 3\n")
+    cli = _instantiate(["--config", str(CONF / "default.yaml"), *given])
+    assert cli.trainer.limit_val_batches == expected and type(cli.trainer.limit_val_batches) is type(expected)
 
 
 def test_diverging_loss_is_warned(tmp_path):

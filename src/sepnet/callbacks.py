@@ -120,8 +120,10 @@ class EvalReport(L.Callback):
     cascade (each attack on the images the earlier ones did not break), and headlines
     test/robust_acc/worst, the per-image worst case. It then runs the honesty checks
     (sepnet.evaluation.honesty_checks) against the first attack on the first `honesty_images`.
-    The table (worst case first, warnings beside it) also goes to <stage>_report.json in the
-    run's log folder; a stand-alone `validate` writes validate_report.json.
+    The table (the threat model, then the worst case with the warnings beside it) also goes to
+    the run's log folder: each `test` writes test_report.<N>.json (N counts up, so no report is
+    overwritten) and links test_report.json to the newest; a stand-alone `validate` writes
+    validate_report.json. The report names the attacked images (their indices in the test set).
 
     Args:
         attacks: AttackSpec dicts; None: the model's validation attacks, then APGD-CE, APGD-DLR
@@ -130,6 +132,8 @@ class EvalReport(L.Callback):
         cascade: False runs every attack on all clean-correct images (standalone figures).
         square_queries: Square's queries in the default suite and in the honesty check.
         honesty_images: images for the honesty checks (0 switches them off).
+        seed: the seed of the test images' order, whose first `images` are attacked (None: the
+            data module's, its seed + 2), so an independent suite can attack the same images.
     A network with a Lipschitz bound also gets its certificate: the bound, the certified
     accuracies and, after `test`, the soundness checks on `model.certificate.check_images` test
     images (sepnet.certificate); a failed check is written into the report as its error and the
@@ -137,13 +141,13 @@ class EvalReport(L.Callback):
     """
 
     def __init__(self, attacks: list[dict[str, Any]] | None = None, images: int = 512, cascade: bool = True,
-                 square_queries: int = 1000, honesty_images: int = 256) -> None:
+                 square_queries: int = 1000, honesty_images: int = 256, seed: int | None = None) -> None:
         if images < 0 or honesty_images < 0 or square_queries < 1:
             raise ValueError(f"report: images and honesty_images must be >= 0 and square_queries >= 1, got "
                              f"{images}, {honesty_images} and {square_queries}")
         self.attacks = None if attacks is None else evaluation_attacks(attacks, "report.attacks")
         self.images, self.cascade = images, cascade
-        self.square_queries, self.honesty_images = square_queries, honesty_images
+        self.square_queries, self.honesty_images, self.seed = square_queries, honesty_images, seed
         self.suite: list | None = None  # the test attacks as configured, the defaults filled in
 
     def setup(self, trainer, pl_module, stage: str) -> None:
@@ -171,10 +175,13 @@ class EvalReport(L.Callback):
                            "compression": counts.compression,
                            "nonzero_compression": counts.nonzero_compression},
             "attacks": [{"label": label, **vars(a)} for label, a in zip(unique_labels(attacks), attacks)],
+            "threat_model": _threat_model(attacks[0]) if attacks else None,
             "attacked_images": self.images if stage == "test" else None,
             "cascade": self.cascade if stage == "test" else False,
             "checkpoint": trainer.ckpt_path,
         }
+        if stage == "test":
+            report["attacked_indices"], report["image_order"] = _attacked_indices(trainer, self.images)
         if stage == "test" and self.honesty_images and attacks:
             x, y = _first_images(trainer, self.honesty_images)
             report["honesty"] = honesty_checks(pl_module.net, pl_module.attacker, x.to(pl_module.device),
@@ -182,12 +189,7 @@ class EvalReport(L.Callback):
         failure = None
         if pl_module.certifier.certifiable:
             report["certificate"], failure = self._certificate(trainer, pl_module, stage, metrics)
-        folder = Path(log_dir or ".")
-        folder.mkdir(parents=True, exist_ok=True)
-        path = folder / f"{'test' if stage == 'test' else 'validate'}_report.json"
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(report, indent=2))
-        tmp.replace(path)
+        path = _write_report(Path(log_dir or "."), "test" if stage == "test" else "validate", report)
         log.info("%s report (%s)\n%s\nwritten to %s", stage, trainer.ckpt_path or "current weights",
                  _table(report, stage), path)
         if failure is not None:
@@ -212,10 +214,50 @@ class EvalReport(L.Callback):
         return certificate, None
 
 
+def _threat_model(spec) -> dict:
+    return {"norm": spec.norm, "eps": spec.eps, "eps_255": round(spec.eps * 255, 3)}
+
+
+def _attacked_indices(trainer, images: int) -> tuple[list[int] | None, dict | None]:
+    """The attacked test images' indices in the test set, and the rule that orders them."""
+    data = trainer.datamodule
+    order = getattr(data, "test_order", None)
+    if order is None:
+        return None, None
+    return order.indices[:images], {"seed": order.seed, "rule": order.rule}
+
+
+def _write_report(folder: Path, stage: str, report: dict) -> Path:
+    """validate_report.json; or test_report.<N>.json, N one more than the last, with
+    test_report.json linked to it (a copy where links are not allowed)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if stage == "validate":
+        path = folder / "validate_report.json"
+    else:
+        taken = [int(p.name.split(".")[1]) for p in folder.glob("test_report.*.json") if p.name.split(".")[1].isdigit()]
+        path = folder / f"test_report.{max(taken, default=-1) + 1}.json"
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(report, indent=2))
+    tmp.replace(path)
+    if stage == "test":
+        latest, tmp = folder / "test_report.json", folder / "test_report.json.tmp"
+        tmp.unlink(missing_ok=True)
+        try:
+            tmp.symlink_to(path.name)
+        except OSError:
+            tmp.write_text(path.read_text())
+        tmp.replace(latest)
+    return path
+
+
 def _table(report: dict, stage: str) -> str:
-    """The worst case first with every warning beside it, then clean and the single attacks."""
+    """The threat model; the worst case with every warning beside it; clean and the single attacks."""
     metrics, warnings = dict(report["metrics"]), report.get("honesty", {}).get("warnings", [])
     rows = []
+    threat = report.get("threat_model")
+    if threat:
+        norm = {"linf": "Linf", "l2": "L2"}[threat["norm"]]
+        rows.append(("threat model", f"{norm} {threat['eps']:.4f}", f"eps {threat['eps_255']:g}/255, pixels in [0, 1]"))
     worst = metrics.pop(names.robust_acc(stage), None)
     if worst is not None:
         rows.append((names.robust_acc(stage), f"{worst:.4f}",
@@ -260,10 +302,14 @@ class EpochLine(L.Callback):
 
     def __init__(self) -> None:
         self._loss_sum: torch.Tensor | None = None
-        self._batches, self._start = 0, 0.0
+        self._batches, self._start = 0, None
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         self._loss_sum, self._batches, self._start = None, 0, time.perf_counter()
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self._start is None:  # an epoch resumed in its middle: its time from here, not from the process start
+            self._start = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
@@ -288,7 +334,8 @@ class EpochLine(L.Callback):
         if pl_module.certifier.certifiable and names.certified_acc("val", radii[0]) in metrics:
             parts.append(f"val certified {names.radius_label(radii[0])} "
                          f"{float(metrics[names.certified_acc('val', radii[0])]):.4f}")
-        parts.append(f"{time.perf_counter() - self._start:.0f} s")
+        parts.append(f"{time.perf_counter() - (self._start or time.perf_counter()):.0f} s")
+        self._start = None
         log.info(", ".join(parts))
 
 
@@ -369,12 +416,14 @@ class RunWatch(L.Callback):
             pl_module.log(names.ROBUST_GAP, robust[labels[0]] - robust[names.WORST], sync_dist=True)
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
-        """Cluster preemption (SIGTERM): save a resumable last.ckpt beside the others; `run.py`
-        then exits 143. A run stopped by an error before its first step leaves no log folder."""
-        folders = [c.dirpath for c in trainer.checkpoint_callbacks if getattr(c, "dirpath", None)]
-        if isinstance(exception, SIGTERMException) and folders:
-            trainer.save_checkpoint(str(Path(folders[0]) / "last.ckpt"))
-        elif trainer.global_step == 0 and trainer.ckpt_path is None and trainer.is_global_zero:
+        """Cluster preemption (SIGTERM): nothing is saved mid-epoch. last.ckpt stays the state at
+        the end of the last finished epoch, so `--ckpt_path last` runs the interrupted epoch again
+        and ends with the weights an uninterrupted deterministic run has (a mid-epoch state would
+        not: the training loader's order and workers cannot be resumed exactly); `run.py` exits
+        143. A run stopped by an error before its first step leaves no log folder."""
+        if isinstance(exception, SIGTERMException):
+            return
+        if trainer.global_step == 0 and trainer.ckpt_path is None and trainer.is_global_zero:
             folder = Path(trainer.log_dir or "")
             if trainer.loggers and folder.is_dir() and not any(folder.rglob("*.ckpt")):
                 for logger in trainer.loggers:  # close the event files first: a TensorBoard

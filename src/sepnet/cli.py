@@ -14,11 +14,13 @@ import logging
 import os
 import re
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -113,7 +115,11 @@ class SepnetCLI(LightningCLI):
     def parse_arguments(self, parser, args) -> None:
         super().parse_arguments(parser, args)
         subcommand = self.config.get("subcommand")
+        cfg = self.config[subcommand] if subcommand else self.config
+        self._limits = _integer_limits(cfg.trainer, args if args is not None else sys.argv[1:])
         if subcommand:
+            if subcommand == "fit":
+                _check_run_length(cfg.trainer)
             self._resolve_checkpoint(subcommand)
 
     def _resolve_checkpoint(self, subcommand: str) -> None:
@@ -187,6 +193,9 @@ class SepnetCLI(LightningCLI):
             for parent in [Path(folder or "."), *Path(folder or ".").parents]:
                 if parent.exists() and not parent.is_dir():
                     raise ValueError(f"--{key} {folder}: {parent} is a file; expected a folder")
+            existing = next(p for p in [Path(folder or "."), *Path(folder or ".").parents] if p.exists())
+            if not _writable(existing):  # found before the first step, not when the first epoch's checkpoint fails
+                raise ValueError(f"--{key} {folder}: {existing} is not writable; expected a folder this user can write")
         dirpath = cfg.checkpoint.dirpath
         if fitting and dirpath and not resuming and (Path(dirpath) / "last.ckpt").exists():
             raise ValueError(f"--checkpoint.dirpath {cfg.checkpoint.dirpath} already holds last.ckpt of "
@@ -220,7 +229,7 @@ class SepnetCLI(LightningCLI):
             if key.split(".")[0] in LINKED or key not in stored or value == defaults.get(key):
                 continue
             if key.split(".")[0] in EVALUATION_KEYS:
-                self._evaluation_overrides[key] = self.config[subcommand].model[key]
+                self._evaluation_overrides[key] = (self.config[subcommand].model[key], stored[key])
             elif value != stored[key]:
                 raise ValueError(f"--model.{key} {value} contradicts the checkpoint {ckpt} ({key}: "
                                  f"{stored[key]}): expected no model flags with --ckpt_path "
@@ -248,6 +257,9 @@ class SepnetCLI(LightningCLI):
                 raise ValueError(f"checkpoint {ckpt} does not fit this config: {key} is {got} in the "
                                  f"checkpoint, expected {tuple(value.shape)}")
 
+    def instantiate_trainer(self, **kwargs):
+        return super().instantiate_trainer(**{**getattr(self, "_limits", {}), **kwargs})
+
     # ------------------------------------------------------------------ hooks
     def before_instantiate_classes(self) -> None:
         """Lightning has merged the checkpoint's hyperparameters: evaluation flags win again, and
@@ -255,8 +267,9 @@ class SepnetCLI(LightningCLI):
         if not self.subcommand:
             return
         cfg = self.config[self.subcommand]
-        for key, value in getattr(self, "_evaluation_overrides", {}).items():
-            log.info("--model.%s given: used instead of the checkpoint's value", key)
+        for key, (value, stored) in getattr(self, "_evaluation_overrides", {}).items():
+            if _plain(value) != stored:
+                log.info("--model.%s given: used instead of the checkpoint's value", key)
             cfg.model[key] = value
         if not cfg.get("ckpt_path"):
             self._data_threat_model(cfg)
@@ -300,9 +313,19 @@ class SepnetCLI(LightningCLI):
 
     def before_validate(self) -> None:
         self._check_checkpoint_shapes()
+        self._quiet_callback_warning()
+
+    def _quiet_callback_warning(self) -> None:
+        """Evaluating a checkpoint of a fit: the last-checkpoint callback that fit adds is
+        attached here too (it saves nothing outside a fit), so Lightning does not warn that
+        "callbacks used to create the checkpoint need to be provided"."""
+        if self.trainer.checkpoint_callback is not None:
+            self.trainer.callbacks.append(last_checkpoint(self.trainer.checkpoint_callback.dirpath))
 
     def before_test(self) -> None:
         self._check_checkpoint_shapes()
+        self._quiet_callback_warning()
+        self.datamodule.test_order_seed = self.config[self.subcommand].report.seed  # None: the data module's
 
     def after_fit(self) -> None:
         log_dir = self.trainer.log_dir  # a collective call under DDP: every rank makes it
@@ -320,6 +343,65 @@ class SepnetCLI(LightningCLI):
         last = [c.best_model_path for c in self.trainer.checkpoint_callbacks if c.monitor is None]
         if best is not None and not self.trainer.fast_dev_run:
             print(f"checkpoints: last {last[0] if last else '-'}; best {best.best_model_path or '-'}")
+
+
+def _writable(folder: Path) -> bool:
+    """Whether a file can be created in `folder` (a probe file, removed; permission bits alone
+    say nothing for root or a read-only mount)."""
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".sepnet-probe-"):
+            return True
+    except OSError:
+        return False
+
+
+LIMITS = ("limit_train_batches", "limit_val_batches", "limit_test_batches", "limit_predict_batches")
+
+
+def _integer_limits(trainer, args: list[str]) -> dict[str, int]:
+    """Lightning reads an int `limit_*_batches` as a batch count and a float as a fraction, but
+    its signature (float first) makes jsonargparse read `1` as 1.0, which means every batch:
+    the limits given as integers, on the command line or in a YAML file (they go to the Trainer
+    as integers, `SepnetCLI.instantiate_trainer`)."""
+    given: dict[str, object] = {}
+    for i, arg in enumerate(args):
+        key, _, value = arg.partition("=")
+        if not value and i + 1 < len(args):
+            value = args[i + 1]
+        if key in ("--config", "--trainer") and Path(value).is_file():
+            section = yaml.safe_load(Path(value).read_text()) or {}
+            section = section.get("trainer", section) if key == "--config" else section
+            given.update({k: v for k, v in section.items() if k in LIMITS} if isinstance(section, dict) else {})
+        elif key.startswith("--trainer.limit_") and key[len("--trainer."):] in LIMITS:
+            given[key[len("--trainer."):]] = int(value) if value.strip().isdigit() else value
+    return {key: value for key, value in given.items()
+            if isinstance(value, int) and not isinstance(value, bool) and trainer.get(key) == value}
+
+
+def _check_run_length(trainer) -> None:
+    """A fit must train: max_epochs 0 trains nothing, and -1 (forever) only with max_steps or
+    max_time to end it (it would also become the run `--ckpt_path last` resumes)."""
+    epochs, steps, time_limit = trainer.get("max_epochs"), trainer.get("max_steps"), trainer.get("max_time")
+    bounded = (steps is not None and steps > 0) or time_limit is not None
+    if epochs == 0 or (epochs is not None and epochs < 0 and not bounded):
+        raise ValueError(f"--trainer.max_epochs {epochs}: expected a positive number of epochs (-1 only with "
+                         "--trainer.max_steps or --trainer.max_time to end the run)")
+
+
+def _check_yaml(args: list[str]) -> None:
+    """A config file that is not valid YAML: one line naming the file, line and column (the
+    parser's own message names neither)."""
+    for i, arg in enumerate(args):
+        key, _, value = arg.partition("=")
+        value = value or (args[i + 1] if i + 1 < len(args) else "")
+        if key.startswith("--") and value.endswith((".yaml", ".yml")) and Path(value).is_file():
+            try:
+                yaml.safe_load(Path(value).read_text())
+            except yaml.YAMLError as err:
+                mark = getattr(err, "problem_mark", None)
+                where = f" line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
+                raise ValueError(f"config {value}{where}: {getattr(err, 'problem', None) or err}; expected valid "
+                                 "YAML") from None
 
 
 def _one_line(err: BaseException) -> str:
@@ -356,6 +438,7 @@ def main(args: list[str] | None = None) -> None:
     defaults = [str(default_config)] if default_config.is_file() else []
     subcommands = ("fit", "validate", "test", "predict")
     try:
+        _check_yaml(list(sys.argv[1:] if args is None else args))
         SepnetCLI(
             ImageClassifier,
             VisionDataModule,
@@ -368,7 +451,8 @@ def main(args: list[str] | None = None) -> None:
             args=args,
         )
     except SIGTERMException:
-        print("stopped by SIGTERM: last.ckpt saved; resume with --ckpt_path last", file=sys.stderr)
+        print("stopped by SIGTERM: resume with --ckpt_path last (from the end of the last finished epoch: the "
+              "interrupted epoch runs again)", file=sys.stderr)
         sys.exit(143)
     except KeyboardInterrupt:
         sys.exit(130)

@@ -7,6 +7,7 @@ The validation split is a fixed-seed slice of the training set with the evaluati
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -24,6 +25,15 @@ __all__ = [
 ]
 
 
+@dataclass(frozen=True)
+class TestOrder:
+    """The test set's order: `indices` (into the dataset as stored), the seed and the rule."""
+
+    indices: list[int]
+    seed: int
+    rule: str
+
+
 class VisionDataModule(L.LightningDataModule):
     """Shared loaders and the fixed-seed train/val split.
 
@@ -37,7 +47,9 @@ class VisionDataModule(L.LightningDataModule):
 
     threat_eps is the dataset's standard Linf threat model in pixel units: `run.py` gives it to
     attacks left at the default experiment's values (sepnet.cli), so switching the dataset
-    switches the threat model too.
+    switches the threat model too. The test set is read in a fixed random order (`test_order`:
+    seed + 2, or `test_order_seed` where set, e.g. by `run.py test --report.seed`), so its first
+    images, which the attacks take, are a random sample that a report can name.
     """
 
     threat_eps: float = 8 / 255
@@ -59,6 +71,8 @@ class VisionDataModule(L.LightningDataModule):
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
+        self.test_order_seed: int | None = None  # None: seed + 2
+        self.test_order: TestOrder | None = None
 
     def val_size(self, n: int) -> int:
         """How many of `n` training images are held out for validation."""
@@ -80,8 +94,11 @@ class VisionDataModule(L.LightningDataModule):
         # a fixed shuffle of the test set: metrics over the whole set are unchanged, and the
         # first batches (attacked subsets, honesty checks) are a random sample, not one class
         # (class-folder datasets are stored sorted by class)
-        test_order = torch.randperm(len(test), generator=torch.Generator().manual_seed(self.seed + 2))
-        self.test_set = Subset(test, test_order.tolist())
+        seed = self.seed + 2 if self.test_order_seed is None else self.test_order_seed
+        indices = torch.randperm(len(test), generator=torch.Generator().manual_seed(seed)).tolist()
+        self.test_order = TestOrder(indices, seed, f"torch.randperm({len(test)}, generator=torch.Generator()"
+                                                   f".manual_seed({seed}))")
+        self.test_set = Subset(test, indices)
 
     def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
         return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle,

@@ -8,8 +8,10 @@ so the CLI's numbers and the benchmarks' come from the same code.
 
 from __future__ import annotations
 
+import logging
+import time
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -17,7 +19,9 @@ from torch import Tensor, nn
 from sepnet import metric_names as names
 from sepnet.attacks import Attacker, AttackSpec, eval_mode
 
-__all__ = ["ValidationConfig", "evaluation_attacks", "reduced_autoattack", "unique_labels", "correct", "robust_masks", "accuracies",
+log = logging.getLogger(__name__)
+
+__all__ = ["AttackProgress", "ValidationConfig", "evaluation_attacks", "reduced_autoattack", "unique_labels", "correct", "robust_masks", "accuracies",
            "honesty_checks", "masking_warnings"]
 
 
@@ -87,7 +91,8 @@ def correct(net: nn.Module, x: Tensor, y: Tensor, batch_size: int = 500) -> Tens
 
 def robust_masks(net: nn.Module, attacker: Attacker, x: Tensor, y: Tensor,
                  attacks: Sequence[AttackSpec], cascade: bool = True, alive: Tensor | None = None,
-                 clean: Tensor | None = None, batch_size: int = 250) -> dict[str, Tensor]:
+                 clean: Tensor | None = None, batch_size: int = 250,
+                 progress: Callable[[str, int, int, Tensor], None] | None = None) -> dict[str, Tensor]:
     """Per image, whether it is still classified correctly: "clean", then one entry per attack
     (`unique_labels`), then "worst" (it survived every attack).
 
@@ -96,6 +101,8 @@ def robust_masks(net: nn.Module, attacker: Attacker, x: Tensor, y: Tensor,
         every attack on all clean-correct images, so each entry is that attack alone.
     alive: images already broken elsewhere (False) are not attacked and count as broken.
     clean: the eval-mode clean predictions' correctness, when the caller has it already.
+    progress: called after each chunk an attack runs on: (label, images done, images to do,
+        the images still robust so far), e.g. `AttackProgress`.
     """
     clean = correct(net, x, y) if clean is None else clean
     start = clean if alive is None else clean & alive.to(clean.device)
@@ -105,6 +112,10 @@ def robust_masks(net: nn.Module, attacker: Attacker, x: Tensor, y: Tensor,
         hit = torch.zeros_like(start)
         for chunk in todo.split(batch_size) if len(todo) else ():
             hit[chunk] = correct(net, attacker.generate(x[chunk], y[chunk], spec), y[chunk])
+            if progress is not None:
+                progress(label, int((todo <= chunk[-1]).sum()), len(todo), hit[todo[todo <= chunk[-1]]])
+        if progress is not None and not len(todo):  # nothing left to attack: said too
+            progress(label, 0, 0, hit[todo])
         masks[label] = hit
         worst &= hit
     masks[names.WORST] = worst
@@ -163,3 +174,29 @@ def masking_warnings(robust: dict[str, float], first: str, best_first: float | N
         warnings.append(f"{first} accuracy collapsed from {best_first:.3f} to {base:.3f}: "
                         "catastrophic overfitting (try --model.adversarial.attack.name nfgsm)")
     return warnings
+
+
+class AttackProgress:
+    """Progress of `run.py test`'s attacks as log lines, for a log without a progress bar (a
+    cluster's log file would otherwise stay silent for the whole test): after every chunk an
+    attack runs on, the attack, the chunk's images done and still robust, the test images
+    attacked so far of `total`, and the time left, estimated from the share of attack work done
+    (each batch's images x its attacks)."""
+
+    def __init__(self, total: int, attacks: int, stage: str = "test") -> None:
+        self.total, self.attacks, self.stage = max(1, total), max(1, attacks), stage
+        self.start, self.before, self.batch, self.index, self.labels = time.perf_counter(), 0, 0, -1, []
+
+    def next_batch(self, images: int) -> None:
+        """A batch of `images` attacked images begins (after the previous batch's)."""
+        self.before, self.batch, self.index, self.labels = self.before + self.batch, images, -1, []
+
+    def __call__(self, label: str, done: int, todo: int, robust: Tensor) -> None:
+        if label not in self.labels:
+            self.labels.append(label)
+        index = len(self.labels) - 1
+        share = (self.before + self.batch * (index + done / max(1, todo)) / self.attacks) / self.total
+        elapsed = time.perf_counter() - self.start
+        left = elapsed * (1 - share) / share if share > 0 else float("nan")
+        log.info("%s: %s %d/%d images, robust %d; %d/%d test images attacked, %.0f s, about %.0f s left",
+                 self.stage, label, done, todo, int(robust.sum()), self.before + self.batch, self.total, elapsed, left)

@@ -16,7 +16,7 @@ from sepnet.certificate import CertificateConfig, Certifier
 from sepnet.compress import compression_epoch_, compression_loss
 from sepnet.compress.sparsity import SparsityTarget
 from sepnet.constraints import ConstraintConfig, constraint_loss, proximal_constraint_
-from sepnet.evaluation import ValidationConfig, reduced_autoattack, robust_masks, unique_labels
+from sepnet.evaluation import AttackProgress, ValidationConfig, reduced_autoattack, robust_masks, unique_labels
 from sepnet.measures import compression_report
 from sepnet.network import NetworkConfig, build_network
 from sepnet.objectives import AdversarialTraining, build_objective
@@ -94,7 +94,7 @@ class ImageClassifier(L.LightningModule):
             for stage in ("val", "test") for r in self.certificate.radii} if self.certifier.certifiable else {})
         self.objective = build_objective(self.adversarial, self.net, self.attacker)
         self.test_attacks, self.test_images, self.test_cascade = [], 0, True
-        self._log_step = True
+        self._log_step, self._progress = True, None
         self.configure_test_suite()
 
     @property
@@ -113,10 +113,10 @@ class ImageClassifier(L.LightningModule):
         loss = task + penalty + pruning
         parts.update(pruning_parts)
         self.metrics["train_acc"](logits, y)
-        if self._log_step:
-            self.log_dict({names.TRAIN_LOSS: loss, names.TRAIN_TASK_LOSS: task, **parts, **extra}, on_step=True,
-                          on_epoch=False)
-        self.log(names.TRAIN_ACC, self.metrics["train_acc"], on_step=False, on_epoch=True)
+        if self._log_step:  # the loss on the progress bar too, refreshed at logging steps
+            self.log(names.TRAIN_LOSS, loss, on_step=True, on_epoch=False, prog_bar=True)
+            self.log_dict({names.TRAIN_TASK_LOSS: task, **parts, **extra}, on_step=True, on_epoch=False)
+        self.log(names.TRAIN_ACC, self.metrics["train_acc"], on_step=False, on_epoch=True, prog_bar=True)
         return loss
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
@@ -142,7 +142,7 @@ class ImageClassifier(L.LightningModule):
         logits = self(x)
         self.metrics[f"{stage}_acc"](logits, y)
         self.log(names.loss(stage), nn.functional.cross_entropy(logits, y), sync_dist=True)
-        self.log(names.acc(stage), self.metrics[f"{stage}_acc"])
+        self.log(names.acc(stage), self.metrics[f"{stage}_acc"], prog_bar=True)
         if self.certifier.certifiable:  # every image, float32 logits; the bound measured at the epoch's start
             for radius, mask in self.certifier.masks(x, y, logits).items():
                 metric = self.certified_metrics[f"{stage}_{names.radius_label(radius)}"]
@@ -157,12 +157,15 @@ class ImageClassifier(L.LightningModule):
         attacks, cascade = ((self.val_attacks, False) if stage == "val"
                             else (self.test_attacks, self.test_cascade))
         clean = (logits[:n].argmax(-1) == y[:n]).detach()  # eval mode already: no second forward
-        masks = robust_masks(self.net, self.attacker, x[:n], y[:n], attacks, cascade=cascade, clean=clean)
+        if self._progress is not None and stage == "test":
+            self._progress.next_batch(n)
+        masks = robust_masks(self.net, self.attacker, x[:n], y[:n], attacks, cascade=cascade, clean=clean,
+                             progress=self._progress if stage == "test" else None)
         for label, mask in masks.items():
             if label != "clean":
                 metric = self.robust_metrics[f"{stage}_{label}"]
                 metric.update(mask.float())
-                self.log(names.robust_acc(stage, label), metric)
+                self.log(names.robust_acc(stage, label), metric, prog_bar=label == names.WORST)
 
     def _images_to_attack(self, batch_idx: int, stage: str, batch_size: int) -> int:
         """How many images of this batch the attacks run on (a fixed prefix of the unshuffled
@@ -206,6 +209,8 @@ class ImageClassifier(L.LightningModule):
 
     def on_test_epoch_start(self) -> None:
         self._test_attacked = 0
+        no_bar = self.trainer.progress_bar_callback is None and self.trainer.is_global_zero
+        self._progress = AttackProgress(self.test_images, len(self.test_attacks)) if no_bar else None  # log lines
         self.on_validation_epoch_start()
 
     def on_validation_epoch_start(self) -> None:

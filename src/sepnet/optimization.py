@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 from typing import Iterable, Literal
 
@@ -42,7 +44,8 @@ class OptimizationConfig:
 
 def build_optimization(params: Iterable[nn.Parameter], config: OptimizationConfig, max_epochs: int | None,
                        total_steps: int | float) -> dict | torch.optim.Optimizer:
-    """The optimizer and its schedule; `max_epochs` sizes cosine, `total_steps` onecycle."""
+    """The optimizer and its schedule; `max_epochs` sizes cosine (`total_steps` where the run has no
+    epoch count: max_epochs -1 with max_steps or max_time), `total_steps` onecycle."""
     if config.optimizer == "sgd":
         opt = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum,
                               nesterov=config.nesterov and config.momentum > 0, weight_decay=config.weight_decay)
@@ -55,6 +58,12 @@ def build_optimization(params: Iterable[nn.Parameter], config: OptimizationConfi
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
     if config.scheduler == "multistep":
         sched = torch.optim.lr_scheduler.MultiStepLR(opt, list(config.milestones), config.gamma)
+    elif max_epochs is None or max_epochs < 1:  # a run bounded by steps or time: cosine over its steps
+        if not math.isfinite(total_steps):
+            raise ValueError("optimization.scheduler cosine: the run has no length (max_epochs -1, no max_steps); "
+                             "expected --trainer.max_steps, or --model.optimization.scheduler none")
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, int(total_steps)))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
     else:
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, max_epochs or 1))
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max_epochs)
     return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}

@@ -2,11 +2,14 @@
 
 from pathlib import Path
 
+import pytest
+
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_gpu_script_tiny_runs_every_section(tmp_path, monkeypatch):
     from benchmarks import gpu
 

@@ -209,6 +209,7 @@ def test_ablation_report_pairs_seeds_and_draws_the_kappa_scatter(tmp_path, capsy
     assert not (tmp_path / "reproduce.png").exists()  # the main study's figure is left alone
 
 
+@pytest.mark.slow
 def test_benchmark_evaluation_on_the_validation_split(tmp_path, monkeypatch):
     """`--eval-split val` (how the implied form's weight was chosen): clean accuracy and attacks on
     the held-out training images, not the test images; a bad split or too few images is one error."""
@@ -439,6 +440,7 @@ RUN0 = Path("logs/default/version_0")
 TEST_FAST = ["--report.images", "32", "--report.honesty_images", "16", "--report.square_queries", "20"]
 
 
+@pytest.mark.slow
 def test_default_fit_then_test_reports_the_worst_case(tmp_path):
     out = run(["fit", *FAST, "--trainer.max_epochs", "1"], cwd=tmp_path)
     assert "TensorBoard logs: logs/default/version_0" in out.stdout
@@ -489,6 +491,7 @@ def test_default_fit_then_test_reports_the_worst_case(tmp_path):
     assert second["image_order"]["seed"] == 7 and second["attacked_indices"] != first["attacked_indices"]
 
 
+@pytest.mark.slow
 def test_test_runs_the_attacks_asked_for_not_the_checkpoints(tmp_path):
     run(["fit", *FAST, "--trainer.max_epochs", "1"], cwd=tmp_path)
     fgsm = '[{"name": "fgsm", "eps": 0.1, "step_size": 0.1}]'
@@ -504,6 +507,7 @@ def test_test_runs_the_attacks_asked_for_not_the_checkpoints(tmp_path):
     assert out.returncode == 2 and "--model.optimization.lr 0.5 contradicts the checkpoint" in last
 
 
+@pytest.mark.slow
 def test_one_run_one_folder_and_last_means_the_newest_run(tmp_path):
     run(["fit", *FAST, "--trainer.max_epochs", "1"], cwd=tmp_path)
     run(["fit", *FAST, "--trainer.max_epochs", "2", "--trainer.max_steps", "3"], cwd=tmp_path)
@@ -525,6 +529,7 @@ def test_one_run_one_folder_and_last_means_the_newest_run(tmp_path):
     assert (other / "test_report.json").is_file() and not list(runs.rglob("test_report.json"))
 
 
+@pytest.mark.slow
 def test_last_with_nothing_to_resume(tmp_path):
     out = run(["test", *FAST, "--ckpt_path", "last"], cwd=tmp_path, check=False)
     assert out.returncode == 2 and "no last.ckpt under logs/default" in out.stderr.strip().splitlines()[-1]
@@ -534,6 +539,7 @@ def test_last_with_nothing_to_resume(tmp_path):
     assert (tmp_path / RUN0 / "checkpoints/last.ckpt").is_file()
 
 
+@pytest.mark.slow
 def test_resume_with_another_schedule_length_is_refused(tmp_path):
     run(["fit", *FAST, "--trainer.max_epochs", "2", "--trainer.max_steps", "3"], cwd=tmp_path)
     ckpt = tmp_path / RUN0 / "checkpoints/last.ckpt"
@@ -544,6 +550,7 @@ def test_resume_with_another_schedule_length_is_refused(tmp_path):
     assert ckpt.read_bytes() == before
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_resumable_checkpoint_and_exits_nonzero(tmp_path):
     import signal
     import time
@@ -583,6 +590,7 @@ class SigtermAt(L.Callback):
 """
 
 
+@pytest.mark.slow
 def test_sigterm_mid_epoch_then_resume_ends_with_the_uninterrupted_runs_weights(tmp_path):
     """Preempted in the middle of its second epoch (3 batches an epoch, SIGTERM after step 4),
     a deterministic run resumed with --ckpt_path last ends with the same weights, bit for bit,
@@ -622,6 +630,7 @@ def _resume_pair(tmp_path):
     return a, b, sa, sb
 
 
+@pytest.mark.slow
 def test_resume_continues_the_same_run_with_identical_weights(tmp_path):
     a, b, sa, sb = _resume_pair(tmp_path)
     assert (sa["epoch"], sa["global_step"]) == (sb["epoch"], sb["global_step"]) == (1, 6)
@@ -706,6 +715,7 @@ def test_diverging_loss_is_warned(tmp_path):
     assert "diverging loss" in out.stderr
 
 
+@pytest.mark.slow
 def test_corrupt_and_incompatible_checkpoints(tmp_path):
     run(["fit", *FAST, "--trainer.max_epochs", "1"], cwd=tmp_path)
     ckpt = tmp_path / RUN0 / "checkpoints/last.ckpt"
@@ -735,6 +745,7 @@ def test_corrupt_and_incompatible_checkpoints(tmp_path):
     assert ckpt.read_bytes() == original
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_on_cpu_matches_single_process(tmp_path):
     run(["fit", *FAST, "--trainer.max_epochs", "1"], cwd=tmp_path)
     ckpt = str(tmp_path / RUN0 / "checkpoints/last.ckpt")
@@ -833,6 +844,7 @@ def test_certified_fit_then_test_reports_the_certificate_and_its_checks(tmp_path
     assert all(v["broken"] == {"pgd": 0, "apgd_ce": 0} for v in soundness["attacks_at_radius"].values())
 
 
+@pytest.mark.slow
 def test_ddp_certified_metric_and_bound_match_single_process(tmp_path):
     """val/certified_acc and val/lipschitz_bound over 2 DDP processes equal one process's on the
     same checkpoint (each rank certifies its half; the metric's sum runs over both)."""
@@ -882,6 +894,7 @@ CONV_COMPRESSORS = [
 @pytest.mark.parametrize("method,data", [*((m, d) for m in FC_COMPRESSORS for d in ("digits", "folder")),
                                          *((m, "vgg") for m in CONV_COMPRESSORS)])
 def test_every_compressor_fits_resumes_tests_and_exports(method, data, tmp_path, monkeypatch, capfd):
+    from sepnet.deploy import onnx_logits
     from sepnet.export import export_checkpoint
     from sepnet.module import ImageClassifier
 
@@ -921,8 +934,11 @@ def test_every_compressor_fits_resumes_tests_and_exports(method, data, tmp_path,
     report = json.loads((tmp_path / RUN0 / "test_report.json").read_text())
     assert report["parameters"]["nonzero_compression"] > (1.0001 if "separable" in method or data == "vgg" else 2)
     model = ImageClassifier.load_from_checkpoint(last, map_location="cpu").eval()
-    paths = export_checkpoint(str(last), str(tmp_path / "export"))
-    scripted = torch.jit.load(str(paths["torchscript"]))
+    report = export_checkpoint(str(last), str(tmp_path / "export"), batch=8)  # the folds measured
+    scripted = torch.jit.load(report["files"]["torchscript"])
     x = torch.rand(3, *model.hparams.image_shape)
     with torch.no_grad():
-        torch.testing.assert_close(scripted(x), model(x), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(scripted(x), model(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(onnx_logits(report["files"]["onnx"], x), model(x), rtol=1e-4, atol=1e-4)
+    assert report["max_logit_difference"] <= 1e-4 and report["macs_per_image"] > 0
+    assert bool(report["onnx"]["sparse_initializers"]) == ("magnitude" in method)  # 10x: 90% zeros, stored sparse

@@ -40,7 +40,7 @@ def test_export_checkpoint_and_errors(tmp_path, capsys):
     trainer = L.Trainer(logger=False, accelerator="cpu")
     trainer.strategy.connect(model)
     trainer.save_checkpoint(tmp_path / "m.ckpt")
-    paths = export_checkpoint(str(tmp_path / "m.ckpt"), str(tmp_path / "out"))
+    paths = export_checkpoint(str(tmp_path / "m.ckpt"), str(tmp_path / "out"), fold="never")["files"]
     # both files give the checkpoint's logits
     x = torch.rand(3, 3, 32, 32)
     with torch.no_grad():
@@ -54,3 +54,120 @@ def test_export_checkpoint_and_errors(tmp_path, capsys):
     with pytest.raises(SystemExit) as err:
         main([str(tmp_path / "missing.ckpt"), str(tmp_path / "out2")])
     assert err.value.code == 2 and "missing.ckpt does not exist" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- ONNX on onnxruntime
+SMALL_VGG = {"backbone": "vgg16", "backbone_kwargs": {"width": 1 / 16}, "head": "dense", "head_kwargs": {"hidden": [64]}}
+ONNX_CASES = {  # each backbone, and each compressor family on the VGG
+    "mlp-separable": {"backbone": "mlp", "backbone_kwargs": {"hidden_shapes": [[4, 8, 8]]}},
+    "vgg-dense": SMALL_VGG,
+    "vgg-tt-head": {**SMALL_VGG, "compression": [{"method": "tt", "targets": ["head.*"], "budget": 4}]},
+    "vgg-tt_conv": {**SMALL_VGG, "compression": [{"method": "tt_conv", "targets": ["backbone.*"],
+                                                  "exclude": ["backbone.0"], "budget": 3}]},
+    "vgg-jsvd": {**SMALL_VGG, "compression": [{"method": "jsvd", "targets": ["backbone.*"], "budget": 3}]},
+    "vgg-lowrank": {**SMALL_VGG, "compression": [{"method": "lowrank", "targets": ["*"], "exclude": ["backbone.0"],
+                                                  "budget": 3}]},
+    "vgg-magnitude": {**SMALL_VGG, "compression": [{"method": "magnitude", "targets": ["*"], "budget": 10,
+                                                    "options": {"scope": "global"}}]},
+    "vgg-hydra": {**SMALL_VGG, "compression": [{"method": "hydra", "targets": ["*"], "budget": 10}]},
+    "vit": {"backbone": "vit", "backbone_kwargs": {"depth": 1, "embed_dim": 32, "num_heads": 2, "patch_size": 8},
+            "head": "dense", "head_kwargs": {"hidden": []}},
+    "lipconvnet": {"backbone": "lipconvnet", "backbone_kwargs": {"widths": [8, 16], "pointwise": "separable"},
+                   "head": "separable", "scale_inputs": False},
+    "lipmlp": {"backbone": "lipmlp", "backbone_kwargs": {"hidden_shapes": [[4, 8, 8]]}, "scale_inputs": False},
+}
+
+
+def _images(n: int = 1000) -> torch.Tensor:
+    """1,000 real CIFAR-10 test images where the shared copy is here, else uniform noise."""
+    from pathlib import Path
+
+    from sepnet.data import ImageFolderDataModule
+
+    root = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg"
+    if not (root / "test").is_dir():
+        return torch.rand(n, 3, 32, 32)
+    data = ImageFolderDataModule(root=str(root), batch_size=n, num_workers=0)
+    data.setup()
+    return next(iter(data.test_dataloader()))[0]
+
+
+@pytest.fixture(scope="module")
+def images():
+    return _images()
+
+
+@pytest.mark.parametrize("name", ONNX_CASES)
+def test_the_onnx_export_gives_torchs_logits_on_onnxruntime_and_its_adversarial_labels(name, images, tmp_path):
+    """Every backbone and compressor family: the ONNX file onnxruntime runs gives torch's logits
+    (1e-4) on 1,000 test images at any batch size, with each factorized layer exported as its
+    factor operations (fold never) or folded (always); PGD examples crafted on the torch model
+    get the same labels from the ONNX model wherever torch's top two logits are not tied."""
+    from sepnet.attacks import Attacker, AttackSpec
+    from sepnet.deploy import onnx_logits
+    from sepnet.export import export_network
+    from sepnet.network import build_network
+
+    torch.manual_seed(0)
+    net = build_network(10, (3, 32, 32), mean=(0.49, 0.48, 0.45), std=(0.25, 0.24, 0.26), **ONNX_CASES[name]).eval()
+    with torch.no_grad():
+        expected = net(images)
+    for fold in ("never", "always"):
+        report = export_network(net, (3, 32, 32), tmp_path / fold, batch=8, fold=fold, check_images=images)
+        onnx_file = report["files"]["onnx"]
+        assert report["max_logit_difference"] <= 1e-4 * (1 + expected.abs().max()) and report["checked_images"] == 1000
+        torch.testing.assert_close(onnx_logits(onnx_file, images[:1]), expected[:1], rtol=1e-4, atol=1e-4)  # batch 1
+        assert all(c["folded"] == (fold == "always") for c in report["folds"])
+    assert report["macs_per_image"] > 0 and report["bytes"]["onnx"] > 0
+    adversarial = Attacker(net, (3, 32, 32), 10).generate(images[:64], expected[:64].argmax(-1),
+                                                           AttackSpec(name="pgd", eps=8 / 255, steps=5))
+    with torch.no_grad():
+        torch_logits = net(adversarial)
+    top2 = torch_logits.topk(2, dim=-1).values
+    clear = (top2[:, 0] - top2[:, 1]) > 1e-4
+    assert clear.float().mean() > 0.9
+    onnx_labels = onnx_logits(onnx_file, adversarial).argmax(-1)
+    assert torch.equal(onnx_labels[clear], torch_logits.argmax(-1)[clear])
+
+
+def test_a_pruned_network_is_stored_sparse_and_computed_dense(tmp_path):
+    """Global magnitude at 10x: the ONNX file stores the pruned weights as sparse initializers
+    (much smaller than the dense file) and says onnxruntime computes them dense."""
+    from sepnet.export import export_network
+    from sepnet.network import build_network
+
+    torch.manual_seed(0)
+    sizes = {}
+    for name in ("vgg-dense", "vgg-magnitude"):
+        net = build_network(10, (3, 32, 32), **ONNX_CASES[name])
+        report = export_network(net, (3, 32, 32), tmp_path / name, batch=8, fold="never")
+        sizes[name] = report["bytes"]["onnx"]
+    assert report["onnx"]["sparse_initializers"] and "densifies" in report["onnx"]["computes"]
+    assert sizes["vgg-magnitude"] < 0.5 * sizes["vgg-dense"]  # 10% kept: COO costs 12 bytes a non-zero
+    assert report["macs_per_image"] == export_network(build_network(10, (3, 32, 32), **ONNX_CASES["vgg-dense"]),
+                                                      (3, 32, 32), tmp_path / "d2", fold="never")["macs_per_image"]
+
+
+def test_auto_folding_is_decided_by_measurement_and_reported(tmp_path):
+    from sepnet.export import export_network, summary
+    from sepnet.network import build_network
+
+    torch.manual_seed(0)
+    net = build_network(10, (3, 32, 32), **ONNX_CASES["vgg-tt-head"])
+    report = export_network(net, (3, 32, 32), tmp_path, batch=16, fold="auto")
+    assert report["folds"] and all(c["factors_ms"] > 0 and c["folded_ms"] > 0 for c in report["folds"])
+    assert all(c["folded"] == (c["folded_ms"] < c["factors_ms"]) for c in report["folds"])
+    line = summary(report)
+    assert "MACs/image" in line and "ms/image at batch 1" in line and "\n" not in line
+
+
+@pytest.mark.slow
+def test_the_resnet34_exports_to_onnx(tmp_path):
+    """The full-width ResNet-34 (21M parameters): exported as the others, checked on 16 images."""
+    from sepnet.export import export_network
+    from sepnet.network import build_network
+
+    torch.manual_seed(0)
+    net = build_network(10, (3, 32, 32), backbone="resnet34", backbone_kwargs={"stem": "cifar"}, head="dense")
+    report = export_network(net, (3, 32, 32), tmp_path, batch=2, fold="never", check_images=torch.rand(16, 3, 32, 32))
+    assert report["checked_images"] == 16 and report["macs_per_image"] > 5e8

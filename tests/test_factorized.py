@@ -170,7 +170,8 @@ def test_every_registered_method_keeps_the_contract(method):
     """Each registered method at a 3x budget on a small VGG (float64): the network keeps its
     dtype and dense-equivalent size and gets fewer non-zero parameters; every factorized layer
     computes, on both paths, the dense layer of its implied weight (with the settings of the
-    layer it replaced) and counts its parameters as the contract says."""
+    layer it replaced), and so does its `folded()` dense layer; it counts its parameters as the
+    contract says."""
     torch.manual_seed(0)
     net = build_network(**VGG).double()
     before, dense = copy.deepcopy(net), parameter_counts(net).dense
@@ -193,6 +194,9 @@ def test_every_registered_method_keeps_the_contract(method):
         for path in ("always", "never"):
             with implied_path(layer, path):
                 torch.testing.assert_close(layer(inputs[name]).reshape(expected.shape), expected, rtol=1e-9, atol=1e-9)
+        folded = layer.folded()  # what an export runs where folding is faster
+        assert type(folded) is not type(layer)
+        torch.testing.assert_close(folded(inputs[name]), layer(inputs[name]), rtol=1e-9, atol=1e-9)
         assert layer.stored_parameters() == sum(p.numel() for p in layer.parameters())
         assert layer.dense_parameters() == sum(p.numel() for p in original.parameters())
 

@@ -92,6 +92,7 @@ def _trained_lipmlp(epochs=6):
     return model.eval(), x, y
 
 
+@pytest.mark.slow
 def test_certified_images_survive_strong_l2_attacks_and_the_checks_pass():
     model, x, y = _trained_lipmlp()
     bound = lipschitz_bound(model.net)

@@ -127,6 +127,7 @@ def test_the_certified_benchmark_records_a_line_per_run_and_skips_it_after(tmp_p
     assert (tmp_path / "certified.png").is_file()
 
 
+@pytest.mark.slow
 def test_the_certified_benchmark_models_match_their_recorded_rows_and_carry_a_bound_of_one():
     """Every model of benchmarks/certified.py builds, is 1-Lipschitz by its composed bound, and
     the network a recorded row names is the one the table would build today (a drifted config

@@ -422,6 +422,15 @@ def _one_line(err: BaseException) -> str:
     return reasons[0] if reasons else lines[0]
 
 
+def fail(err: BaseException) -> None:
+    """The end of a command that failed: one line on stderr, exit status 2 (SEPNET_DEBUG=1
+    re-raises instead, with the traceback)."""
+    if os.environ.get("SEPNET_DEBUG"):
+        raise err
+    print(f"error: {_one_line(err)}", file=sys.stderr)
+    sys.exit(2)
+
+
 def quiet_third_party() -> None:
     """Silence what is not ours to fix: Lightning's advertisement for its cloud logger at every
     run, and its own use of torch's deprecated LeafSpec."""
@@ -457,10 +466,7 @@ def main(args: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         sys.exit(130)
     except Exception as err:  # noqa: BLE001 -- every failure is one line; SEPNET_DEBUG=1 re-raises
-        if os.environ.get("SEPNET_DEBUG"):
-            raise
-        print(f"error: {_one_line(err)}", file=sys.stderr)
-        sys.exit(2)
+        fail(err)
     finally:  # a gloo group left to interpreter exit can abort it ("terminate called without an
         if torch.distributed.is_available() and torch.distributed.is_initialized():  # active exception")
             torch.distributed.destroy_process_group()

@@ -15,6 +15,7 @@ import math
 import warnings
 from typing import ClassVar, Iterator, Literal
 
+import torch
 from torch import Tensor, nn
 
 __all__ = ["FactorizedLayer", "ImpliedPath", "IMPLIED_PATHS", "MATRIX_WORK_FACTOR", "built_matrix_pays",
@@ -56,6 +57,25 @@ class FactorizedLayer(nn.Module):
         """The dense weight this layer stands for: (out, in) for nn.Linear (C-order flattening of
         the features), (out, in, kH, kW) for nn.Conv2d."""
         raise NotImplementedError(f"{type(self).__name__} must implement implied_weight()")
+
+    def folded(self) -> nn.Module:
+        """The dense layer this one stands for, its weight the implied one, fixed: what an export
+        runs where one dense GEMM or convolution is faster than the factor operations. An
+        nn.Linear on the flat features, or an nn.Conv2d with the layer's stride, padding and
+        dilation (a convolution subclass stores them under those names)."""
+        with torch.no_grad():
+            weight = self.implied_weight().detach()
+            bias = getattr(self, "bias", None)
+            if self.stands_for is nn.Conv2d:
+                dense = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
+                                  self.dilation, bias=bias is not None)
+            else:
+                dense = nn.Linear(self.in_features, self.out_features, bias=bias is not None)
+            dense = dense.to(device=weight.device, dtype=weight.dtype)
+            dense.weight.copy_(weight.reshape(dense.weight.shape))
+            if bias is not None:
+                dense.bias.copy_(bias.detach().reshape(-1))
+        return dense
 
     def dense_weight(self) -> Tensor:
         """Deprecated alias of `implied_weight` (renamed in 0.2.0; removed in 0.3.0)."""

@@ -254,6 +254,11 @@ class SeparableLinear(FactorizedLayer, LipschitzModule):
             y = y + self.bias.to(y.dtype)
         return y.reshape(*lead, *self.out_shape)
 
+    def folded(self) -> nn.Module:
+        """The implied dense layer on the unflattened features: (..., *in_shape) -> (..., *out_shape)."""
+        n = self.num_modes
+        return nn.Sequential(nn.Flatten(-n), super().folded(), nn.Unflatten(-1, self.out_shape))
+
     def macs_per_row(self) -> int:
         """Multiply-adds of the mode products for one input row, all R terms."""
         dims, total = list(self.in_shape), 0
@@ -348,6 +353,10 @@ class FlatSeparableLinear(SeparableLinear):
 
     The last dim is viewed as `in_shape` (C order), e.g. ViT tokens (B, T, D) with D = 24 x 32.
     """
+
+    def folded(self) -> nn.Module:
+        """The implied nn.Linear on the flat features."""
+        return FactorizedLayer.folded(self)
 
     def forward(self, x: Tensor) -> Tensor:
         if x.shape[-1] != self.in_features:

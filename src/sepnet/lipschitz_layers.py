@@ -129,6 +129,7 @@ class SeparablePointwise(LipschitzModule):
                  orthogonal: bool = True) -> None:
         super().__init__()
         self.layer = SeparableLinear(in_modes, out_modes, rank, orthogonal=orthogonal)
+        self.in_shape = self.layer.in_shape  # its own: an export may fold `layer` into a dense one
 
     @property
     def orthogonal(self) -> bool:
@@ -142,5 +143,5 @@ class SeparablePointwise(LipschitzModule):
 
     def forward(self, x: Tensor) -> Tensor:
         n, c, h, w = x.shape
-        y = self.layer(x.permute(0, 2, 3, 1).reshape(n * h * w, *self.layer.in_shape))
+        y = self.layer(x.permute(0, 2, 3, 1).reshape(n * h * w, *self.in_shape))
         return y.reshape(n, h, w, -1).permute(0, 3, 1, 2)

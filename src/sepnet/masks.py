@@ -19,7 +19,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-__all__ = ["MaskedWeight", "mask_tensor_", "masked_tensors", "masked_layers", "remove_masks_", "topk_masks"]
+__all__ = ["MaskedWeight", "mask_tensor_", "masked_tensors", "masked_layers", "remove_masks_", "parametrized_copy",
+           "topk_masks"]
 
 
 def topk_masks(scores: list[Tensor], keep: int, every_row: bool = False) -> list[Tensor]:
@@ -133,3 +134,19 @@ def remove_masks_(net: nn.Module) -> nn.Module:
         masked.fix_()
         parametrize.remove_parametrizations(m, tensor, leave_parametrized=True)
     return net
+
+
+def parametrized_copy(net: nn.Module) -> nn.Module:
+    """A deep copy whose parametrized modules each get a class of their own. torch gives a
+    parametrized module a generated class that `copy.deepcopy` shares with the copy, and
+    `remove_parametrizations` deletes the property from that class: removing a mask from a plain
+    deep copy would break the original's weight."""
+    import copy
+
+    clone = copy.deepcopy(net)
+    for m in clone.modules():
+        if parametrize.is_parametrized(m):
+            cls = type(m)
+            m.__class__ = type(cls.__name__, cls.__bases__,
+                               {k: v for k, v in cls.__dict__.items() if k not in ("__dict__", "__weakref__")})
+    return clone

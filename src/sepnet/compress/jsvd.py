@@ -111,6 +111,7 @@ class SVDConv2d(FactorizedLayer):
         self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
         self.kernel_size = _pair(conv.kernel_size)
         (sh, sw), (ph, pw), (dh, dw) = _pair(conv.stride), _pair(conv.padding), _pair(conv.dilation)
+        self.stride, self.padding, self.dilation = (sh, sw), (ph, pw), (dh, dw)
         self._vertical_args = dict(stride=(sh, 1), padding=(ph, 0), dilation=(dh, 1))
         self._horizontal_args = dict(stride=(1, sw), padding=(0, pw), dilation=(1, dw))
         shared = shared or {}

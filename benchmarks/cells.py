@@ -30,7 +30,8 @@ DENSE = {
 }
 SEP_LEVEL = {"fc11": "a", "fc84": "b", "fc226": "c"}  # FC budgets: the separable heads' non-zero counts
 JOINT = dict(condition_weight=1e-3, condition_form="implied", sparsity_target=0.5)  # issue 12's "joint"
-PRUNING = {"magnitude": ("magnitude", {"scope": "layer"}), "magnitude_global": ("magnitude", {"scope": "global"}),
+PRUNING = {"channel": ("channel", {}),  # structured: whole channels, a smaller dense network (issue 41)
+           "magnitude": ("magnitude", {"scope": "layer"}), "magnitude_global": ("magnitude", {"scope": "global"}),
            "hydra": ("hydra", {"score_epochs": 1}), "deadwood": ("deadwood", {"kick_in": 0})}
 METHODS = {
     # FC budgets (VGG): the separable head itself, TT, pruning of the dense head
@@ -81,10 +82,36 @@ def _weights_and_biases(net: nn.Module, prefix: str) -> tuple[int, int]:
             sum(m.bias.numel() for m in layers if m.bias is not None))
 
 
+def narrow_network(model: str, factor: float) -> dict:
+    """The dense VGG with every width scaled by one factor s -- its convolutions' channels and its
+    head's hidden units -- the largest s (bisection) whose network has at most 1/factor of the
+    dense one's parameters: the plain way to spend a budget, trained from scratch."""
+    if model != "vgg":
+        raise ValueError(f"narrow: the VGG-16/4 only, got {model!r}")
+    dense = DENSE[model]
+    allowed = sum(p.numel() for p in build_network(num_classes=10, **dense).parameters()) / factor
+    hidden = dense["head_kwargs"]["hidden"]
+
+    def network(scale: float) -> dict:
+        return dict(dense, backbone_kwargs={**dense["backbone_kwargs"], "width": dense["backbone_kwargs"]["width"] * scale},
+                    head_kwargs={**dense["head_kwargs"], "hidden": [max(1, round(h * scale)) for h in hidden]})
+
+    def size(scale: float) -> int:
+        return sum(p.numel() for p in build_network(num_classes=10, **network(scale)).parameters())
+
+    low, high = 0.01, 1.0
+    for _ in range(14):
+        middle = (low + high) / 2
+        low, high = (middle, high) if size(middle) <= allowed else (low, middle)
+    return network(low)
+
+
 def cell_config(model: str, budget: str, method: str, dense_start: str | None, epochs: int,
                 dense_epochs: int) -> tuple[dict, dict, bool]:
     """(network section, constraint section, starts from the dense run) of one cell."""
     dense = DENSE[model]
+    if method == "narrow":  # the dense model made narrower to the budget, from scratch
+        return narrow_network(model, float(budget[len("model"):])), {}, False
     joint = method == "separable_joint"
     pruning = PRUNING.get(method)
     tail = epochs - dense_epochs  # epochs after the dense start

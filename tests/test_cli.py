@@ -328,19 +328,22 @@ def test_lowrank_cells_meet_their_budgets_and_the_converged_plan_pairs_by_seed(c
         kinds = {type(m) for m in net.modules()}
         assert LowRankLinear in kinds and (Tucker2Conv2d in kinds) == (model == "vgg")
     converged = _benchmark("converged")
+    structured = [(b, m, s) for b in ("model30", "model10") for s in (0, 1) for m in converged.STRUCTURED]
     cells = converged.plan()
+    assert cells[-len(structured):] == structured  # the structured baselines last, both budgets, 2 seeds
+    cells = cells[:-len(structured)]
     assert sum(b == "model30" for b, _, _ in cells) == 12 and {s for b, _, s in cells if b == "model30"} == {0, 1}
     assert [m for b, m, _ in cells if b == "model10"] == [m for m in converged.METHODS if m != "dense"]
     # the 10x row's top two get a second seed once the row is in, and only where they are close
     row = [m for m in converged.METHODS if m != "dense"]
     close = [{"budget": "model10", "method": m, "seed": 0, "status": "ok", "worst_acc": 0.20 - 0.01 * i}
              for i, m in enumerate(row)]
-    assert converged.plan(close[:-1]) == cells
-    assert converged.plan(close) == cells + [("model10", row[0], 1), ("model10", row[1], 1)]
+    assert converged.plan(close[:-1]) == cells + structured
+    assert converged.plan(close) == cells + [("model10", row[0], 1), ("model10", row[1], 1)] + structured
     apart = [dict(r, worst_acc=0.30) if r["method"] == row[2] else r for r in close]
-    assert converged.plan(apart) == cells
+    assert converged.plan(apart) == cells + structured
     apart = [dict(r, worst_acc=0.21) if r["method"] == row[2] else r for r in close]
-    assert converged.plan(apart)[-2:] == [("model10", row[2], 1), ("model10", row[0], 1)]
+    assert converged.plan(apart)[-2 - len(structured):-len(structured)] == [("model10", row[2], 1), ("model10", row[0], 1)]
     records = [{"budget": "model30", "method": m, "seed": s, "status": "ok", "worst_acc": w}
                for m, s, w in (("ttconv_tt", 0, 0.20), ("ttconv_tt", 1, 0.22), ("magnitude", 0, 0.15),
                                ("magnitude", 1, 0.25), ("hydra", 1, 0.1))]
@@ -888,6 +891,7 @@ CONV_COMPRESSORS = [
     '{"method": "tt_conv", "targets": ["backbone.*"], "exclude": ["backbone.0"], "budget": 4}',
     '{"method": "jsvd", "targets": ["backbone.*"], "budget": 4, "options": {"method": "ljsvd"}}',
     '{"method": "lowrank", "targets": ["*"], "exclude": ["backbone.0"], "budget": 4}',
+    '{"method": "channel", "targets": ["*"], "budget": 4, "budget_of": "model"}',
 ]
 
 
@@ -942,3 +946,19 @@ def test_every_compressor_fits_resumes_tests_and_exports(method, data, tmp_path,
         torch.testing.assert_close(onnx_logits(report["files"]["onnx"], x), model(x), rtol=1e-4, atol=1e-4)
     assert report["max_logit_difference"] <= 1e-4 and report["macs_per_image"] > 0
     assert bool(report["onnx"]["sparse_initializers"]) == ("magnitude" in method)  # 10x: 90% zeros, stored sparse
+
+
+def test_the_structured_baselines_meet_their_budgets():
+    """`narrow`: the dense VGG-16/4 with convolutions and head scaled by one factor; `channel`:
+    the dense start channel-pruned; both at most 1/30 of the dense parameters, within 3%."""
+    from sepnet.measures import parameter_counts
+    from sepnet.network import build_network
+
+    cells = _benchmark()
+    dense = parameter_counts(build_network(num_classes=10, **cells.DENSE["vgg"])).dense
+    network, _, from_dense = cells.cell_config("vgg", "model30", "narrow", None, 30, 15)
+    size = parameter_counts(build_network(num_classes=10, **network)).stored
+    assert not from_dense and dense / 30 * 0.97 <= size <= dense / 30
+    network, _, from_dense = cells.cell_config("vgg", "model30", "channel", None, 30, 15)
+    assert from_dense and network["compression"] == [{"method": "channel", "targets": ["*"], "budget": 30.0,
+                                                      "budget_of": "model", "options": {}}]

@@ -393,3 +393,30 @@ def test_topk_masks_keeps_the_largest_scores_across_tensors():
     assert [m.shape for m in masks] == [first.shape, second.shape]
     assert masks[0].tolist() == [[True, False], [True, False]] and masks[1].tolist() == [True, False]
     assert topk_masks([first], 1)[0].sum() == 1 and topk_masks([first], 1)[0][0, 0]
+
+
+def test_channel_pruning_leaves_a_smaller_dense_network_at_the_budget(tmp_path):
+    """torch-pruning's dependency graph removes whole channels: no mask, no factorized layer,
+    every layer that reads a pruned channel shrunk with it, the classifier's outputs kept, the
+    whole-model budget met; the same dense start rebuilds the same architecture (checkpoints load)."""
+    from sepnet.factorized import factorized_layers
+
+    torch.manual_seed(0)
+    dense = _vgg4([])
+    torch.save(dense.state_dict(), tmp_path / "dense.pt")
+    entry = {"method": "channel", "targets": ["*"], "budget": 10, "budget_of": "model"}
+    net = build_network(num_classes=10, image_shape=(3, 32, 32), backbone="vgg16", backbone_kwargs={"width": 1 / 4},
+                        head="dense", head_kwargs={"hidden": [512, 512], "dropout": 0.5},
+                        init_from=str(tmp_path / "dense.pt"), compression=[entry])
+    counts, before = parameter_counts(net), parameter_counts(dense)
+    assert 9.5 <= before.dense / counts.stored <= 10.5 and counts.dense == counts.stored  # a smaller dense network
+    assert not masked_layers(net) and not list(factorized_layers(net))
+    assert net.head.layers[-1].out_features == 10 and net(torch.rand(2, 3, 32, 32)).shape == (2, 10)
+    again = build_network(num_classes=10, image_shape=(3, 32, 32), backbone="vgg16", backbone_kwargs={"width": 1 / 4},
+                          head="dense", head_kwargs={"hidden": [512, 512], "dropout": 0.5},
+                          init_from=str(tmp_path / "dense.pt"), compression=[entry])
+    again.load_state_dict(net.state_dict())  # the same shapes from the same weights
+    with pytest.raises(ValueError, match="compression channel: budget 1000x is unreachable"):
+        build_network(**{**dict(num_classes=10, image_shape=(3, 32, 32), backbone="vgg16",
+                                backbone_kwargs={"width": 1 / 4}, head="dense")},
+                      compression=[{"method": "channel", "targets": ["*"], "budget": 1000, "budget_of": "model"}])

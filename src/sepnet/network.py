@@ -119,6 +119,7 @@ def build_network(num_classes: int = 10, image_shape: Sequence[int] = (3, 32, 32
     head_args = {**built.head_defaults.get(head, {}), **(head_kwargs or {})}
     normalize = Normalize(mean, std if scale_inputs else [1.0] * len(std))
     net = Network(normalize, built.module, HEADS[head](built.out_shape, num_classes, **head_args))
+    net.input_shape = tuple(image_shape)  # one image's (C, H, W): what a structural pruner traces with
     if init_from:
         load_weights_(net, init_from)
     net.compression_summary = compress_(net, compression)

@@ -44,6 +44,8 @@ class Compressor:
     targets: ClassVar[tuple[type[nn.Module], ...]] = ()
     defaults: ClassVar[dict[str, Any]] = {}
     prunes: ClassVar[bool] = False
+    meets_model_budget: ClassVar[bool] = False  # True: takes a budget_of "model" as it is (see ChannelPruning)
+    structural: ClassVar[bool] = False  # True: leaves a smaller dense network, whose dense size is its own
 
     def __init_subclass__(cls, name: str | None = None, targets: Sequence[type[nn.Module]] = (), **kwargs) -> None:
         super().__init_subclass__(**kwargs)
@@ -177,7 +179,7 @@ def compress_(net: nn.Module, specs: Sequence[CompressionSpec | dict]) -> list[s
         spec = spec if isinstance(spec, CompressionSpec) else CompressionSpec(**spec)
         compressor = spec.compressor(spec)  # options checked before anything changes
         targets = _targets(net, spec)
-        if spec.budget is not None and spec.budget_of == "model":
+        if spec.budget is not None and spec.budget_of == "model" and not compressor.meets_model_budget:
             spec = _as_target_budget(net, spec, targets)
             compressor.spec = spec
         lines += compressor.apply(net, targets)

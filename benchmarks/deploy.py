@@ -1,83 +1,271 @@
-"""Deployment size and CPU latency: dense vs separable models, measured in the same run.
+"""The deployed cost (issue 41): what each compressor's model costs where it runs, in the
+currencies a device pays -- bytes, multiply-adds, onnxruntime CPU latency, memory -- beside the
+non-zero count every verdict so far used.
 
-    python -m benchmarks.deploy
+    python -m benchmarks.deploy --cells              # export and measure every cell; one JSON line each
+    python -m benchmarks.deploy --cells --model vgg --budget model30
+    python -m benchmarks.deploy --report             # the table, and accuracy-against-cost fronts
 
-For each model: TorchScript file size, sparse state-dict size (bitmask format of sepnet.export),
-and median CPU latency of the TorchScript model at batch 1 and 64 (2 threads here). The dense
-models' FC part is also shown magnitude-pruned (torch.nn.utils.prune) to the separable head's
-parameter count, as the pruning baseline stores it.
+Cells: the converged verdict's VGG-16/4 cells (dense; TT-conv, global and layer-wise magnitude,
+HYDRA, joint SVD, low rank at model10 and model30; the structured baselines narrow and channel)
+and the ViT at model10 / model30 (dense, separable, TT, magnitude, global magnitude, HYDRA, low
+rank). Weights do not change these costs except for sparse storage, so the cells are built
+untrained, except the pruned ones, whose masks (and channel's architecture) come from the
+committed dense start (benchmarks/results/converged_vgg_dense_fgsm_e15_s0.pt; the ViT's pruners
+from their own untrained dense weights: said in the row).
+
+Per cell, each model exported by sepnet.export twice, its factorized layers' folds chosen by
+onnxruntime measurement for batch 1 and for batch 64 (sepnet.deploy): bytes of the ONNX file
+(pruned weights as sparse initializers), gzipped, and of the sparse state dict; multiply-adds
+per image counted on the exported graph; onnxruntime CPU latency (ms per image) at batch 1 (the
+batch-1 export) and 64 (the batch-64 export), on 1 and 2 threads, and torch eager's beside it:
+the median of `--repeats` runs after warm-up, every cell measured in each round before the
+next round starts (interleaved: they see the same machine); the peak resident memory of a
+fresh process that loads the batch-64 model into an onnxruntime session and runs one batch.
+Results: benchmarks/results/deployed.jsonl (a rerun skips measured cells).
 """
 
 from __future__ import annotations
 
-import tempfile
+import argparse
+import gzip
+import json
+import platform
+import statistics
 import time
 from pathlib import Path
 
 import torch
-from torch import nn
-from torch.nn.utils import prune
 
-from sepnet.measures import fc_parameter_counts, parameter_counts
-from sepnet.export import sparse_state_dict, to_torchscript
-from sepnet.module import ImageClassifier
+from benchmarks.cells import DENSE, cell_config
+from benchmarks.common import FIGURES, HERE
+from sepnet.deploy import session_memory
+from sepnet.export import export_network
+from sepnet.measures import parameter_counts
+from sepnet.network import build_network
 
-FAMILIES = {
-    "vgg16/4": (dict(backbone="vgg16", backbone_kwargs={"width": 0.25}, head="dense"),
-                dict(backbone="vgg16", backbone_kwargs={"width": 0.25}, head="separable")),
-    "vgg16": (dict(backbone="vgg16", head="dense"), dict(backbone="vgg16", head="separable")),
-    "mlp": (dict(backbone="mlp", head="dense", head_kwargs={"hidden": [512]}),
-            dict(backbone="mlp", head="separable")),
-}
-def latency_ms(module, batch: int, repeats: int = 20) -> float:
-    x = torch.rand(batch, 3, 32, 32)
-    with torch.no_grad():
-        for _ in range(3):
-            module(x)
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            module(x)
-            times.append(time.perf_counter() - start)
-    return 1e3 * sorted(times)[repeats // 2]
+RESULTS = HERE / "results" / "deployed.jsonl"
+WORK = HERE.parent / "exports" / "deployed"  # git-ignored: the exported files
+DENSE_START = HERE / "results" / "converged_vgg_dense_fgsm_e15_s0.pt"
+VGG_METHODS = ["ttconv_tt", "magnitude_global", "magnitude", "hydra", "jsvd_tt", "lowrank", "narrow", "channel"]
+VIT_METHODS = ["separable", "tt", "magnitude", "magnitude_global", "hydra", "lowrank"]
+BUDGETS = ("model10", "model30")
+SHAPE = (3, 32, 32)
 
 
-def prune_fc(net: nn.Module, keep: int) -> None:
-    """Global magnitude pruning of the nn.Linear weights down to `keep` non-zeros, made permanent."""
-    linears = [(m, "weight") for m in net.modules() if isinstance(m, nn.Linear)]
-    total = sum(m.weight.numel() for m, _ in linears)
-    prune.global_unstructured(linears, pruning_method=prune.L1Unstructured, amount=max(0, total - keep))
-    for m, name in linears:
-        prune.remove(m, name)
+def plan() -> list[tuple[str, str, str]]:
+    cells = [("vgg", "-", "dense"), ("vit", "-", "dense")]
+    cells += [("vgg", b, m) for b in BUDGETS for m in VGG_METHODS]
+    cells += [("vit", b, m) for b in BUDGETS for m in VIT_METHODS]
+    return cells
 
 
-def fc_nonzero(net: nn.Module) -> int:
-    return fc_parameter_counts(net).nonzero
+def network(model: str, budget: str, method: str) -> tuple[dict, str]:
+    """The cell's network section and where its weights come from."""
+    if method == "dense":
+        return DENSE[model], "untrained"
+    start = str(DENSE_START) if model == "vgg" else None
+    net, _, from_dense = cell_config(model, budget, method, start, 30, 15)
+    if from_dense and model == "vit":  # no committed ViT dense start: its masks from its own initial weights
+        net = {k: v for k, v in net.items() if k != "init_from"}
+        return net, "masks of the untrained dense weights"
+    return net, ("masks / channels from the committed dense start" if from_dense else "untrained")
 
 
-def main() -> None:
+def export_cell(model: str, budget: str, method: str, work: Path) -> dict:
+    """Build the cell, export it for batch 1 and for batch 64; the static figures."""
+    section, weights = network(model, budget, method)
     torch.manual_seed(0)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CIFAR-sized input 3x32x32, "
-          "median latency of the TorchScript model")
-    print(f"{'model':22} {'non-zero':>11} {'FC non-zero':>12} {'TorchScript KiB':>16} {'sparse dict KiB':>16} "
-          f"{'ms @1':>7} {'ms @64':>8}")
-    with tempfile.TemporaryDirectory() as tmp:
-        for family, (dense_kwargs, sep_kwargs) in FAMILIES.items():
-            separable = ImageClassifier(network=sep_kwargs).eval()
-            pruned = ImageClassifier(network=dense_kwargs).eval()
-            prune_fc(pruned.net, fc_nonzero(separable.net))
-            rows = [("separable", separable), ("dense", ImageClassifier(network=dense_kwargs).eval()),
-                    ("dense, FC pruned", pruned)]
-            for kind, model in rows:
-                label = f"{family} {kind}"
-                ts = to_torchscript(model.net, (3, 32, 32), Path(tmp) / "m.pt")
-                sd = Path(tmp) / "sd.pt"
-                torch.save(sparse_state_dict(model.net), sd)
-                loaded = torch.jit.load(str(ts))
-                counts = parameter_counts(model.net)
-                print(f"{label:22} {counts.nonzero:11,} {fc_nonzero(model.net):12,} "
-                      f"{ts.stat().st_size / 1024:16.1f} {sd.stat().st_size / 1024:16.1f} "
-                      f"{latency_ms(loaded, 1):7.2f} {latency_ms(loaded, 64):8.1f}")
+    net = build_network(num_classes=10, image_shape=SHAPE, **section).eval()
+    counts = parameter_counts(net)
+    dense = parameter_counts(build_network(num_classes=10, image_shape=SHAPE, **DENSE[model])).dense
+    folder = work / f"{model}_{budget}_{method}"
+    reports = {b: export_network(net, SHAPE, folder / f"batch{b}", batch=b, fold="auto") for b in (1, 64)}
+    big = reports[64]
+    onnx_bytes = Path(big["files"]["onnx"]).read_bytes()
+    return {"model": model, "budget": budget, "method": method, "weights": weights,
+            "params_stored": counts.stored, "params_nonzero": counts.nonzero, "params_dense": dense,
+            "nonzero_compression": dense / counts.nonzero,
+            "onnx_bytes": len(onnx_bytes), "onnx_gzip_bytes": len(gzip.compress(onnx_bytes, 9)),
+            "sparse_state_dict_bytes": big["bytes"]["sparse_state_dict"], "macs_per_image": big["macs_per_image"],
+            "macs_per_image_batch1_export": reports[1]["macs_per_image"],
+            "stores": big["onnx"]["stores"], "computes": big["onnx"]["computes"],
+            "folds": {str(b): [c for c in r["folds"] if c["folded"]] for b, r in reports.items()},
+            "factorized_layers": len(big["folds"]),
+            "files": {str(b): r["files"] for b, r in reports.items()},
+            "max_logit_difference": max(r["max_logit_difference"] for r in reports.values())}
+
+
+def _eager(onnx_file: str):
+    """The TorchScript file written beside the ONNX one (the same folds), loaded for eager timing."""
+    return torch.jit.load(str(Path(onnx_file).with_name("model.torchscript.pt")))
+
+
+def measure(rows: list[dict], repeats: int, rounds: int) -> None:
+    """Latencies (ms/image): onnxruntime and torch at batch 1 and 64, on 1 and 2 threads, every
+    cell in each round (interleaved); medians over all runs. In place: row["latency"]."""
+    import onnxruntime as ort
+
+    configs = [(b, t) for b in (1, 64) for t in (1, 2)]
+    times = {id(r): {f"{engine}_b{b}_t{t}": [] for engine in ("ort", "torch") for b, t in configs} for r in rows}
+    sessions, models, inputs = {}, {}, {b: torch.rand(b, *SHAPE) for b in (1, 64)}
+    for r in rows:
+        for b, t in configs:
+            options = ort.SessionOptions()
+            options.intra_op_num_threads, options.inter_op_num_threads, options.log_severity_level = t, 1, 3
+            sessions[id(r), b, t] = ort.InferenceSession(r["files"][str(b)]["onnx"], options,
+                                                         providers=["CPUExecutionProvider"])
+        for b in (1, 64):
+            models[id(r), b] = _eager(r["files"][str(b)]["onnx"])
+    for _ in range(rounds):
+        for r in rows:
+            for b, t in configs:
+                session, feed = sessions[id(r), b, t], {"pixels": inputs[b].numpy()}
+                for _ in range(2):
+                    session.run(None, feed)
+                for _ in range(repeats):
+                    start = time.perf_counter()
+                    session.run(None, feed)
+                    times[id(r)][f"ort_b{b}_t{t}"].append(1e3 * (time.perf_counter() - start) / b)
+                torch.set_num_threads(t)
+                with torch.no_grad():
+                    for _ in range(2):
+                        models[id(r), b](inputs[b])
+                    for _ in range(repeats):
+                        start = time.perf_counter()
+                        models[id(r), b](inputs[b])
+                        times[id(r)][f"torch_b{b}_t{t}"].append(1e3 * (time.perf_counter() - start) / b)
+    for r in rows:
+        r["latency_ms_per_image"] = {k: statistics.median(v) for k, v in times[id(r)].items()}
+        r["runs_per_figure"] = repeats * rounds
+
+
+def records(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
+def run(args: argparse.Namespace) -> None:
+    done = {(r["model"], r["budget"], r["method"]) for r in records(args.results)}
+    cells = [c for c in plan() if (not args.model or c[0] in args.model) and (not args.budget or c[1] in args.budget)
+             and (not args.method or c[2] in args.method) and c not in done]
+    rows = []
+    for model, budget, method in cells:
+        begin = time.perf_counter()
+        try:
+            rows.append(export_cell(model, budget, method, Path(args.work)))
+        except ValueError as err:  # a budget the method cannot reach, said by the library
+            print(json.dumps({"model": model, "budget": budget, "method": method, "status": "unreachable",
+                              "reason": str(err)}), flush=True)
+            continue
+        print(f"exported {model} {budget} {method} in {time.perf_counter() - begin:.0f} s", flush=True)
+    if not rows:
+        return
+    measure(rows, args.repeats, args.rounds)
+    machine = {"cpu": platform.processor() or platform.machine(), "cores": torch.get_num_threads(),
+               "torch": torch.__version__}
+    for r in rows:
+        r["peak_rss_bytes_batch64"] = session_memory(r["files"]["64"]["onnx"], SHAPE, 64)
+        r["machine"] = machine
+        with args.results.open("a") as f:
+            f.write(json.dumps(r) + "\n")
+        print(json.dumps({k: r[k] for k in ("model", "budget", "method", "onnx_bytes", "macs_per_image")}
+                         | {"ort_b1_t1": r["latency_ms_per_image"]["ort_b1_t1"],
+                            "ort_b64_t1": r["latency_ms_per_image"]["ort_b64_t1"]}), flush=True)
+
+
+ROBUST = {"vgg": HERE / "results" / "compressors_converged.jsonl", "vit": HERE / "results" / "compressors.jsonl"}
+
+
+def worst_case(model: str) -> dict[tuple[str, str], list[float]]:
+    """(budget, method) -> the worst-case robust accuracies recorded for it (every seed): the
+    converged table for the VGG, the 3-epoch table for the ViT (it has no converged one)."""
+    out: dict[tuple[str, str], list[float]] = {}
+    for r in records(ROBUST[model]):
+        if r.get("model") == model and r.get("status", "ok") == "ok" and "worst_acc" in r:
+            budget = "-" if r["method"] == "dense" else r["budget"]
+            out.setdefault((budget, r["method"]), []).append(r["worst_acc"])
+    return out
+
+
+def report(results: Path, figures: Path = FIGURES) -> None:
+    rows = records(results)
+    if not rows:
+        raise SystemExit(f"{results}: no measured cells; run --cells first")
+    print("| model | budget | method | non-zero | x | ONNX KB | gz KB | sparse dict KB | MACs/img | ort b1 t1 | ort b1 t2 "
+          "| ort b64 t1 | ort b64 t2 | torch b1 t1 | torch b64 t1 | RSS MB | folded (b1 / b64) | worst case |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|")
+    for r in sorted(rows, key=lambda r: (r["model"], r["budget"], r["method"] != "dense", r["method"])):
+        lat = r["latency_ms_per_image"]
+        robust = worst_case(r["model"]).get((r["budget"], r["method"]), [])
+        acc = f"{statistics.mean(robust):.3f} ({len(robust)})" if robust else "--"
+        folded = "/".join(str(len(r["folds"][b])) for b in ("1", "64"))
+        print(f"| {r['model']} | {r['budget']} | {r['method']} | {r['params_nonzero']:,} | {r['nonzero_compression']:.1f} | "
+              f"{r['onnx_bytes'] / 1e3:,.0f} | {r['onnx_gzip_bytes'] / 1e3:,.0f} | {r['sparse_state_dict_bytes'] / 1e3:,.0f} | "
+              f"{r['macs_per_image'] / 1e6:.2f}M | {lat['ort_b1_t1']:.3f} | {lat['ort_b1_t2']:.3f} | {lat['ort_b64_t1']:.3f} | "
+              f"{lat['ort_b64_t2']:.3f} | {lat['torch_b1_t1']:.3f} | {lat['torch_b64_t1']:.3f} | "
+              f"{r['peak_rss_bytes_batch64'] / 1e6:.0f} | {folded} of {r['factorized_layers']} | {acc} |")
+    fronts(rows, figures / "deployed.png")
+
+
+def fronts(rows: list[dict], path: Path) -> None:
+    """Worst-case robust accuracy against onnxruntime latency (batch 1 and 64, 1 thread) and
+    against ONNX bytes, one panel row a budget (VGG, the converged table); the Pareto front of
+    each panel drawn."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    robust = worst_case("vgg")
+    vgg = [r for r in rows if r["model"] == "vgg"]
+    budgets = sorted({r["budget"] for r in vgg if r["budget"] != "-"})
+    axes_x = [("ort_b1_t1", "onnxruntime ms / image, batch 1"), ("ort_b64_t1", "onnxruntime ms / image, batch 64"),
+              ("onnx_bytes", "ONNX file, MB")]
+    fig, axes = plt.subplots(len(budgets), 3, figsize=(15, 4.5 * len(budgets)), squeeze=False)
+    for row_axes, budget in zip(axes, budgets):
+        cells = [r for r in vgg if r["budget"] in (budget, "-") and robust.get((r["budget"], r["method"]))]
+        for ax, (key, label) in zip(row_axes, axes_x):
+            points = []
+            for r in cells:
+                x = r["onnx_bytes"] / 1e6 if key == "onnx_bytes" else r["latency_ms_per_image"][key]
+                y = statistics.mean(robust[(r["budget"], r["method"])])
+                points.append((x, y, r["method"]))
+                ax.scatter(x, y)
+                ax.annotate(r["method"], (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+            front, best = [], -1.0
+            for x, y, _ in sorted(points):
+                if y > best:
+                    front.append((x, y))
+                    best = y
+            if front:
+                ax.step(*zip(*front), where="post", color="k", alpha=0.4, linewidth=1)
+            ax.set(xlabel=label, ylabel="worst-case robust accuracy", title=f"VGG-16/4, {budget}",
+                   xscale="log")
+            ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    print(f"plot: {path}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cells", action="store_true", help="export and measure the cells not yet measured")
+    parser.add_argument("--report", action="store_true", help="the table and the fronts")
+    parser.add_argument("--model", nargs="*", choices=("vgg", "vit"))
+    parser.add_argument("--budget", nargs="*")
+    parser.add_argument("--method", nargs="*")
+    parser.add_argument("--repeats", type=int, default=10, help="runs per round of each latency figure")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (figures are medians of all runs)")
+    parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument("--work", default=str(WORK), help="folder for the exported files (git-ignored)")
+    args = parser.parse_args(argv)
+    if args.report:
+        report(args.results)
+    elif args.cells:
+        run(args)
+    else:
+        parser.error("expected --cells or --report")
 
 
 if __name__ == "__main__":

@@ -116,18 +116,20 @@ def _replace(net: nn.Module, name: str, layer: nn.Module) -> None:
     setattr(net.get_submodule(parent) if parent else net, child, layer)
 
 
-def _export(net: nn.Module, x: Tensor):
-    """torch.onnx's torch.export-based exporter with a dynamic batch axis (dim 0 of the input)."""
-    batch = torch.export.Dim("batch", min=1, max=65536)
+def _export(net: nn.Module, x: Tensor, dynamic: bool = True):
+    """torch.onnx's torch.export-based exporter; `dynamic`: with a dynamic batch axis (dim 0 of
+    the input), else for x's shape alone."""
+    shapes = ({0: torch.export.Dim("batch", min=1, max=65536)},) if dynamic else None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the exporter's progress and deprecation chatter
-        program = torch.onnx.export(net, (x,), dynamo=True, opset_version=OPSET, dynamic_shapes=({0: batch},),
+        program = torch.onnx.export(net, (x,), dynamo=True, opset_version=OPSET, dynamic_shapes=shapes,
                                     input_names=["pixels"], output_names=["logits"], verbose=False)
     return program.model_proto
 
 
 def _export_bytes(module: nn.Module, x: Tensor) -> bytes:
-    return _export(module, x).SerializeToString()
+    """One layer for timing at x's batch: no dynamic axis needed (nor always traceable alone)."""
+    return _export(module, x, dynamic=False).SerializeToString()
 
 
 def _sparsify(model) -> list[str]:

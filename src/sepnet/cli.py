@@ -416,6 +416,9 @@ def _one_line(err: BaseException) -> str:
     moved = next((line for key, line in MOVED.items() if key.split(".")[1] in text), None)
     if moved and ("not expected" in text or "unrecognized" in text):
         return f"{moved} (see CHANGELOG.md)"
+    key = re.match(r'Parser key "([\w.]+)":', lines[0]) if lines else None
+    if key and len(lines) > 1 and "Expected a" in lines[1]:  # jsonargparse's type error: the key and the reason
+        return f"--{key.group(1)}: {lines[1]}"
     if "Original Traceback" in text:
         return re.sub(r"^[\w.]+(Error|Exception): ", "", lines[-1])
     reasons = [line[2:] for line in lines[1:] if line.startswith("- ") and "NoneType" not in line]

@@ -105,3 +105,60 @@ def test_the_old_certify_radii_field_is_a_one_line_migration_error():
         ImageClassifier(validation={"batches": 0, "certify_radii": [0.1]})
     with pytest.raises(ValueError, match=r"certificate.radii must be > 0"):
         CertificateConfig(radii=(0.1, -1.0))
+
+
+def _ends_in_a_plain_linear():
+    """An orthogonal-separable feature map, then a dense nn.Linear whose rows are far from
+    orthonormal (its trained norm counts in the sqrt(2) L certificate)."""
+    from sepnet.activations import MaxMin
+    from sepnet.layers import SeparableLinear
+
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 10)
+    with torch.no_grad():
+        linear.weight.mul_(torch.linspace(0.2, 3.0, 10)[:, None])  # rows of very different norms
+    return nn.Sequential(SeparableLinear((3, 8, 8), (4, 4, 4), orthogonal=True), MaxMin(dim=1), nn.Flatten(), linear).eval()
+
+
+def test_the_pairwise_certificate_is_exact_for_the_last_layer_and_never_looser():
+    from sepnet.lipschitz import certified_from_logits, pairwise_bound, pairwise_certified
+
+    net = _ends_in_a_plain_linear()
+    bound, pairwise = lipschitz_bound(net), pairwise_bound(net)
+    w = net[3].weight.detach().double()
+    assert pairwise.layer == "3" and pairwise.feature == pytest.approx(bound.value / float(torch.linalg.matrix_norm(w, 2)))
+    torch.testing.assert_close(pairwise.distances[2, 7], (w[2] - w[7]).norm())
+    x = torch.rand(512, 3, 8, 8)
+    with torch.no_grad():
+        logits = net(x)
+    y = logits.argmax(-1)
+    radii = [0.01, 0.03, 0.1]
+    tight, loose = pairwise_certified(logits, y, radii, pairwise), certified_from_logits(logits, y, radii, bound.value)
+    for r in radii:
+        assert bool((loose[r] <= tight[r]).all())  # never looser
+    assert sum(int(tight[r].sum()) for r in radii) > sum(int(loose[r].sum()) for r in radii)  # tighter here
+    # sound: no perturbation inside the radius flips an image the pairwise certificate certified
+    r, certified = 0.03, tight[0.03]
+    noise = torch.randn(certified.sum(), 3, 8, 8)
+    noise = r * noise / noise.flatten(1).norm(dim=1)[:, None, None, None]
+    with torch.no_grad():
+        assert torch.equal(net(x[certified] + noise).argmax(-1), y[certified])
+
+
+def test_the_checks_attack_what_the_pairwise_certificate_certifies_and_fail_on_a_wrong_norm():
+    """A pairwise certificate whose row distances are 100x too small certifies images an attack
+    breaks: the attack check fails loudly. The honest one passes."""
+    from sepnet.attacks import Attacker
+    from sepnet.certificate import soundness_checks
+    from sepnet.lipschitz import PairwiseBound, pairwise_bound
+
+    net = _ends_in_a_plain_linear()
+    x = torch.rand(128, 3, 8, 8)
+    with torch.no_grad():
+        y = net(x).argmax(-1)
+    attacker, bound, honest = Attacker(net, (3, 8, 8), 10), lipschitz_bound(net), pairwise_bound(net)
+    report = soundness_checks(net, attacker, x, y, [0.05], bound, attack_steps=20, pairwise=honest)
+    assert report["certificate"] == "pairwise"
+    wrong = PairwiseBound(honest.feature, honest.distances / 100, honest.layer)
+    with pytest.raises(CertificateError, match=r"an L2 attack at radius 0.5 broke \d+ of the \d+ images certified"):
+        soundness_checks(net, attacker, x, y, [0.5], bound, attack_steps=20, pairwise=wrong)

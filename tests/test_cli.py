@@ -817,6 +817,12 @@ def test_a_dataset_switch_brings_its_threat_model_unless_the_attacks_are_set(tmp
     model = yaml.safe_load((tmp_path / "logs/default/version_1/config.yaml").read_text())["model"]
     assert model["adversarial"]["attack"]["eps"] == 0.05
     assert model["validation"]["attacks"][0]["eps"] == pytest.approx(8 / 255)
+    # a certified model trains without an attack: the line names only the validation attacks it adapts
+    caplog.clear()
+    main(["fit", *folder, "--model.network.backbone", "lipmlp", "--model.network.scale_inputs", "false",
+          "--model.adversarial", '{"loss": "lipschitz_margin", "margin_eps": 0.1}'])
+    line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("threat model"))
+    assert line.endswith("for pgd, fgsm (set model.adversarial.attack.eps and model.validation.attacks for another)")
 
 
 def test_certified_fit_then_test_reports_the_certificate_and_its_checks(tmp_path, monkeypatch):

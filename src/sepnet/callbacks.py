@@ -201,7 +201,12 @@ class EvalReport(L.Callback):
         bound = certifier.measure()
         radii = certifier.config.radii
         certificate = {"lipschitz_bound": bound.value, "how": bound.describe(),
+                       "kind": "pairwise" if certifier.pairwise is not None else "global",
                        "certified_acc": {names.radius_label(r): metrics.get(names.certified_acc(stage, r)) for r in radii}}
+        if certifier.pairwise is not None:  # both certificates (the global one is never tighter)
+            certificate["pairwise"] = {"last_layer": certifier.pairwise.layer, "feature_bound": certifier.pairwise.feature}
+            certificate["certified_acc_global"] = {names.radius_label(r): metrics.get(names.certified_acc(stage, r, "global"))
+                                                   for r in radii}
         if stage != "test" or not certifier.config.check_images:
             return certificate, None
         x, y = _first_images(trainer, certifier.config.check_images)

@@ -28,8 +28,8 @@ from torch import Tensor, nn
 
 from sepnet.attacks import Attacker, AttackSpec
 from sepnet.guards import eval_mode
-from sepnet.lipschitz import (CertificateError, LipschitzBound, certified_from_logits, layer_bound, lipschitz_bound,
-                              lipschitz_leaves)
+from sepnet.lipschitz import (CertificateError, LipschitzBound, PairwiseBound, certified_from_logits, layer_bound,
+                              lipschitz_bound, lipschitz_leaves, pairwise_bound, pairwise_certified)
 
 __all__ = ["CertificateConfig", "Certifier", "applied_norm", "layer_norm_check", "empirical_lipschitz",
            "certified_masks", "float32_logits", "soundness_checks", "NORM_TOLERANCE"]
@@ -159,17 +159,23 @@ def empirical_lipschitz(net: nn.Module, x: Tensor, steps: int = 50, lr: float = 
 
 
 def soundness_checks(net: nn.Module, attacker: Attacker, x: Tensor, y: Tensor, radii: Sequence[float],
-                     bound: LipschitzBound, attack_steps: int = 50) -> dict:
+                     bound: LipschitzBound, attack_steps: int = 50, pairwise: PairwiseBound | None = None) -> dict:
     """The three checks of a certificate; CertificateError on the first that fails. Returns
-    their figures for the report. The attacked images are exactly those `certified_masks`
-    certifies (float32), the figure the report prints."""
+    their figures for the report. The attacked images are exactly those the certificate
+    certifies (float32), the figure the report prints: with `pairwise`, the pairwise
+    certificate's (a superset of the sqrt(2) L one's), so images certified only by the tighter
+    bound are attacked too."""
     report = {"layer_norms": layer_norm_check(net, x)}
     lower = empirical_lipschitz(net, x[: min(len(x), 64)])
     report["empirical_lipschitz_lower_bound"] = lower
     if lower > bound.value * (1 + NORM_TOLERANCE):
         raise CertificateError(f"empirical Lipschitz lower bound {lower:.6g} exceeds the claimed bound "
                                f"{bound.value:.6g}: the certificate is void")
-    masks = certified_masks(net, x, y, radii, bound.value)
+    with eval_mode(net), torch.no_grad():
+        logits = float32_logits(net, x)
+    masks = (pairwise_certified(logits, y, radii, pairwise) if pairwise is not None
+             else certified_from_logits(logits, y, radii, bound.value))
+    report["certificate"] = "pairwise" if pairwise is not None else "global"
     report["attacks_at_radius"] = {}
     for r in radii:
         certified = masks[r]
@@ -192,24 +198,40 @@ def soundness_checks(net: nn.Module, attacker: Attacker, x: Tensor, y: Tensor, r
 class Certifier:
     """A network's certificate as the training module and callbacks use it: `certifiable`
     (every layer has a bound), `measure()` (the bound now, after the last weight change),
-    `masks` (certified per radius, float32) and `check` (the soundness checks)."""
+    `masks` (certified per radius, float32: the pairwise certificate where the network ends in a
+    linear layer, sepnet.lipschitz.PairwiseBound, else sqrt(2) L), `global_masks` (the sqrt(2) L
+    one, reported beside it) and `check` (the soundness checks, on the certificate `masks` uses)."""
 
     def __init__(self, net: nn.Module, config: CertificateConfig) -> None:
         self.net, self.config = net, config
         self.certifiable = lipschitz_bound(net, strict=False).certifiable
+        self.pairwise_available = self.certifiable and pairwise_bound(net) is not None
         self.bound: LipschitzBound | None = None
+        self.pairwise: PairwiseBound | None = None
 
     def measure(self) -> LipschitzBound:
         self.bound = lipschitz_bound(self.net)
+        self.pairwise = pairwise_bound(self.net, self.bound)
         return self.bound
+
+    def _logits(self, x: Tensor, logits: Tensor | None) -> Tensor:
+        if self.bound is None:
+            self.measure()
+        with torch.no_grad():
+            return float32_logits(self.net, x, logits)
 
     def masks(self, x: Tensor, y: Tensor, logits: Tensor | None = None) -> dict[float, Tensor]:
         """Per radius, which of (x, y) are certified; `logits`: eval-mode logits of x already
         computed (used where they are float32 outside autocast)."""
-        if self.bound is None:
-            self.measure()
-        with torch.no_grad():
-            return certified_from_logits(float32_logits(self.net, x, logits), y, self.config.radii, self.bound.value)
+        logits = self._logits(x, logits)
+        if self.pairwise is not None:
+            return pairwise_certified(logits, y, self.config.radii, self.pairwise)
+        return certified_from_logits(logits, y, self.config.radii, self.bound.value)
+
+    def global_masks(self, x: Tensor, y: Tensor, logits: Tensor | None = None) -> dict[float, Tensor]:
+        return certified_from_logits(self._logits(x, logits), y, self.config.radii, self.bound.value)
 
     def check(self, attacker: Attacker, x: Tensor, y: Tensor) -> dict:
-        return soundness_checks(self.net, attacker, x, y, self.config.radii, self.measure(), self.config.attack_steps)
+        bound = self.measure()
+        return soundness_checks(self.net, attacker, x, y, self.config.radii, bound, self.config.attack_steps,
+                                self.pairwise)

@@ -30,6 +30,7 @@ from sepnet.callbacks import ConstraintMonitor, EpochLine, EvalReport, RunWatch,
 from sepnet.measures import parameter_counts
 from sepnet.data import VisionDataModule
 from sepnet.module import ImageClassifier
+from sepnet.objectives import Objective
 
 log = logging.getLogger("sepnet")
 
@@ -290,7 +291,8 @@ class SepnetCLI(LightningCLI):
         eps = getattr(data_class, "threat_eps", None)
         parser = self._sepnet_parsers[list(self.subcommands()).index(self.subcommand)]
         defaults = parser.get_defaults().get("model")
-        pairs = [(cfg.model.adversarial.attack, defaults.adversarial.attack)]
+        uses_attack = Objective.registry[cfg.model.adversarial.loss].uses_attack  # a certified model's is unused
+        pairs = [(cfg.model.adversarial.attack, defaults.adversarial.attack)] if uses_attack else []
         pairs += list(zip(cfg.model.validation.attacks or [], defaults.validation.attacks or []))
         changed = []
         for spec, default in pairs:

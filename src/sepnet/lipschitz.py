@@ -30,9 +30,11 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.parametrizations import _Orthogonal  # the class torch's orthogonal() registers
 
+from sepnet.factorized import FactorizedLayer
+
 __all__ = ["LipschitzModule", "LipschitzChain", "OrthogonalParametrization", "CertificateError", "LipschitzBound",
-           "LayerBound", "lipschitz_bound", "lipschitz_leaves", "layer_bound", "spectral_norm",
-           "certified_from_logits", "lipschitz_margin_loss"]
+           "LayerBound", "PairwiseBound", "lipschitz_bound", "lipschitz_leaves", "layer_bound", "pairwise_bound",
+           "spectral_norm", "certified_from_logits", "pairwise_certified", "lipschitz_margin_loss"]
 
 ONE_LIPSCHITZ = (nn.ReLU, nn.Flatten, nn.Unflatten, nn.Identity, nn.Dropout, nn.PixelUnshuffle, nn.PixelShuffle)
 
@@ -162,6 +164,63 @@ def lipschitz_bound(net: nn.Module, strict: bool = True) -> LipschitzBound:
         bound.factors.append(part)
         bound.value *= part.constant
     return bound
+
+
+RESHAPES = (nn.Flatten, nn.Unflatten, nn.Identity, nn.Dropout)  # parameter-free maps that only move entries
+
+
+@dataclass
+class PairwiseBound:
+    """A network that ends in a linear layer W after a feature map g with L2 bound `feature`:
+    f_y - f_j = (w_y - w_j) . g(x) + (b_y - b_j) is exactly `feature` ||w_y - w_j||-Lipschitz
+    in g's bound, so an image is certified at r when f_y - f_j > r feature ||w_y - w_j|| for
+    every j != y: never looser than sqrt(2) L, tighter where W's rows are not orthonormal.
+    `distances[y, j]` = ||w_y - w_j|| (float64)."""
+
+    feature: float
+    distances: Tensor
+    layer: str
+
+
+def _last_linear_weight(m: nn.Module) -> Tensor | None:
+    """The matrix a final affine layer applies: an nn.Linear's weight (its parametrized value), or
+    a factorized layer's implied one (`implied_weight`, the FactorizedLayer contract)."""
+    if isinstance(m, nn.Linear):
+        return m.weight
+    if isinstance(m, FactorizedLayer) and m.stands_for is nn.Linear:
+        return m.implied_weight()
+    return None
+
+
+def pairwise_bound(net: nn.Module, bound: LipschitzBound | None = None) -> PairwiseBound | None:
+    """The pairwise certificate's terms, or None where the network does not end in a linear layer
+    (then the sqrt(2) L certificate is the one it has)."""
+    leaves = list(lipschitz_leaves(net))
+    bound = bound or lipschitz_bound(net, strict=False)
+    if not bound.certifiable:
+        return None
+    index = max((i for i, (_, m) in enumerate(leaves) if next(m.parameters(), None) is not None), default=None)
+    if index is None or not all(isinstance(m, RESHAPES) for _, m in leaves[index + 1:]):
+        return None
+    name, last = leaves[index]
+    weight = _last_linear_weight(last)
+    if weight is None:
+        return None
+    with torch.no_grad():
+        w = weight.detach().double().reshape(weight.shape[0], -1)
+        distances = torch.cdist(w, w)
+    feature = math.prod(f.constant for f in bound.factors[:index])
+    return PairwiseBound(feature, distances, name)
+
+
+def pairwise_certified(logits: Tensor, y: Tensor, radii: Sequence[float], pairwise: PairwiseBound) -> dict[float, Tensor]:
+    """Per radius, the images certified by the pairwise certificate (eval-mode logits)."""
+    logits = logits.detach().double()
+    correct = logits.argmax(-1) == y
+    margins = logits.gather(1, y[:, None]) - logits  # (N, C): f_y - f_j
+    needed = pairwise.feature * pairwise.distances.to(logits.device)[y]  # (N, C): its Lipschitz constant
+    others = ~nn.functional.one_hot(y, logits.shape[-1]).bool()
+    return {r: correct & ((margins > r * needed) | ~others).all(-1) for r in radii}
 
 
 def certified_from_logits(logits: Tensor, y: Tensor, radii: Sequence[float], bound: float) -> dict[float, Tensor]:

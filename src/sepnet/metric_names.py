@@ -38,9 +38,10 @@ def radius_label(radius: float) -> str:
     return f"{round(steps)}_255" if abs(steps - round(steps)) < 1e-6 else f"{radius:.4g}".replace(".", "p")
 
 
-def certified_acc(stage: str, radius: float) -> str:
-    """Share of images correct with a Lipschitz certificate at L2 `radius` (sepnet.lipschitz)."""
-    return f"{stage}/certified_acc/{radius_label(radius)}"
+def certified_acc(stage: str, radius: float, kind: str = "") -> str:
+    """Share of images correct with a Lipschitz certificate at L2 `radius` (sepnet.certificate):
+    the tightest the network has; kind "global": the sqrt(2) L one, reported beside it."""
+    return f"{stage}/certified_acc{'_' + kind if kind else ''}/{radius_label(radius)}"
 
 
 def lipschitz_bound(stage: str) -> str:

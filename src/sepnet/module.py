@@ -89,9 +89,10 @@ class ImageClassifier(L.LightningModule):
         })
         self.robust_metrics = self._robust_metrics("val", self.val_attacks)
         self.certifier = Certifier(self.net, self.certificate)
+        kinds = ("", "global") if self.certifier.pairwise_available else ("",)  # both certificates where two
         self.certified_metrics = nn.ModuleDict({
-            f"{stage}_{names.radius_label(r)}": torchmetrics.MeanMetric()
-            for stage in ("val", "test") for r in self.certificate.radii} if self.certifier.certifiable else {})
+            f"{stage}_{kind}{names.radius_label(r)}": torchmetrics.MeanMetric() for stage in ("val", "test")
+            for r in self.certificate.radii for kind in kinds} if self.certifier.certifiable else {})
         self.objective = build_objective(self.adversarial, self.net, self.attacker)
         self.test_attacks, self.test_images, self.test_cascade = [], 0, True
         self._log_step, self._progress = True, None
@@ -144,10 +145,14 @@ class ImageClassifier(L.LightningModule):
         self.log(names.loss(stage), nn.functional.cross_entropy(logits, y), sync_dist=True)
         self.log(names.acc(stage), self.metrics[f"{stage}_acc"], prog_bar=True)
         if self.certifier.certifiable:  # every image, float32 logits; the bound measured at the epoch's start
-            for radius, mask in self.certifier.masks(x, y, logits).items():
-                metric = self.certified_metrics[f"{stage}_{names.radius_label(radius)}"]
-                metric.update(mask.float())
-                self.log(names.certified_acc(stage, radius), metric)
+            masks = {"": self.certifier.masks(x, y, logits)}
+            if self.certifier.pairwise_available:
+                masks["global"] = self.certifier.global_masks(x, y, logits)
+            for kind, by_radius in masks.items():
+                for radius, mask in by_radius.items():
+                    metric = self.certified_metrics[f"{stage}_{kind}{names.radius_label(radius)}"]
+                    metric.update(mask.float())
+                    self.log(names.certified_acc(stage, radius, kind), metric)
             self.log(names.lipschitz_bound(stage), self.certifier.bound.value, sync_dist=True)
         n = self._images_to_attack(batch_idx, stage, len(y))
         if n == 0:

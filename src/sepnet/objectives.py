@@ -42,6 +42,7 @@ class Objective:
     registry: ClassVar[dict[str, type["Objective"]]] = {}
     name: ClassVar[str] = ""
     attacks: ClassVar[tuple[str, ...] | None] = None  # the training attacks it accepts (None: any)
+    uses_attack: ClassVar[bool] = True  # whether `attack` takes part at all
 
     def __init_subclass__(cls, name: str | None = None, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
@@ -144,6 +145,8 @@ def trades_loss(net: nn.Module, attacker: Attacker, spec: AttackSpec, x: Tensor,
 class Clean(Objective, name="none"):
     """Cross-entropy on the clean batch."""
 
+    uses_attack = False
+
     def __call__(self, x: Tensor, y: Tensor) -> ObjectiveOutput:
         logits = self.net(x)
         return ObjectiveOutput(logits, nn.functional.cross_entropy(logits, y), {}, x)
@@ -171,6 +174,8 @@ class Trades(Objective, name="trades"):
 class LipschitzMargin(Objective, name="lipschitz_margin"):
     """Lipschitz-margin training (Tsuzuku et al. 2018): no attack; the network's Lipschitz bound,
     read once here, must not change with its weights (orthogonal layers only)."""
+
+    uses_attack = False
 
     def prepare(self) -> None:
         try:

@@ -5,6 +5,8 @@ non-zero count every verdict so far used.
     python -m benchmarks.deploy --cells              # export and measure every cell; one JSON line each
     python -m benchmarks.deploy --cells --model vgg --budget model30
     python -m benchmarks.deploy --report             # the table, and accuracy-against-cost fronts
+    python -m benchmarks.deploy --certified          # issue 43: the certified models' deployed cost
+    python -m benchmarks.deploy --certified --report
 
 Cells: the converged verdict's VGG-16/4 cells (dense; TT-conv, global and layer-wise magnitude,
 HYDRA, joint SVD, low rank at model10 and model30; the structured baselines narrow and channel)
@@ -23,6 +25,12 @@ the median of `--repeats` runs after warm-up, every cell measured in each round 
 next round starts (interleaved: they see the same machine); the peak resident memory of a
 fresh process that loads the batch-64 model into an onnxruntime session and runs one batch.
 Results: benchmarks/results/deployed.jsonl (a rerun skips measured cells).
+
+`--certified` does the same for the Lipschitz models of benchmarks.certified (each (budget,
+model) of certified.jsonl, built untrained: the cost does not depend on the weights) into
+certified_cost.jsonl, and its report plots certified accuracy at 36/255 (certified.jsonl, mean
+over seeds at the shortest schedule both kinds share) against multiply-adds and latency: dense-
+orthogonal against Kronecker-orthogonal (separable) 1x1 maps and classifiers.
 """
 
 from __future__ import annotations
@@ -77,14 +85,18 @@ def export_cell(model: str, budget: str, method: str, work: Path) -> dict:
     section, weights = network(model, budget, method)
     torch.manual_seed(0)
     net = build_network(num_classes=10, image_shape=SHAPE, **section).eval()
-    counts = parameter_counts(net)
     dense = parameter_counts(build_network(num_classes=10, image_shape=SHAPE, **DENSE[model])).dense
-    folder = work / f"{model}_{budget}_{method}"
+    return {"model": model, "budget": budget, "method": method, "weights": weights,
+            **export_twice(net, dense, work / f"{model}_{budget}_{method}")}
+
+
+def export_twice(net: torch.nn.Module, dense: int, folder: Path) -> dict:
+    """The network exported with its folds chosen for batch 1 and for batch 64; the static figures."""
+    counts = parameter_counts(net)
     reports = {b: export_network(net, SHAPE, folder / f"batch{b}", batch=b, fold="auto") for b in (1, 64)}
     big = reports[64]
     onnx_bytes = Path(big["files"]["onnx"]).read_bytes()
-    return {"model": model, "budget": budget, "method": method, "weights": weights,
-            "params_stored": counts.stored, "params_nonzero": counts.nonzero, "params_dense": dense,
+    return {"params_stored": counts.stored, "params_nonzero": counts.nonzero, "params_dense": dense,
             "nonzero_compression": dense / counts.nonzero,
             "onnx_bytes": len(onnx_bytes), "onnx_gzip_bytes": len(gzip.compress(onnx_bytes, 9)),
             "sparse_state_dict_bytes": big["bytes"]["sparse_state_dict"], "macs_per_image": big["macs_per_image"],
@@ -140,6 +152,93 @@ def measure(rows: list[dict], repeats: int, rounds: int) -> None:
         r["runs_per_figure"] = repeats * rounds
 
 
+CERTIFIED_COST = HERE / "results" / "certified_cost.jsonl"
+
+
+def certified_cells() -> list[tuple[str, str]]:
+    from benchmarks.certified import RESULTS as CERTIFIED
+
+    return sorted({(r["budget"], r["model"]) for r in records(CERTIFIED)})
+
+
+def run_certified(args: argparse.Namespace) -> None:
+    from benchmarks.certified import BUDGETS, classifier
+
+    done = {(r["budget"], r["method"]) for r in records(args.results)}
+    rows = []
+    for budget, model in certified_cells():
+        if (budget, model) in done or (args.method and model not in args.method):
+            continue
+        torch.manual_seed(0)
+        net = classifier(BUDGETS[budget][model]).net.eval()
+        size = sum(p.numel() for p in net.parameters())
+        rows.append({"model": "lipconvnet" if "conv" in model else "lipmlp", "budget": budget, "method": model,
+                     "weights": "untrained", **export_twice(net, size, Path(args.work) / f"certified_{budget}_{model}")})
+        print(f"exported {budget} {model}", flush=True)
+    finish(rows, args)
+
+
+def certified_report(results: Path, figures: Path = FIGURES) -> None:
+    """The certified models' cost beside their certified accuracy at 36/255 (6 epochs, mean
+    over seeds) and the front: certified accuracy against MACs, batch-1 and batch-64 latency."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from benchmarks.certified import RESULTS as CERTIFIED
+
+    accuracy: dict[tuple[str, str], list[float]] = {}
+    for r in records(CERTIFIED):
+        if r["epochs"] == 6:
+            accuracy.setdefault((r["budget"], r["model"]), []).append(r["certified"]["36/255"])
+    rows = records(results)
+    print("| budget | model | params | MACs/img | ort b1 ms | ort b64 ms | torch b1 ms | ONNX KB | folded (b1 / b64) "
+          "| certified 36/255 (6 ep) |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---|---:|")
+    for r in sorted(rows, key=lambda r: (r["budget"], r["method"])):
+        lat, acc = r["latency_ms_per_image"], accuracy.get((r["budget"], r["method"]), [])
+        print(f"| {r['budget']} | {r['method']} | {r['params_stored']:,} | {r['macs_per_image'] / 1e6:.2f}M | "
+              f"{lat['ort_b1_t1']:.3f} | {lat['ort_b64_t1']:.3f} | {lat['torch_b1_t1']:.3f} | {r['onnx_bytes'] / 1e3:,.0f} | "
+              f"{'/'.join(str(len(r['folds'][b])) for b in ('1', '64'))} of {r['factorized_layers']} | "
+              + (f"{statistics.mean(acc):.3f} ({len(acc)})" if acc else "--") + " |")
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    for ax, (label, value) in zip(axes, [("multiply-adds / image (M)", lambda r: r["macs_per_image"] / 1e6),
+                                         ("onnxruntime ms / image, batch 1", lambda r: r["latency_ms_per_image"]["ort_b1_t1"]),
+                                         ("onnxruntime ms / image, batch 64", lambda r: r["latency_ms_per_image"]["ort_b64_t1"])]):
+        for r in rows:
+            acc = accuracy.get((r["budget"], r["method"]))
+            if acc:
+                kronecker = "separable" in r["method"] or r["method"] == "lipmlp"
+                ax.scatter(value(r), statistics.mean(acc), marker="s" if kronecker else "o",
+                           color="C1" if kronecker else "C0")
+                ax.annotate(f"{r['method']} {r['budget']}", (value(r), statistics.mean(acc)), fontsize=6,
+                            xytext=(3, 3), textcoords="offset points")
+        ax.set(xlabel=label, ylabel="certified accuracy, L2 36/255 (6 epochs)", xscale="log")
+        ax.grid(alpha=0.3)
+    axes[0].set_title("circles: dense-orthogonal; squares: Kronecker-orthogonal")
+    fig.tight_layout()
+    path = figures / "certified_cost.png"
+    fig.savefig(path, dpi=110)
+    print(f"plot: {path}")
+
+
+def finish(rows: list[dict], args: argparse.Namespace) -> None:
+    """Measure the exported rows (interleaved), add the session memory, append the lines."""
+    if not rows:
+        return
+    measure(rows, args.repeats, args.rounds)
+    machine = {"cpu": platform.processor() or platform.machine(), "torch": torch.__version__}
+    for r in rows:
+        r["peak_rss_bytes_batch64"] = session_memory(r["files"]["64"]["onnx"], SHAPE, 64)
+        r["machine"] = machine
+        with args.results.open("a") as f:
+            f.write(json.dumps(r) + "\n")
+        print(json.dumps({k: r[k] for k in ("model", "budget", "method", "onnx_bytes", "macs_per_image")}
+                         | {"ort_b1_t1": r["latency_ms_per_image"]["ort_b1_t1"],
+                            "ort_b64_t1": r["latency_ms_per_image"]["ort_b64_t1"]}), flush=True)
+
+
 def records(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
 
@@ -158,19 +257,7 @@ def run(args: argparse.Namespace) -> None:
                               "reason": str(err)}), flush=True)
             continue
         print(f"exported {model} {budget} {method} in {time.perf_counter() - begin:.0f} s", flush=True)
-    if not rows:
-        return
-    measure(rows, args.repeats, args.rounds)
-    machine = {"cpu": platform.processor() or platform.machine(), "cores": torch.get_num_threads(),
-               "torch": torch.__version__}
-    for r in rows:
-        r["peak_rss_bytes_batch64"] = session_memory(r["files"]["64"]["onnx"], SHAPE, 64)
-        r["machine"] = machine
-        with args.results.open("a") as f:
-            f.write(json.dumps(r) + "\n")
-        print(json.dumps({k: r[k] for k in ("model", "budget", "method", "onnx_bytes", "macs_per_image")}
-                         | {"ort_b1_t1": r["latency_ms_per_image"]["ort_b1_t1"],
-                            "ort_b64_t1": r["latency_ms_per_image"]["ort_b64_t1"]}), flush=True)
+    finish(rows, args)
 
 
 ROBUST = {"vgg": HERE / "results" / "compressors_converged.jsonl", "vit": HERE / "results" / "compressors.jsonl"}
@@ -252,20 +339,24 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cells", action="store_true", help="export and measure the cells not yet measured")
     parser.add_argument("--report", action="store_true", help="the table and the fronts")
+    parser.add_argument("--certified", action="store_true", help="the certified models (issue 43) instead")
     parser.add_argument("--model", nargs="*", choices=("vgg", "vit"))
     parser.add_argument("--budget", nargs="*")
     parser.add_argument("--method", nargs="*")
     parser.add_argument("--repeats", type=int, default=10, help="runs per round of each latency figure")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (figures are medians of all runs)")
-    parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument("--results", type=Path, default=None, help="default: deployed.jsonl (certified_cost.jsonl)")
     parser.add_argument("--work", default=str(WORK), help="folder for the exported files (git-ignored)")
     args = parser.parse_args(argv)
+    args.results = args.results or (CERTIFIED_COST if args.certified else RESULTS)
     if args.report:
-        report(args.results)
+        (certified_report if args.certified else report)(args.results)
+    elif args.certified:
+        run_certified(args)
     elif args.cells:
         run(args)
     else:
-        parser.error("expected --cells or --report")
+        parser.error("expected --cells, --certified or --report")
 
 
 if __name__ == "__main__":

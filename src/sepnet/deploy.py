@@ -37,6 +37,8 @@ __all__ = ["inference_copy", "FoldChoice", "choose_folds", "to_onnx", "onnx_logi
            "session_memory", "OPSET", "SPARSE_MIN_ZERO_FRACTION"]
 
 OPSET = 18
+# a dense weight above this many entries (64 MB in float32) is never folded: its factor operations stay
+FOLD_MAX_ELEMENTS = 2 ** 24
 # stored sparse (COO: int64 indices and values, 12 bytes a non-zero) where that beats 4 bytes an entry
 SPARSE_MIN_ZERO_FRACTION = 0.7
 Fold = Literal["auto", "never", "always"]
@@ -87,13 +89,18 @@ def choose_folds(net: nn.Module, input_shape: Sequence[int], batch: int = 64, fo
                  threads: int = 1, repeats: int = 20) -> list[FoldChoice]:
     """Decide, and apply in place, each outermost factorized layer's path (see the module
     docstring); `net` should be an `inference_copy`. "auto" times the layer alone in onnxruntime,
-    both ways, on its own input at `batch` images (median of `repeats` after warm-up)."""
+    both ways, on its own input at `batch` images (median of `repeats` after warm-up). A layer
+    whose dense weight has over FOLD_MAX_ELEMENTS entries is never folded ("always" included)."""
     if fold not in ("auto", "never", "always"):
         raise ValueError(f"fold {fold!r}: expected 'auto', 'never' or 'always'")
     layers = dict(factorized_layers(net))
     inputs = _layer_inputs(net, list(layers), torch.rand(batch, *input_shape)) if fold == "auto" else {}
     choices = []
     for name, layer in layers.items():
+        if layer.dense_parameters() > FOLD_MAX_ELEMENTS:  # e.g. an MLP's (3, 32, 32) -> (32, 32, 32) layer: 4 GB dense
+            layer.implied_path = "never"
+            choices.append(FoldChoice(name, type(layer).__name__, False, batch))
+            continue
         folded_layer = layer.folded()
         if fold == "auto":
             x = inputs[name]

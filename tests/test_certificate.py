@@ -162,3 +162,16 @@ def test_the_checks_attack_what_the_pairwise_certificate_certifies_and_fail_on_a
     wrong = PairwiseBound(honest.feature, honest.distances / 100, honest.layer)
     with pytest.raises(CertificateError, match=r"an L2 attack at radius 0.5 broke \d+ of the \d+ images certified"):
         soundness_checks(net, attacker, x, y, [0.5], bound, attack_steps=20, pairwise=wrong)
+
+
+def test_the_bound_is_rounded_up_and_a_bound_that_moves_during_an_evaluation_fails_loudly():
+    from sepnet.certificate import BOUND_SLACK
+
+    net = Pair(Scale(2.0, 2.0), nn.Identity())
+    certifier = Certifier(net, CertificateConfig())
+    assert certifier.measure().value == pytest.approx(2.0 * (1 + BOUND_SLACK), rel=1e-12)
+    net.first.stated = 2.0 * (1 + BOUND_SLACK / 2)  # within the rounding: a kernel's drift
+    assert certifier.verify() == pytest.approx(2.0 * (1 + BOUND_SLACK / 2))
+    net.first.stated = 2.001  # the weights changed inside an evaluation
+    with pytest.raises(CertificateError, match="the Lipschitz bound moved during the evaluation"):
+        certifier.verify()

@@ -35,6 +35,10 @@ __all__ = ["CertificateConfig", "Certifier", "applied_norm", "layer_norm_check",
            "certified_masks", "float32_logits", "soundness_checks", "NORM_TOLERANCE"]
 
 NORM_TOLERANCE = 1e-4
+# the bound a certificate uses is the measured one rounded up by this much: it covers the float64
+# product of float32 norms and the drift of layers whose kernel moves a little in every forward
+# (orthogonium's power-iteration vectors, ~1e-6), and `Certifier.verify` fails loudly past it
+BOUND_SLACK = 1e-5
 
 
 @dataclass(frozen=True)
@@ -210,9 +214,23 @@ class Certifier:
         self.pairwise: PairwiseBound | None = None
 
     def measure(self) -> LipschitzBound:
-        self.bound = lipschitz_bound(self.net)
-        self.pairwise = pairwise_bound(self.net, self.bound)
+        """The bound now, rounded up by BOUND_SLACK (and the pairwise terms with it)."""
+        measured = lipschitz_bound(self.net)
+        self.bound = LipschitzBound(measured.value * (1 + BOUND_SLACK), measured.factors, measured.missing)
+        pairwise = pairwise_bound(self.net, measured)
+        self.pairwise = (PairwiseBound(pairwise.feature * (1 + BOUND_SLACK), pairwise.distances, pairwise.layer)
+                         if pairwise is not None else None)
         return self.bound
+
+    def verify(self) -> float:
+        """After an evaluation: the bound measured again must still be within the one it
+        certified with (the weights did not change; a layer's forward may move its kernel by
+        rounding only); CertificateError otherwise. Returns the new measurement."""
+        now = lipschitz_bound(self.net).value
+        if self.bound is not None and now > self.bound.value:
+            raise CertificateError(f"the Lipschitz bound moved during the evaluation, {now:.9g} > the {self.bound.value:.9g} "
+                                   "it certified with: the certificate is void")
+        return now
 
     def _logits(self, x: Tensor, logits: Tensor | None) -> Tensor:
         if self.bound is None:
@@ -230,6 +248,18 @@ class Certifier:
 
     def global_masks(self, x: Tensor, y: Tensor, logits: Tensor | None = None) -> dict[float, Tensor]:
         return certified_from_logits(self._logits(x, logits), y, self.config.radii, self.bound.value)
+
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        """The certificates reported: "" (the one `masks` uses) and, beside a pairwise one, "global"."""
+        return ("", "global") if self.pairwise_available else ("",)
+
+    def all_masks(self, x: Tensor, y: Tensor, logits: Tensor | None = None) -> dict[str, dict[float, Tensor]]:
+        """`masks` under "" and, where the network has a pairwise certificate, `global_masks`."""
+        masks = {"": self.masks(x, y, logits)}
+        if self.pairwise_available:
+            masks["global"] = self.global_masks(x, y, logits)
+        return masks
 
     def check(self, attacker: Attacker, x: Tensor, y: Tensor) -> dict:
         bound = self.measure()

@@ -89,10 +89,9 @@ class ImageClassifier(L.LightningModule):
         })
         self.robust_metrics = self._robust_metrics("val", self.val_attacks)
         self.certifier = Certifier(self.net, self.certificate)
-        kinds = ("", "global") if self.certifier.pairwise_available else ("",)  # both certificates where two
         self.certified_metrics = nn.ModuleDict({
             f"{stage}_{kind}{names.radius_label(r)}": torchmetrics.MeanMetric() for stage in ("val", "test")
-            for r in self.certificate.radii for kind in kinds} if self.certifier.certifiable else {})
+            for r in self.certificate.radii for kind in self.certifier.kinds} if self.certifier.certifiable else {})
         self.objective = build_objective(self.adversarial, self.net, self.attacker)
         self.test_attacks, self.test_images, self.test_cascade = [], 0, True
         self._log_step, self._progress = True, None
@@ -145,10 +144,7 @@ class ImageClassifier(L.LightningModule):
         self.log(names.loss(stage), nn.functional.cross_entropy(logits, y), sync_dist=True)
         self.log(names.acc(stage), self.metrics[f"{stage}_acc"], prog_bar=True)
         if self.certifier.certifiable:  # every image, float32 logits; the bound measured at the epoch's start
-            masks = {"": self.certifier.masks(x, y, logits)}
-            if self.certifier.pairwise_available:
-                masks["global"] = self.certifier.global_masks(x, y, logits)
-            for kind, by_radius in masks.items():
+            for kind, by_radius in self.certifier.all_masks(x, y, logits).items():
                 for radius, mask in by_radius.items():
                     metric = self.certified_metrics[f"{stage}_{kind}{names.radius_label(radius)}"]
                     metric.update(mask.float())
@@ -222,6 +218,12 @@ class ImageClassifier(L.LightningModule):
         """The Lipschitz bound for this evaluation (the weights do not change inside it)."""
         if self.certifier.certifiable:
             self.certifier.measure()
+
+    def on_validation_epoch_end(self) -> None:
+        if self.certifier.certifiable:
+            self.certifier.verify()  # fails loudly if the bound moved past the one certified with
+
+    on_test_epoch_end = on_validation_epoch_end
 
     def validation_step(self, batch, batch_idx: int) -> None:
         self._evaluate(batch, batch_idx, "val")

@@ -81,13 +81,19 @@ def network(model: str, budget: str, method: str) -> tuple[dict, str]:
 
 
 def export_cell(model: str, budget: str, method: str, work: Path) -> dict:
-    """Build the cell, export it for batch 1 and for batch 64; the static figures."""
+    """Build the cell, export it for batch 1 and for batch 64; the static figures (kept in the
+    work folder as static.json: a later run measures the exported files without exporting again)."""
+    cached = work / f"{model}_{budget}_{method}" / "static.json"
+    if cached.is_file():
+        return json.loads(cached.read_text())
     section, weights = network(model, budget, method)
     torch.manual_seed(0)
     net = build_network(num_classes=10, image_shape=SHAPE, **section).eval()
     dense = parameter_counts(build_network(num_classes=10, image_shape=SHAPE, **DENSE[model])).dense
-    return {"model": model, "budget": budget, "method": method, "weights": weights,
-            **export_twice(net, dense, work / f"{model}_{budget}_{method}")}
+    row = {"model": model, "budget": budget, "method": method, "weights": weights,
+           **export_twice(net, dense, work / f"{model}_{budget}_{method}")}
+    cached.write_text(json.dumps(row))
+    return row
 
 
 def export_twice(net: torch.nn.Module, dense: int, folder: Path) -> dict:
@@ -257,7 +263,8 @@ def run(args: argparse.Namespace) -> None:
                               "reason": str(err)}), flush=True)
             continue
         print(f"exported {model} {budget} {method} in {time.perf_counter() - begin:.0f} s", flush=True)
-    finish(rows, args)
+    if not args.export_only:
+        finish(rows, args)
 
 
 ROBUST = {"vgg": HERE / "results" / "compressors_converged.jsonl", "vit": HERE / "results" / "compressors.jsonl"}
@@ -340,6 +347,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cells", action="store_true", help="export and measure the cells not yet measured")
     parser.add_argument("--report", action="store_true", help="the table and the fronts")
     parser.add_argument("--certified", action="store_true", help="the certified models (issue 43) instead")
+    parser.add_argument("--export-only", action="store_true",
+                        help="export the cells, measure nothing (a later --cells measures them on a quiet machine)")
     parser.add_argument("--model", nargs="*", choices=("vgg", "vit"))
     parser.add_argument("--budget", nargs="*")
     parser.add_argument("--method", nargs="*")

@@ -245,3 +245,45 @@ def test_binary_tasks_skip_apgd_dlr_and_refuse_it_when_asked():
         model.configure_test_suite([AttackSpec(name="apgd_dlr")])
     with pytest.raises(ValueError, match="validation.attacks: autoattack needs at least 3 classes"):
         ImageClassifier(num_classes=2, network=MLP, validation={"attacks": [{"name": "autoattack"}]})
+
+
+def test_the_progress_bar_shows_loss_accuracy_and_the_worst_case():
+    """A person at a terminal sees more than v_num: the training loss and accuracy, the
+    validation accuracy and worst case."""
+    torch.manual_seed(0)
+    model = ImageClassifier(network=MLP, validation={"attacks": PGD_FAST, "batches": 1})
+    trainer = _fit(model)
+    shown = set(trainer.progress_bar_metrics)
+    assert {"train/loss", "train/acc", "val/acc", "val/robust_acc/worst"} <= shown, shown
+
+
+def test_an_epoch_resumed_in_its_middle_is_timed_from_the_resume_not_from_the_process_start():
+    """EpochLine's seconds of an epoch whose start hook did not run (a mid-epoch resume) were
+    time.perf_counter() - 0: the machine's uptime (the audit saw 5611 s)."""
+    import logging
+
+    from sepnet.callbacks import EpochLine
+
+    line = EpochLine()
+
+    class Trainer:
+        is_global_zero, sanity_checking, current_epoch, max_epochs, callback_metrics = True, False, 0, 1, {}
+
+    class Module:
+        validation = type("V", (), {"every_n_epochs": 1})()
+        certificate = type("C", (), {"radii": (0.1,)})()
+        certifier = type("K", (), {"certifiable": False})()
+
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger("sepnet.callbacks").addHandler(handler)
+    logging.getLogger("sepnet.callbacks").setLevel(logging.INFO)
+    try:
+        line.on_train_batch_start(Trainer(), Module(), None, 0)  # no on_train_epoch_start: resumed mid-epoch
+        line.on_train_batch_end(Trainer(), Module(), torch.tensor(1.0), None, 0)
+        line.on_train_epoch_end(Trainer(), Module())
+    finally:
+        logging.getLogger("sepnet.callbacks").removeHandler(handler)
+    message = records[-1].getMessage()
+    assert message.startswith("epoch 1/1, train loss 1.0000") and message.endswith(" 0 s"), message

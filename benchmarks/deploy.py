@@ -80,7 +80,7 @@ def network(model: str, budget: str, method: str) -> tuple[dict, str]:
     return net, ("masks / channels from the committed dense start" if from_dense else "untrained")
 
 
-def export_cell(model: str, budget: str, method: str, work: Path) -> dict:
+def export_cell(model: str, budget: str, method: str, work: Path, fold: str = "auto") -> dict:
     """Build the cell, export it for batch 1 and for batch 64; the static figures (kept in the
     work folder as static.json: a later run measures the exported files without exporting again)."""
     cached = work / f"{model}_{budget}_{method}" / "static.json"
@@ -91,15 +91,15 @@ def export_cell(model: str, budget: str, method: str, work: Path) -> dict:
     net = build_network(num_classes=10, image_shape=SHAPE, **section).eval()
     dense = parameter_counts(build_network(num_classes=10, image_shape=SHAPE, **DENSE[model])).dense
     row = {"model": model, "budget": budget, "method": method, "weights": weights,
-           **export_twice(net, dense, work / f"{model}_{budget}_{method}")}
+           **export_twice(net, dense, work / f"{model}_{budget}_{method}", fold)}
     cached.write_text(json.dumps(row))
     return row
 
 
-def export_twice(net: torch.nn.Module, dense: int, folder: Path) -> dict:
+def export_twice(net: torch.nn.Module, dense: int, folder: Path, fold: str = "auto") -> dict:
     """The network exported with its folds chosen for batch 1 and for batch 64; the static figures."""
     counts = parameter_counts(net)
-    reports = {b: export_network(net, SHAPE, folder / f"batch{b}", batch=b, fold="auto") for b in (1, 64)}
+    reports = {b: export_network(net, SHAPE, folder / f"batch{b}", batch=b, fold=fold) for b in (1, 64)}
     big = reports[64]
     onnx_bytes = Path(big["files"]["onnx"]).read_bytes()
     return {"params_stored": counts.stored, "params_nonzero": counts.nonzero, "params_dense": dense,
@@ -257,7 +257,7 @@ def run(args: argparse.Namespace) -> None:
     for model, budget, method in cells:
         begin = time.perf_counter()
         try:
-            rows.append(export_cell(model, budget, method, Path(args.work)))
+            rows.append(export_cell(model, budget, method, Path(args.work), args.fold))
         except ValueError as err:  # a budget the method cannot reach, said by the library
             print(json.dumps({"model": model, "budget": budget, "method": method, "status": "unreachable",
                               "reason": str(err)}), flush=True)
@@ -347,6 +347,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cells", action="store_true", help="export and measure the cells not yet measured")
     parser.add_argument("--report", action="store_true", help="the table and the fronts")
     parser.add_argument("--certified", action="store_true", help="the certified models (issue 43) instead")
+    parser.add_argument("--fold", choices=("auto", "never", "always"), default="auto",
+                        help="the folds: measured per layer (auto), or forced (for a quick check)")
     parser.add_argument("--export-only", action="store_true",
                         help="export the cells, measure nothing (a later --cells measures them on a quiet machine)")
     parser.add_argument("--model", nargs="*", choices=("vgg", "vit"))

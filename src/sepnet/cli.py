@@ -291,7 +291,8 @@ class SepnetCLI(LightningCLI):
         eps = getattr(data_class, "threat_eps", None)
         parser = self._sepnet_parsers[list(self.subcommands()).index(self.subcommand)]
         defaults = parser.get_defaults().get("model")
-        uses_attack = Objective.registry[cfg.model.adversarial.loss].uses_attack  # a certified model's is unused
+        objective = Objective.registry.get(cfg.model.adversarial.loss)  # an unknown one is refused when it is built
+        uses_attack = objective is None or objective.uses_attack  # a certified model's attack is unused
         pairs = [(cfg.model.adversarial.attack, defaults.adversarial.attack)] if uses_attack else []
         pairs += list(zip(cfg.model.validation.attacks or [], defaults.validation.attacks or []))
         changed = []

@@ -54,6 +54,30 @@ def test_export_checkpoint_and_errors(tmp_path, capsys):
     with pytest.raises(SystemExit) as err:
         main([str(tmp_path / "missing.ckpt"), str(tmp_path / "out2")])
     assert err.value.code == 2 and "missing.ckpt does not exist" in capsys.readouterr().err
+    (tmp_path / "garbage.ckpt").write_bytes(b"not a checkpoint")
+    (tmp_path / "a_file").write_text("x")
+    for args, message in (([str(tmp_path / "garbage.ckpt"), str(tmp_path / "o3")], "garbage.ckpt is unreadable"),
+                          ([str(tmp_path / "m.ckpt"), str(tmp_path / "a_file" / "sub")], "a_file is a file")):
+        with pytest.raises(SystemExit) as err:
+            main(args)
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert err.value.code == 2 and len(lines) == 1 and message in lines[0], lines
+
+
+def test_the_export_command_prints_one_line_and_no_warning(tmp_path, capsys):
+    import warnings
+
+    model = _model()
+    trainer = L.Trainer(logger=False, accelerator="cpu")
+    trainer.strategy.connect(model)
+    trainer.save_checkpoint(tmp_path / "m.ckpt")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        main([str(tmp_path / "m.ckpt"), str(tmp_path / "out"), "--fold", "never"])
+    printed = capsys.readouterr()
+    assert len(printed.out.strip().splitlines()) == 1 and "MACs/image" in printed.out
+    ours = [w for w in caught if "sepnet" in str(w.filename) or "jit" in str(w.message) or "Tracer" in str(w.category)]
+    assert not ours, [str(w.message) for w in ours]
 
 
 # --------------------------------------------------------------------------- ONNX on onnxruntime

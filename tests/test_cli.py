@@ -897,7 +897,7 @@ CONV_COMPRESSORS = [
     '{"method": "tt_conv", "targets": ["backbone.*"], "exclude": ["backbone.0"], "budget": 4}',
     '{"method": "jsvd", "targets": ["backbone.*"], "budget": 4, "options": {"method": "ljsvd"}}',
     '{"method": "lowrank", "targets": ["*"], "exclude": ["backbone.0"], "budget": 4}',
-    '{"method": "channel", "targets": ["*"], "budget": 4, "budget_of": "model"}',
+    '{"method": "channel", "targets": ["*"], "budget": 3, "budget_of": "model"}',
 ]
 
 
@@ -925,7 +925,8 @@ def test_every_compressor_fits_resumes_tests_and_exports(method, data, tmp_path,
 
     tags = EventAccumulator(str(tmp_path / RUN0)).Reload().Tags()["scalars"]
     assert "constraints/model/params_nonzero" in tags
-    assert any(t.startswith("compression/") for t in tags) == ("separable" not in method), tags
+    structural = "channel" in method  # a smaller dense network: no mask, no factorized layer to monitor
+    assert any(t.startswith("compression/") for t in tags) == ("separable" not in method and not structural), tags
     assert ("train/deadwood_lambda" in tags) == ("deadwood" in method)
     last = tmp_path / RUN0 / "checkpoints/last.ckpt"
     first = torch.load(last, weights_only=True)
@@ -942,7 +943,10 @@ def test_every_compressor_fits_resumes_tests_and_exports(method, data, tmp_path,
     assert all(int(a) == 0 and int(b) == 1 for a, b in phases)  # scores / penalty in epoch 0, then fine-tuning
     main(["test", *args, *TEST_FAST, "--report.honesty_images", "0", "--ckpt_path", "last"])
     report = json.loads((tmp_path / RUN0 / "test_report.json").read_text())
-    assert report["parameters"]["nonzero_compression"] > (1.0001 if "separable" in method or data == "vgg" else 2)
+    if structural:  # counted as the smaller dense network it is; its channels kept, in the fit's summary
+        assert report["parameters"]["dense"] == report["parameters"]["stored"]
+    else:
+        assert report["parameters"]["nonzero_compression"] > (1.0001 if "separable" in method or data == "vgg" else 2)
     model = ImageClassifier.load_from_checkpoint(last, map_location="cpu").eval()
     report = export_checkpoint(str(last), str(tmp_path / "export"), batch=8)  # the folds measured
     scripted = torch.jit.load(report["files"]["torchscript"])
@@ -951,7 +955,8 @@ def test_every_compressor_fits_resumes_tests_and_exports(method, data, tmp_path,
         torch.testing.assert_close(scripted(x), model(x), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(onnx_logits(report["files"]["onnx"], x), model(x), rtol=1e-4, atol=1e-4)
     assert report["max_logit_difference"] <= 1e-4 and report["macs_per_image"] > 0
-    assert bool(report["onnx"]["sparse_initializers"]) == ("magnitude" in method)  # 10x: 90% zeros, stored sparse
+    pruned = any(m in method for m in ("magnitude", "hydra", "deadwood"))  # 80-90% zeros: stored sparse
+    assert bool(report["onnx"]["sparse_initializers"]) == pruned
 
 
 def test_the_structured_baselines_meet_their_budgets():

@@ -26,7 +26,10 @@ class ChannelPruning(Compressor, name="channel", targets=(nn.Linear, nn.Conv2d))
     A budget is met by bisection over that fraction, on copies (budget_of "model": the whole
     network's parameters, the layers that shrink with the targets included; "targets": the
     targeted layers' own). Start from a trained model (network.init_from). The network must
-    carry its input shape (`input_shape`, as sepnet.network.build_network's does)."""
+    carry its input shape (`input_shape`, as sepnet.network.build_network's does). The result
+    is counted as the smaller dense network it is (sepnet.measures: its dense size is its own);
+    its ratio to the network it came from is in the summary lines (`keeps x / y channels`) and
+    the benchmarks count it against the dense model."""
 
     defaults = {"scope": "layer", "norm": 1, "amount": None}
     meets_model_budget = True  # the layers that shrink with the targets count: compress_ passes the model budget

@@ -252,7 +252,9 @@ def test_the_progress_bar_shows_loss_accuracy_and_the_worst_case():
     validation accuracy and worst case."""
     torch.manual_seed(0)
     model = ImageClassifier(network=MLP, validation={"attacks": PGD_FAST, "batches": 1})
-    trainer = _fit(model)
+    trainer = L.Trainer(fast_dev_run=True, accelerator="cpu", inference_mode=False, logger=False,
+                        enable_progress_bar=True, enable_model_summary=False)
+    trainer.fit(model, TinyData((3, 32, 32)))
     shown = set(trainer.progress_bar_metrics)
     assert {"train/loss", "train/acc", "val/acc", "val/robust_acc/worst"} <= shown, shown
 

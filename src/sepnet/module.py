@@ -94,7 +94,7 @@ class ImageClassifier(L.LightningModule):
             for r in self.certificate.radii for kind in self.certifier.kinds} if self.certifier.certifiable else {})
         self.objective = build_objective(self.adversarial, self.net, self.attacker)
         self.test_attacks, self.test_images, self.test_cascade = [], 0, True
-        self._log_step, self._progress = True, None
+        self._log_step, self._bar, self._progress = True, True, None
         self.configure_test_suite()
 
     @property
@@ -113,10 +113,10 @@ class ImageClassifier(L.LightningModule):
         loss = task + penalty + pruning
         parts.update(pruning_parts)
         self.metrics["train_acc"](logits, y)
-        if self._log_step:  # the loss on the progress bar too, refreshed at logging steps
-            self.log(names.TRAIN_LOSS, loss, on_step=True, on_epoch=False, prog_bar=True)
+        if self._log_step:  # the loss on the progress bar too (where one shows: Lightning reads it every step)
+            self.log(names.TRAIN_LOSS, loss, on_step=True, on_epoch=False, prog_bar=self._bar)
             self.log_dict({names.TRAIN_TASK_LOSS: task, **parts, **extra}, on_step=True, on_epoch=False)
-        self.log(names.TRAIN_ACC, self.metrics["train_acc"], on_step=False, on_epoch=True, prog_bar=True)
+        self.log(names.TRAIN_ACC, self.metrics["train_acc"], on_step=False, on_epoch=True, prog_bar=self._bar)
         return loss
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
@@ -126,6 +126,7 @@ class ImageClassifier(L.LightningModule):
         of its step (benchmarks/training.py measures it). Outside a Trainer: every step."""
         trainer = self.trainer
         self._log_step = (trainer.global_step + 1) % max(1, trainer.log_every_n_steps) == 0 or bool(trainer.fast_dev_run)
+        self._bar = trainer.progress_bar_callback is not None  # else prog_bar metrics would cost a sync a step
 
     def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
         """The optimizer step, then the proximal sparsity step with the LR that step used."""

@@ -947,6 +947,8 @@ def test_every_compressor_fits_resumes_tests_and_exports(method, data, tmp_path,
         assert report["parameters"]["dense"] == report["parameters"]["stored"]
     else:
         assert report["parameters"]["nonzero_compression"] > (1.0001 if "separable" in method or data == "vgg" else 2)
+    if data == "digits":  # the folder run of the same compressor exports it (an export is ~8 s)
+        return
     model = ImageClassifier.load_from_checkpoint(last, map_location="cpu").eval()
     report = export_checkpoint(str(last), str(tmp_path / "export"), batch=8)  # the folds measured
     scripted = torch.jit.load(report["files"]["torchscript"])

@@ -129,16 +129,17 @@ def test_the_certified_benchmark_records_a_line_per_run_and_skips_it_after(tmp_p
 
 @pytest.mark.slow
 def test_the_certified_benchmark_models_match_their_recorded_rows_and_carry_a_bound_of_one():
-    """Every model of benchmarks/certified.py builds, is 1-Lipschitz by its composed bound, and
-    the network a recorded row names is the one the table would build today (a drifted config
+    """Every model of benchmarks/certified.py's smaller budget builds and is 1-Lipschitz by its
+    composed bound (the 0.3M models are the same layers, wider: building them took 60-150 s of CI),
+    and the network a recorded row names is the one the table would build today (a drifted config
     would silently relabel the recorded figures)."""
     import json
 
     from benchmarks import certified as bench
-    for budget, table in bench.BUDGETS.items():
-        for name, network in table.items():
-            net = bench.classifier(network).net.eval()
-            assert lipschitz_bound(net).value == pytest.approx(1.0, abs=1e-4), (budget, name)
+    for name, network in bench.BUDGETS["0.1M"].items():
+        net = bench.classifier(network).net.eval()
+        assert lipschitz_bound(net).value == pytest.approx(1.0, abs=1e-4), name
+    assert set(bench.BUDGETS["0.3M"]) == set(bench.BUDGETS["0.1M"])  # the same kinds, wider
     rows = [json.loads(line) for line in bench.RESULTS.read_text().splitlines() if line.strip()]
     assert rows
     for row in rows:

@@ -83,15 +83,23 @@ def network(model: str, budget: str, method: str) -> tuple[dict, str]:
 def export_cell(model: str, budget: str, method: str, work: Path, fold: str = "auto") -> dict:
     """Build the cell, export it for batch 1 and for batch 64; the static figures (kept in the
     work folder as static.json: a later run measures the exported files without exporting again)."""
-    cached = work / f"{model}_{budget}_{method}" / "static.json"
+    def build() -> dict:
+        section, weights = network(model, budget, method)
+        torch.manual_seed(0)
+        net = build_network(num_classes=10, image_shape=SHAPE, **section).eval()
+        dense = parameter_counts(build_network(num_classes=10, image_shape=SHAPE, **DENSE[model])).dense
+        return {"model": model, "budget": budget, "method": method, "weights": weights,
+                **export_twice(net, dense, work / f"{model}_{budget}_{method}", fold)}
+
+    return cached_export(work / f"{model}_{budget}_{method}", build)
+
+
+def cached_export(folder: Path, build) -> dict:
+    """build() (which exports into folder) unless its static figures are cached there."""
+    cached = folder / "static.json"
     if cached.is_file():
         return json.loads(cached.read_text())
-    section, weights = network(model, budget, method)
-    torch.manual_seed(0)
-    net = build_network(num_classes=10, image_shape=SHAPE, **section).eval()
-    dense = parameter_counts(build_network(num_classes=10, image_shape=SHAPE, **DENSE[model])).dense
-    row = {"model": model, "budget": budget, "method": method, "weights": weights,
-           **export_twice(net, dense, work / f"{model}_{budget}_{method}", fold)}
+    row = build()
     cached.write_text(json.dumps(row))
     return row
 
@@ -175,13 +183,17 @@ def run_certified(args: argparse.Namespace) -> None:
     for budget, model in certified_cells():
         if (budget, model) in done or (args.method and model not in args.method):
             continue
-        torch.manual_seed(0)
-        net = classifier(BUDGETS[budget][model]).net.eval()
-        size = sum(p.numel() for p in net.parameters())
-        rows.append({"model": "lipconvnet" if "conv" in model else "lipmlp", "budget": budget, "method": model,
-                     "weights": "untrained", **export_twice(net, size, Path(args.work) / f"certified_{budget}_{model}")})
+        def build(budget: str = budget, model: str = model) -> dict:
+            torch.manual_seed(0)
+            net = classifier(BUDGETS[budget][model]).net.eval()
+            size = sum(p.numel() for p in net.parameters())
+            return {"model": "lipconvnet" if "conv" in model else "lipmlp", "budget": budget, "method": model,
+                    "weights": "untrained", **export_twice(net, size, Path(args.work) / f"certified_{budget}_{model}")}
+
+        rows.append(cached_export(Path(args.work) / f"certified_{budget}_{model}", build))
         print(f"exported {budget} {model}", flush=True)
-    finish(rows, args)
+    if not args.export_only:
+        finish(rows, args)
 
 
 def certified_report(results: Path, figures: Path = FIGURES) -> None:

@@ -310,7 +310,59 @@ def report(results: Path, figures: Path = FIGURES) -> None:
               f"{r['macs_per_image'] / 1e6:.2f}M | {lat['ort_b1_t1']:.3f} | {lat['ort_b1_t2']:.3f} | {lat['ort_b64_t1']:.3f} | "
               f"{lat['ort_b64_t2']:.3f} | {lat['torch_b1_t1']:.3f} | {lat['torch_b64_t1']:.3f} | "
               f"{r['peak_rss_bytes_batch64'] / 1e6:.0f} | {folded} of {r['factorized_layers']} | {acc} |")
+    goal(rows)
+    verdict(rows)
     fronts(rows, figures / "deployed.png")
+
+
+def goal(rows: list[dict]) -> None:
+    """Issue 41's goal: each cell's onnxruntime speedup over its model's dense one at batch 64
+    (1 thread) against its MAC reduction; met where the speedup is at least half the reduction."""
+    dense = {r["model"]: r for r in rows if r["method"] == "dense"}
+    print("\n| model | budget | method | MAC reduction | ort b64 speedup | b1 speedup | speedup / MAC reduction | goal (>= 0.5) |")
+    print("|---|---|---|---:|---:|---:|---:|---|")
+    for r in sorted(rows, key=lambda r: (r["model"], r["budget"], r["method"])):
+        base = dense.get(r["model"])
+        if base is None or r is base:
+            continue
+        macs = base["macs_per_image"] / r["macs_per_image"]
+        speed = {b: base["latency_ms_per_image"][f"ort_b{b}_t1"] / r["latency_ms_per_image"][f"ort_b{b}_t1"]
+                 for b in (1, 64)}
+        met = "met" if speed[64] >= macs / 2 else ("no MAC reduction" if macs <= 1.01 else "missed")
+        print(f"| {r['model']} | {r['budget']} | {r['method']} | {macs:.2f}x | {speed[64]:.2f}x | {speed[1]:.2f}x | "
+              f"{speed[64] / macs:.2f} | {met} |")
+
+
+CURRENCIES = {"ort b1 ms": lambda r: r["latency_ms_per_image"]["ort_b1_t1"],
+              "ort b64 ms": lambda r: r["latency_ms_per_image"]["ort_b64_t1"],
+              "ONNX gz KB": lambda r: r["onnx_gzip_bytes"] / 1e3}
+
+
+def pareto(points: list[tuple[float, float, str]]) -> list[tuple[float, float, str]]:
+    """The (cost, accuracy, name) points no other point beats on both: cheaper-first."""
+    front, best = [], float("-inf")
+    for cost, acc, name in sorted(points, key=lambda p: (p[0], -p[1])):
+        if acc > best:
+            front.append((cost, acc, name))
+            best = acc
+    return front
+
+
+def verdict(rows: list[dict]) -> None:
+    """The verdict by deployment target: for each model, budget and currency (batch-1 and batch-64
+    latency on one onnxruntime thread, gzipped file), the Pareto front of mean worst-case robust
+    accuracy against the cost, cheapest first (dense included: the cost of not compressing)."""
+    print()
+    for model in sorted({r["model"] for r in rows}):
+        robust = worst_case(model)
+        budgets = sorted({r["budget"] for r in rows if r["model"] == model and r["budget"] != "-"})
+        for budget in budgets:
+            cells = [r for r in rows if r["model"] == model and r["budget"] in (budget, "-")
+                     and robust.get((r["budget"], r["method"]))]
+            for currency, cost in CURRENCIES.items():
+                points = [(cost(r), statistics.mean(robust[(r["budget"], r["method"])]), r["method"]) for r in cells]
+                line = " < ".join(f"{name} ({c:.3g}, {a:.3f})" for c, a, name in pareto(points))
+                print(f"front {model} {budget} by {currency}: {line or '--'}")
 
 
 def fronts(rows: list[dict], path: Path) -> None:
@@ -338,11 +390,7 @@ def fronts(rows: list[dict], path: Path) -> None:
                 points.append((x, y, r["method"]))
                 ax.scatter(x, y)
                 ax.annotate(r["method"], (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
-            front, best = [], -1.0
-            for x, y, _ in sorted(points):
-                if y > best:
-                    front.append((x, y))
-                    best = y
+            front = [(x, y) for x, y, _ in pareto(points)]
             if front:
                 ax.step(*zip(*front), where="post", color="k", alpha=0.4, linewidth=1)
             ax.set(xlabel=label, ylabel="worst-case robust accuracy", title=f"VGG-16/4, {budget}",

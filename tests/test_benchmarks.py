@@ -81,3 +81,10 @@ def test_the_deployed_cost_benchmark_records_a_cell_and_reports_its_front(tmp_pa
     monkeypatch.setattr(deploy, "FIGURES", tmp_path)
     deploy.report(results, tmp_path)
     assert (tmp_path / "deployed.png").is_file()
+
+
+def test_the_deployment_front_keeps_only_the_points_nothing_beats():
+    from benchmarks.deploy import pareto
+
+    points = [(3.0, 0.25, "d"), (1.0, 0.2, "a"), (2.0, 0.1, "b"), (3.0, 0.3, "c"), (0.5, 0.2, "e")]
+    assert [name for _, _, name in pareto(points)] == ["e", "c"]  # a ties e's accuracy at a higher cost

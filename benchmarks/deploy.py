@@ -257,6 +257,17 @@ def finish(rows: list[dict], args: argparse.Namespace) -> None:
                             "ort_b64_t1": r["latency_ms_per_image"]["ort_b64_t1"]}), flush=True)
 
 
+def refresh_memory(results: Path) -> None:
+    """Measure the recorded rows' session memory again from their exported files (kept in the work
+    folder) and rewrite the file: the figures before 2026-12-07 07:00 were the measuring
+    process's own peak (ru_maxrss, carried across exec), the same 9.2 GB for every row."""
+    rows = records(results)
+    for r in rows:
+        r["peak_rss_bytes_batch64"] = session_memory(r["files"]["64"]["onnx"], SHAPE, 64)
+    results.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    print(f"{results}: {len(rows)} rows' session memory measured again")
+
+
 def records(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
 
@@ -418,9 +429,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (figures are medians of all runs)")
     parser.add_argument("--results", type=Path, default=None, help="default: deployed.jsonl (certified_cost.jsonl)")
     parser.add_argument("--work", default=str(WORK), help="folder for the exported files (git-ignored)")
+    parser.add_argument("--memory", action="store_true", help="measure the recorded rows' session memory again")
     args = parser.parse_args(argv)
     args.results = args.results or (CERTIFIED_COST if args.certified else RESULTS)
-    if args.report:
+    if args.memory:
+        refresh_memory(args.results)
+    elif args.report:
         (certified_report if args.certified else report)(args.results)
     elif args.certified:
         run_certified(args)

@@ -197,3 +197,16 @@ def test_the_resnet34_exports_to_onnx(tmp_path):
     net = build_network(10, (3, 32, 32), backbone="resnet34", backbone_kwargs={"stem": "cifar"}, head="dense")
     report = export_network(net, (3, 32, 32), tmp_path, batch=2, fold="never", check_images=torch.rand(16, 3, 32, 32))
     assert report["checked_images"] == 16 and report["macs_per_image"] > 5e8
+
+
+def test_session_memory_is_the_childs_own_not_the_parents_peak(tmp_path):
+    """The peak memory of a session is measured in a fresh process; a parent that once held far
+    more (here 1.5 GB, touched) must not leak its peak into the figure (Linux's ru_maxrss does)."""
+    from sepnet.deploy import session_memory, to_onnx
+
+    path = tmp_path / "tiny.onnx"
+    to_onnx(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3)).eval(), (3, 2, 2), path)
+    big = torch.ones(1500 * 2**20 // 4)  # 1.5 GB resident in this process
+    small = session_memory(path, (3, 2, 2), 4)
+    del big
+    assert 10e6 < small < 800e6, small  # python + numpy + onnxruntime: ~100 MB, far below the parent's peak

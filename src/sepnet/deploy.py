@@ -219,15 +219,16 @@ def ort_latency(model: bytes | str | Path, x: Tensor, threads: int = 1, repeats:
 def session_memory(model: str | Path, input_shape: Sequence[int], batch: int, threads: int = 1) -> int:
     """Peak resident memory (bytes) of a fresh process that loads the model into an
     onnxruntime session and runs one batch: measured in a child process, so each model's figure
-    is its own (ru_maxrss of the child)."""
+    is its own: the child's VmHWM, the high-water mark of its own address space. (Not
+    getrusage's ru_maxrss: Linux carries the forking parent's peak across exec into it.)"""
     import subprocess
     import sys
 
-    code = ("import resource, numpy as np, onnxruntime as ort\n"
+    code = ("import numpy as np, onnxruntime as ort\n"
             "o = ort.SessionOptions(); o.intra_op_num_threads = {t}; o.log_severity_level = 3\n"
             "s = ort.InferenceSession({p!r}, o, providers=['CPUExecutionProvider'])\n"
             "s.run(None, {{s.get_inputs()[0].name: np.random.rand({b}, {shape}).astype(np.float32)}})\n"
-            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n").format(
+            "print([l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM:')][0])\n").format(
         t=threads, p=str(model), b=batch, shape=", ".join(map(str, input_shape)))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return int(out.stdout.strip().splitlines()[-1]) * 1024  # kilobytes on Linux

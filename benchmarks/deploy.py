@@ -327,8 +327,10 @@ def report(results: Path, figures: Path = FIGURES) -> None:
 
 
 def goal(rows: list[dict]) -> None:
-    """Issue 41's goal: each cell's onnxruntime speedup over its model's dense one at batch 64
-    (1 thread) against its MAC reduction; met where the speedup is at least half the reduction."""
+    """Issue 41's goal: each factorized cell's onnxruntime speedup over its model's dense one at
+    batch 64 (1 thread) against its MAC reduction m; met where the speedup is at least m / 2 and
+    above 1 (a cell slower than dense meets no goal). The pruned cells compute dense (m = 1) and the
+    structured ones are smaller dense networks: shown, the goal not theirs."""
     dense = {r["model"]: r for r in rows if r["method"] == "dense"}
     print("\n| model | budget | method | MAC reduction | ort b64 speedup | b1 speedup | speedup / MAC reduction | goal (>= 0.5) |")
     print("|---|---|---|---:|---:|---:|---:|---|")
@@ -339,7 +341,12 @@ def goal(rows: list[dict]) -> None:
         macs = base["macs_per_image"] / r["macs_per_image"]
         speed = {b: base["latency_ms_per_image"][f"ort_b{b}_t1"] / r["latency_ms_per_image"][f"ort_b{b}_t1"]
                  for b in (1, 64)}
-        met = "met" if speed[64] >= macs / 2 else ("no MAC reduction" if macs <= 1.01 else "missed")
+        if not r["factorized_layers"]:
+            met = "(not factorized)"
+        elif macs <= 1:
+            met = "no MAC reduction"
+        else:
+            met = "met" if speed[64] >= max(macs / 2, 1) else "missed"
         print(f"| {r['model']} | {r['budget']} | {r['method']} | {macs:.2f}x | {speed[64]:.2f}x | {speed[1]:.2f}x | "
               f"{speed[64] / macs:.2f} | {met} |")
 

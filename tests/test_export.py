@@ -1,6 +1,7 @@
 import lightning as L
 import pytest
 import torch
+from torch import nn
 
 from sepnet.export import dense_state_dict, export_checkpoint, main, sparse_state_dict, to_torchscript
 from sepnet.module import ImageClassifier
@@ -185,6 +186,31 @@ def test_auto_folding_is_decided_by_measurement_and_reported(tmp_path):
     assert all(c["folded"] == (c["folded_ms"] < c["factors_ms"]) for c in report["folds"])
     line = summary(report)
     assert "MACs/image" in line and "ms/image at batch 1" in line and "\n" not in line
+
+
+def test_auto_folding_times_the_factor_operations_not_the_layers_own_rule(monkeypatch):
+    """A TT-conv layer whose own per-call rule (implied_path "auto") picks its built kernel at the
+    export batch: "auto" folding must time its factor operations (a convolution and matrix products)
+    against the folded layer (one convolution), else it compares the dense kernel with itself and folds by coin flip."""
+    import onnx
+
+    from sepnet import deploy
+    from sepnet.compress.tt_conv import TTConv2d
+
+    torch.manual_seed(0)
+    layer = TTConv2d.from_conv(nn.Conv2d(16, 16, 3, padding=1), in_modes=(4, 4), out_modes=(4, 4), rank=4)
+    net = nn.Sequential(layer).eval()
+    timed = []
+
+    def fake(models, x, threads=1, repeats=20):
+        timed.append([sum(n.op_type in ("Conv", "MatMul") for n in onnx.load_from_string(m).graph.node) for m in models])
+        return [2.0, 1.0]
+
+    monkeypatch.setattr(deploy, "ort_latencies", fake)
+    (choice,) = deploy.choose_folds(net, (16, 8, 8), batch=64, fold="auto")
+    (convs,) = timed
+    assert convs[0] > 1 and convs[1] == 1 and choice.folded  # factors: Conv + MatMuls; folded: one Conv
+    assert layer.implied_path == "auto"  # the layer's own switch is left as it was while timing
 
 
 @pytest.mark.slow

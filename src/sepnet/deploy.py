@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from sepnet.factorized import factorized_layers
 from sepnet.masks import parametrized_copy, remove_masks_
 
-__all__ = ["inference_copy", "FoldChoice", "choose_folds", "to_onnx", "onnx_logits", "graph_macs", "ort_latency",
+__all__ = ["inference_copy", "FoldChoice", "choose_folds", "to_onnx", "onnx_logits", "graph_macs", "ort_latency", "ort_latencies",
            "session_memory", "OPSET", "SPARSE_MIN_ZERO_FRACTION"]
 
 OPSET = 18
@@ -89,7 +89,9 @@ def choose_folds(net: nn.Module, input_shape: Sequence[int], batch: int = 64, fo
                  threads: int = 1, repeats: int = 20) -> list[FoldChoice]:
     """Decide, and apply in place, each outermost factorized layer's path (see the module
     docstring); `net` should be an `inference_copy`. "auto" times the layer alone in onnxruntime,
-    both ways, on its own input at `batch` images (median of `repeats` after warm-up). A layer
+    both ways (its factor operations with its per-call rule switched off, and its folded dense
+    layer; the runs alternated), on its own input at `batch` images (medians of `repeats` after
+    warm-up). A layer
     whose dense weight has over FOLD_MAX_ELEMENTS entries is never folded ("always" included)."""
     if fold not in ("auto", "never", "always"):
         raise ValueError(f"fold {fold!r}: expected 'auto', 'never' or 'always'")
@@ -104,8 +106,13 @@ def choose_folds(net: nn.Module, input_shape: Sequence[int], batch: int = 64, fo
         folded_layer = layer.folded()
         if fold == "auto":
             x = inputs[name]
-            factors_ms = ort_latency(_export_bytes(layer, x), x, threads, repeats) * len(x)
-            folded_ms = ort_latency(_export_bytes(folded_layer, x), x, threads, repeats) * len(x)
+            path, layer.implied_path = layer.implied_path, "never"  # time the factor operations, not
+            try:                                                     # the layer's own per-call rule
+                factors = _export_bytes(layer, x)
+            finally:
+                layer.implied_path = path
+            factors_ms, folded_ms = (ms * len(x) for ms in
+                                     ort_latencies([factors, _export_bytes(folded_layer, x)], x, threads, repeats))
             folded = folded_ms < factors_ms
         else:
             factors_ms = folded_ms = None
@@ -214,6 +221,23 @@ def ort_latency(model: bytes | str | Path, x: Tensor, threads: int = 1, repeats:
         session.run(None, feed)
         times.append(time.perf_counter() - start)
     return 1e3 * statistics.median(times) / len(x)
+
+
+def ort_latencies(models: Sequence[bytes | str | Path], x: Tensor, threads: int = 1, repeats: int = 20) -> list[float]:
+    """ort_latency of several models on the batch x, their runs alternated (one run of each in
+    turn), so that a change in the machine's load falls on all of them alike."""
+    sessions = [_session(m, threads) for m in models]
+    feeds = [{s.get_inputs()[0].name: x.float().numpy()} for s in sessions]
+    for _ in range(3):
+        for session, feed in zip(sessions, feeds):
+            session.run(None, feed)
+    times: list[list[float]] = [[] for _ in sessions]
+    for _ in range(repeats):
+        for session, feed, own in zip(sessions, feeds, times):
+            start = time.perf_counter()
+            session.run(None, feed)
+            own.append(time.perf_counter() - start)
+    return [1e3 * statistics.median(own) / len(x) for own in times]
 
 
 def session_memory(model: str | Path, input_shape: Sequence[int], batch: int, threads: int = 1) -> int:

@@ -98,7 +98,7 @@ ONNX_CASES = {  # each backbone, and each compressor family on the VGG
     "vit": {"backbone": "vit", "backbone_kwargs": {"depth": 1, "embed_dim": 32, "num_heads": 2, "patch_size": 8},
             "head": "dense", "head_kwargs": {"hidden": []}},
     "lipconvnet": {"backbone": "lipconvnet", "backbone_kwargs": {"widths": [8, 16], "pointwise": "separable"},
-                   "head": "separable", "scale_inputs": False},
+                   "head": "separable", "head_kwargs": {"rank": 2}, "scale_inputs": False},  # R > 1: normalized
     "lipmlp": {"backbone": "lipmlp", "backbone_kwargs": {"hidden_shapes": [[4, 8, 8]]}, "scale_inputs": False},
 }
 
@@ -236,3 +236,25 @@ def test_session_memory_is_the_childs_own_not_the_parents_peak(tmp_path):
     small = session_memory(path, (3, 2, 2), 4)
     del big
     assert 10e6 < small < 800e6, small  # python + numpy + onnxruntime: ~100 MB, far below the parent's peak
+
+
+def test_the_export_check_compares_against_the_network_not_its_inference_copy(tmp_path, monkeypatch):
+    """An inference copy that computes something else (here: a weight changed) must fail the
+    export's check: the check runs the network the user trained, not the copy it exports."""
+    from sepnet import export as export_module
+    from sepnet.deploy import inference_copy
+
+    def wrong_copy(net):
+        copy = inference_copy(net)
+        with torch.no_grad():
+            copy.head.layers[-1].weight.mul_(1.5)
+        return copy
+
+    from sepnet.network import build_network
+
+    torch.manual_seed(0)
+    net = build_network(10, (3, 8, 8), backbone="mlp", backbone_kwargs={"hidden_shapes": [[4, 4, 4]], "dense": True},
+                        head="dense").eval()
+    monkeypatch.setattr(export_module, "inference_copy", wrong_copy)
+    with pytest.raises(ValueError, match="onnxruntime's logits differ from torch's"):
+        export_module.export_network(net, (3, 8, 8), tmp_path / "out", batch=4, fold="never")

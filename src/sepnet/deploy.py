@@ -2,7 +2,8 @@
 and what onnxruntime makes of it (bytes, multiply-adds counted on the exported graph, latency).
 
 - `inference_copy`: masks and parametrizations made permanent (pruned zeros in the weights,
-  orthogonal factors and kernels as constants), eval mode.
+  orthogonal factors and kernels as constants; an orthogonal sum of Kronecker terms divided by
+  its norm as a constant), eval mode.
 - `choose_folds`: every factorized layer stays its factor operations (mode products, TT
   contractions, the two convolutions of low rank / joint SVD) unless folding it into the dense
   layer it stands for is *measured* faster on onnxruntime for that layer at the export batch
@@ -31,6 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from sepnet.factorized import factorized_layers
+from sepnet.layers import SeparableLinear
 from sepnet.masks import parametrized_copy, remove_masks_
 
 __all__ = ["inference_copy", "FoldChoice", "choose_folds", "to_onnx", "onnx_logits", "graph_macs", "ort_latency", "ort_latencies",
@@ -52,6 +54,9 @@ def inference_copy(net: nn.Module) -> nn.Module:
         if nn.utils.parametrize.is_parametrized(m):
             for name in list(m.parametrizations.keys()):
                 nn.utils.parametrize.remove_parametrizations(m, name, leave_parametrized=True)
+    for m in net.modules():  # once every factor is a plain tensor (a layer's factors are its children's)
+        if isinstance(m, SeparableLinear):
+            m.freeze_normalization_()  # an orthogonal sum of R > 1 terms: its norm a constant
     return net.requires_grad_(False)
 
 

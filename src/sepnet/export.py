@@ -92,8 +92,8 @@ def export_network(net: nn.Module, input_shape: tuple[int, ...], out_dir: Path, 
     export_report.json: the folds chosen (for `batch`), what the ONNX file stores and what
     onnxruntime computes, bytes (ONNX, gzipped, sparse state dict), multiply-adds per image on
     the exported graph, onnxruntime ms per image at batch 1 and 64 on `threads` threads, and the
-    largest difference of the ONNX logits from torch's (on `check_images`, random images by
-    default); a difference above 1e-4 (times 1 + |logit|) is an error."""
+    largest difference of the ONNX logits from the network's own (eval mode; on `check_images`,
+    random images by default); a difference above 1e-4 (times 1 + |logit|) is an error."""
     deployed = inference_copy(net)
     folds = choose_folds(deployed, input_shape, batch, fold, threads)
     paths = {"onnx": out_dir / "model.onnx", "torchscript": out_dir / "model.torchscript.pt",
@@ -104,9 +104,11 @@ def export_network(net: nn.Module, input_shape: tuple[int, ...], out_dir: Path, 
     plain = remove_masks_(parametrized_copy(net))  # the network's own keys: it loads into a freshly built one
     _atomic(lambda tmp: torch.save(sparse_state_dict(plain), tmp), paths["sparse_state_dict"])
     x = check_images if check_images is not None else torch.rand(64, *input_shape)
-    with torch.no_grad():
-        reference = deployed(x.float())
+    training = net.training
+    with torch.no_grad():  # against the network itself, not its inference copy: the copy's own errors count
+        reference = net.eval()(x.float())
         gap = (onnx_logits(paths["onnx"], x, threads) - reference).abs()
+    net.train(training)
     difference = float(gap.max())
     if not bool((gap <= 1e-4 * (1 + reference.abs())).all()):  # fp32: 1e-4, relative for large logits
         raise ValueError(f"ONNX export of {out_dir}: onnxruntime's logits differ from torch's by up to "

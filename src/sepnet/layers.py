@@ -280,6 +280,22 @@ class SeparableLinear(FactorizedLayer, LipschitzModule):
         weight = sum(kron_all(list(term)) for term in self.factors)
         return weight / self.spectral_norm() if self.orthogonal and self.rank > 1 else weight
 
+    def freeze_normalization_(self) -> "SeparableLinear":
+        """For inference, once the orthogonal parametrization is removed (`sepnet.deploy.
+        inference_copy`): orthogonal mode with R > 1 divides by the implied core's spectral norm
+        (a QR and an SVD, which no ONNX opset has) in every forward; fold its current value into
+        each term's first factor and leave the orthogonal mode, so the layer is the same function
+        as a plain sum of Kronecker products. In place; a no-op elsewhere."""
+        if self.orthogonal and self.rank > 1:
+            if any(nn.utils.parametrize.is_parametrized(term) for term in self.factors):
+                raise RuntimeError("freeze_normalization_: remove the orthogonal parametrization first")
+            with torch.no_grad():
+                norm = self.spectral_norm()
+                for term in self.factors:
+                    term[0].div_(norm)
+            self.orthogonal = False
+        return self
+
     lipschitz_rule = "orthogonal separable, measured"  # the LipschitzModule contract
 
     def lipschitz_constant(self) -> float | None:

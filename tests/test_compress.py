@@ -420,3 +420,16 @@ def test_channel_pruning_leaves_a_smaller_dense_network_at_the_budget(tmp_path):
         build_network(**{**dict(num_classes=10, image_shape=(3, 32, 32), backbone="vgg16",
                                 backbone_kwargs={"width": 1 / 4}, head="dense")},
                       compression=[{"method": "channel", "targets": ["*"], "budget": 1000, "budget_of": "model"}])
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_compression_leaves_every_module_in_the_mode_it_had(mode):
+    """torch-pruning traces the network in eval mode and left it there: the channel-pruned
+    converged cells then fine-tuned with BatchNorm frozen at the dense network's running
+    statistics, their signal died within a few layers and they trained at chance (0.10) for 15
+    epochs. Every compressor now hands the network back in the mode it got it."""
+    net = build_network(num_classes=10, image_shape=(3, 32, 32), backbone="vgg16", backbone_kwargs={"width": 1 / 4},
+                        head="dense", head_kwargs={"hidden": [64, 64], "dropout": 0.5})
+    getattr(net, mode)()
+    compress_(net, [{"method": "channel", "targets": ["*"], "budget": 3, "budget_of": "model"}])
+    assert {m.training for m in net.modules()} == {mode == "train"}

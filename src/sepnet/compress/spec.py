@@ -172,6 +172,17 @@ def _as_target_budget(net: nn.Module, spec: CompressionSpec, targets: list[tuple
     return replace(spec, budget=target_dense / allowed, budget_of="targets")
 
 
+def _restore_modes(net: nn.Module, modes: dict[str, bool]) -> None:
+    """Each module back in the train / eval mode it had before a compressor ran (a module the
+    compressor made takes its parent's): a library may trace the network in eval mode and leave
+    it there (torch-pruning's dependency graph does), and a network left in eval mode trains
+    with its BatchNorm frozen at the running statistics of the layers it had before, and dead."""
+    resolved = {}
+    for name, m in net.named_modules():  # parents come before their children
+        parent = resolved.get(name.rpartition(".")[0], modes.get("", True)) if name else modes.get("", True)
+        m.training = resolved[name] = modes.get(name, parent)
+
+
 def compress_(net: nn.Module, specs: Sequence[CompressionSpec | dict]) -> list[str]:
     """Apply the compressors in order, in place; returns one summary line per layer changed."""
     lines = []
@@ -182,7 +193,9 @@ def compress_(net: nn.Module, specs: Sequence[CompressionSpec | dict]) -> list[s
         if spec.budget is not None and spec.budget_of == "model" and not compressor.meets_model_budget:
             spec = _as_target_budget(net, spec, targets)
             compressor.spec = spec
+        modes = {name: m.training for name, m in net.named_modules()}
         lines += compressor.apply(net, targets)
+        _restore_modes(net, modes)
     for line in lines:
         log.debug("compression: %s", line)
     return lines

@@ -16,10 +16,14 @@ Models (the same recipe for all: mean-only normalization, so the bound is the ne
   (orthogonal separable (10, 1, 1) with 1 or 16 Kronecker terms; an orthogonal TT, ranks 16);
 - lipconvnet_dense_narrow: the dense model at narrower widths, with about as many parameters as
   the factorized-classifier rows (the plain way to spend that budget);
+- lipconvnet_dense_lln: the dense model with last-layer normalization (Singla et al., ICLR
+  2022): its classifier's rows of unit norm, not orthonormal, certified by the pairwise
+  certificate (the loss shifts logit j by 36/255 ||w_y - w_j||);
 - lipmlp: every layer orthogonal-separable, on the raw (C, H, W) image.
 Each run trains on the shared CIFAR-10 JPEG copy's 20k training images and reports, on the 10k
 test images: clean accuracy, certified accuracy at 36/255, 72/255, 108/255 (and the curve to
-255/255), the Lipschitz bound and how it was composed, parameters, train seconds, and the
+255/255; where the network ends in a linear layer, the pairwise certificate's figures too,
+which the table shows and the checks attack), the Lipschitz bound and how it was composed, parameters, train seconds, and the
 soundness checks on 1,000 test images (layer norms, an empirical lower bound, PGD-L2 and
 APGD-L2 at each radius breaking no certified image; a failure is recorded as an error and the
 run's row is marked void). One JSON line per finished run in
@@ -39,7 +43,7 @@ from torch import nn
 from benchmarks.common import CIFAR_MEAN, CIFAR_STD, FIGURES, datamodule, train
 from sepnet.attacks import Attacker
 from sepnet.certificate import soundness_checks
-from sepnet.lipschitz import CertificateError, certified_from_logits, lipschitz_bound
+from sepnet.lipschitz import CertificateError, certified_from_logits, lipschitz_bound, pairwise_bound, pairwise_certified
 from sepnet.module import ImageClassifier
 
 HERE = Path(__file__).resolve().parent
@@ -79,6 +83,9 @@ def models(dense_widths: list[int], separable_widths: list[int], mlp_hidden: lis
             # the plain alternative to a factorized classifier: the dense model made narrower until
             # it has as many parameters as the _c10r16 / _tt16 rows
             "lipconvnet_dense_narrow": convnet("dense", narrow_widths),
+            # the dense model with last-layer normalization (Singla et al., ICLR 2022): its
+            # classifier's rows of unit norm instead of orthonormal, certified pairwise
+            "lipconvnet_dense_lln": convnet("dense", dense_widths, head_kwargs={"normalize_last": True}),
             "lipmlp": {"backbone": "lipmlp", "head": "separable", "backbone_kwargs": {"hidden_shapes": mlp_hidden}}}
 
 
@@ -123,16 +130,21 @@ def run(budget: str, model: str, seed: int, epochs: int, check_images: int) -> d
     record["certified_curve"] = {f"{r * 255:.0f}/255": float(m.float().mean()) for r, m in curve.items()}
     record["certified"] = {f"{r * 255:.0f}/255": float(m.float().mean())
                            for r, m in certified_from_logits(logits, y, RADII, bound.value).items()}
+    pairwise = pairwise_bound(net, bound)
+    if pairwise is not None:  # the network ends in a linear layer: the pairwise certificate too
+        record["certified_pairwise"] = {f"{r * 255:.0f}/255": float(m.float().mean())
+                                        for r, m in pairwise_certified(logits, y, RADII, pairwise).items()}
     begin = time.perf_counter()
-    record["soundness"] = soundness_record(net, x[:check_images], y[:check_images], bound)
+    record["soundness"] = soundness_record(net, x[:check_images], y[:check_images], bound, pairwise)
     record["check_seconds"] = time.perf_counter() - begin
     return record
 
 
-def soundness_record(net: nn.Module, x: torch.Tensor, y: torch.Tensor, bound) -> dict:
-    """The soundness checks on (x, y) as a record: passed with their figures, or the error."""
+def soundness_record(net: nn.Module, x: torch.Tensor, y: torch.Tensor, bound, pairwise=None) -> dict:
+    """The soundness checks on (x, y) as a record: passed with their figures, or the error (with
+    `pairwise`, the attacks at the radius attack what the pairwise certificate certifies)."""
     try:
-        report = soundness_checks(net, Attacker(net, (3, 32, 32), 10), x, y, RADII, bound)
+        report = soundness_checks(net, Attacker(net, (3, 32, 32), 10), x, y, RADII, bound, pairwise=pairwise)
     except CertificateError as err:
         return {"passed": False, "error": str(err)}
     return {"passed": True, "images": len(y), "empirical_lipschitz_lower_bound": report["empirical_lipschitz_lower_bound"],
@@ -192,7 +204,8 @@ def report(results: Path = RESULTS, figure: Path = FIGURES / "certified.png") ->
             return f"{m:.3f}" + (f" ± {max(values) - m:.3f}" if len(values) > 1 else "")
         passed = all(r["soundness"]["passed"] for r in rs)
         print(f"| {budget} | {model} | {len(rs)} | {rs[0]['params']:,} | {epochs} | {mean(lambda r: r['clean_acc'])} | "
-              + " | ".join(mean(lambda r, k=k: r["certified"][k]) for k in ("36/255", "72/255", "108/255"))
+              + " | ".join(mean(lambda r, k=k: r.get("certified_pairwise", r["certified"])[k])
+                           for k in ("36/255", "72/255", "108/255"))
               + f" | {mean(lambda r: r['lipschitz_bound'])} | {sum(r['train_seconds'] for r in rs) / len(rs) / epochs:.0f} | "
               f"{'passed' if passed else 'FAILED'} |")
     import matplotlib

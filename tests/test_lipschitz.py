@@ -200,3 +200,67 @@ def test_a_network_with_orthogonal_tt_layers_is_certified_and_checked(monkeypatc
                                 backbone_kwargs={"hidden_shapes": [[4, 4, 4]]}),
                   [CompressionSpec(method="tt", targets=["head.layers.1"],
                                    options={"orthogonal": True, "init": "from_linear"})])
+
+
+def _normalized_lipconvnet():
+    return ImageClassifier(num_classes=10, image_shape=(3, 8, 8), mean=(0.5,) * 3, std=(0.25,) * 3,
+                           network={"backbone": "lipconvnet", "backbone_kwargs": {"widths": [8, 16]},
+                                    "head": "dense", "head_kwargs": {"orthogonal": True, "normalize_last": True}},
+                           adversarial={"loss": "lipschitz_margin", "margin_eps": 0.1},
+                           optimization={"optimizer": "adamw", "lr": 0.05, "weight_decay": 0.0})
+
+
+def test_last_layer_normalization_is_measured_and_certified_by_its_row_distances():
+    """Singla et al.'s last-layer normalization: the classifier's rows each of unit norm, not
+    orthonormal. Its bound is its measured norm (not fixed), the pairwise certificate reads the
+    rows as applied, and the margin loss adds eps L_g ||w_y - w_j|| to logit j, differentiated
+    through: a step moves the classifier's raw weight and its rows stay unit."""
+    from sepnet.lipschitz import pairwise_bound
+
+    torch.manual_seed(0)
+    model = _normalized_lipconvnet()
+    last = model.net.head.layers[-1]
+    rows = last.weight.detach()
+    assert torch.allclose(rows.norm(dim=1), torch.ones(10), atol=1e-6)
+    bound = lipschitz_bound(model.net)
+    assert not bound.fixed and bound.factors[-1].rule == "RowNormalized linear, spectral norm"
+    assert bound.factors[-1].constant == pytest.approx(float(torch.linalg.matrix_norm(rows.double(), 2)))
+    pairwise = pairwise_bound(model.net)
+    assert pairwise.feature == pytest.approx(bound.value / bound.factors[-1].constant)
+    torch.testing.assert_close(pairwise.distances, torch.cdist(rows.double(), rows.double()))
+    x = torch.rand(64, 3, 8, 8)
+    report = soundness_checks(model.net.eval(), Attacker(model.net, (3, 8, 8), 10), x, model.net(x).argmax(-1).detach(),
+                              [0.05], bound, attack_steps=10, pairwise=pairwise)  # the three checks pass for it
+    assert report["certificate"] == "pairwise" and report["layer_norms"][-1]["spectral_norm"] > 1
+    model.net.train()
+    x, y = torch.rand(16, 3, 8, 8), torch.randint(0, 10, (16,))
+    out = model.objective(x, y)
+    logits = out.logits.detach()
+    shift = 0.1 * pairwise.feature * pairwise.distances[y].float()
+    expected = nn.functional.cross_entropy(logits + shift, y)
+    assert float(out.loss.detach()) == pytest.approx(float(expected), rel=1e-4)
+    before = last.parametrizations.weight.original.detach().clone()
+    out.loss.backward()
+    assert last.parametrizations.weight.original.grad.abs().sum() > 0
+    torch.optim.SGD(model.parameters(), lr=0.5).step()
+    assert not torch.equal(before, last.parametrizations.weight.original)
+    assert torch.allclose(last.weight.norm(dim=1), torch.ones(10), atol=1e-6)
+
+
+def test_the_margin_loss_refuses_a_changing_bound_before_the_last_layer():
+    """Only the final linear layer may change its bound under the margin loss: a dense hidden
+    layer before a normalized classifier is refused by name."""
+    with pytest.raises(ValueError, match="lipschitz_margin: the network's Lipschitz bound changes"):
+        ImageClassifier(num_classes=10, image_shape=(3, 8, 8), mean=(0.5,) * 3, std=(0.25,) * 3,
+                        network={"backbone": "lipconvnet", "backbone_kwargs": {"widths": [8, 16]}, "head": "dense",
+                                 "head_kwargs": {"hidden": [32], "orthogonal": False, "normalize_last": True}},
+                        adversarial={"loss": "lipschitz_margin", "margin_eps": 0.1})
+
+
+def test_orthonormal_rows_give_the_same_margin_loss_either_way():
+    """For orthonormal rows every ||w_y - w_j|| is sqrt(2): the pairwise shift equals the
+    global sqrt(2) L eps one."""
+    logits, y = torch.randn(5, 4), torch.tensor([0, 1, 2, 3, 0])
+    distances = math.sqrt(2) * (1 - torch.eye(4))
+    torch.testing.assert_close(lipschitz_margin_loss(logits, y, 0.3, 1.5, 0.5, distances),
+                               lipschitz_margin_loss(logits, y, 0.3, 1.5, 0.5))

@@ -111,6 +111,7 @@ def test_the_certified_benchmark_records_a_line_per_run_and_skips_it_after(tmp_p
     from benchmarks import certified as bench
     small = {"lipconvnet_dense": {"backbone": "lipconvnet", "head": "dense",
                                   "backbone_kwargs": {"widths": [4, 8, 8], "depth": 1}}}
+    small["lipconvnet_dense_lln"] = {**small["lipconvnet_dense"], "head_kwargs": {"normalize_last": True}}
     monkeypatch.setitem(bench.BUDGETS, "0.1M", small)
     monkeypatch.setattr(bench, "train", lambda module, epochs, batch: (1.5, None))
     torch.manual_seed(0)
@@ -123,6 +124,10 @@ def test_the_certified_benchmark_records_a_line_per_run_and_skips_it_after(tmp_p
     assert set(row["certified"]) == {"36/255", "72/255", "108/255"} and row["certified_curve"]["0/255"] >= row["certified"]["36/255"]
     bench.main(args)  # done: skipped
     assert len(results.read_text().splitlines()) == 1
+    bench.main([*args[:1], "lipconvnet_dense_lln", *args[2:]])  # last-layer normalization: certified pairwise too
+    lln = json.loads(results.read_text().splitlines()[1])
+    assert lln["soundness"]["passed"] and lln["lipschitz_bound"] > 1
+    assert all(lln["certified_pairwise"][k] >= lln["certified"][k] for k in lln["certified"])
     bench.main(["--report", "--results", str(results), "--figure", str(tmp_path / "certified.png")])
     assert (tmp_path / "certified.png").is_file()
 
@@ -136,8 +141,13 @@ def test_the_certified_benchmark_models_match_their_recorded_rows_and_carry_a_bo
     import json
 
     from benchmarks import certified as bench
+    from sepnet.lipschitz import pairwise_bound
+
     for name, network in bench.BUDGETS["0.1M"].items():
         net = bench.classifier(network).net.eval()
+        if name.endswith("_lln"):  # unit rows, not orthonormal: 1-Lipschitz up to its classifier
+            assert pairwise_bound(net).feature == pytest.approx(1.0, abs=1e-4), name
+            continue
         assert lipschitz_bound(net).value == pytest.approx(1.0, abs=1e-4), name
     assert set(bench.BUDGETS["0.3M"]) == set(bench.BUDGETS["0.1M"])  # the same kinds, wider
     rows = [json.loads(line) for line in bench.RESULTS.read_text().splitlines() if line.strip()]

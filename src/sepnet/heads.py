@@ -11,7 +11,7 @@ from sepnet.activations import MaxMin
 from sepnet.convert import balanced_factorization
 from sepnet.layers import SeparableLinear
 from sepnet.lipschitz import LipschitzChain
-from sepnet.lipschitz_layers import orthonormal_linear_
+from sepnet.lipschitz_layers import orthonormal_linear_, row_normalized_linear_
 
 __all__ = ["DenseHead", "SeparableHead", "HEADS", "classifier_shape"]
 
@@ -41,12 +41,16 @@ class DenseHead(LipschitzChain, nn.Module):
         orthogonal: every Linear's weight its (semi-)orthogonal polar factor (BjorckOrthonormal:
             norm at most 1), MaxMin instead of ReLU: a 1-Lipschitz head (sepnet.lipschitz
             certifies it).
+        normalize_last: the classifier's rows each of unit norm instead (last-layer
+            normalization, Singla et al. ICLR 2022; sepnet.lipschitz_layers.RowNormalized): its
+            bound is its measured norm, and the pairwise certificate uses its row distances.
     """
 
     lipschitz_parts = ("layers",)
 
     def __init__(self, in_shape: Sequence[int], num_classes: int, hidden: Sequence[int] = (),
-                 dropout: float = 0.0, pool: bool = False, orthogonal: bool = False) -> None:
+                 dropout: float = 0.0, pool: bool = False, orthogonal: bool = False,
+                 normalize_last: bool = False) -> None:
         super().__init__()
         in_shape = tuple(in_shape)
         layers: list[nn.Module] = []
@@ -59,10 +63,13 @@ class DenseHead(LipschitzChain, nn.Module):
             layers += [nn.Linear(width, h), MaxMin(dim=1) if orthogonal else nn.ReLU(inplace=True), nn.Dropout(dropout)]
             width = h
         layers.append(nn.Linear(width, num_classes))
-        if orthogonal:
-            for layer in layers:
-                if isinstance(layer, nn.Linear):
-                    orthonormal_linear_(layer)
+        *hidden_layers, classifier = [layer for layer in layers if isinstance(layer, nn.Linear)]
+        for layer in hidden_layers if orthogonal else ():
+            orthonormal_linear_(layer)
+        if normalize_last:
+            row_normalized_linear_(classifier)
+        elif orthogonal:
+            orthonormal_linear_(classifier)
         self.layers = nn.Sequential(*layers)
 
     def forward(self, features: Tensor) -> Tensor:

@@ -11,6 +11,8 @@ layers need to take part (it imports no sepnet layer, so every layer module can)
   the model. A subclass that gives neither is refused when its class is created.
 - `LipschitzChain`: a module applied as its parts in order (`lipschitz_parts` names them).
 - `OrthogonalParametrization`: a weight parametrization whose result has norm at most 1.
+- `MeasuredParametrization`: one whose result is bounded by its measured spectral norm, which
+  training changes (row normalization, Singla et al. 2022's last-layer normalization).
 
 `lipschitz_bound` walks a network through chains and nn.Sequential and multiplies the leaves'
 constants; torch's own layers, which cannot sign the contract, have their rules here: an
@@ -32,8 +34,8 @@ from torch.nn.utils.parametrizations import _Orthogonal  # the class torch's ort
 
 from sepnet.factorized import FactorizedLayer
 
-__all__ = ["LipschitzModule", "LipschitzChain", "OrthogonalParametrization", "CertificateError", "LipschitzBound",
-           "LayerBound", "PairwiseBound", "lipschitz_bound", "lipschitz_leaves", "layer_bound", "pairwise_bound",
+__all__ = ["LipschitzModule", "LipschitzChain", "OrthogonalParametrization", "MeasuredParametrization", "CertificateError", "LipschitzBound",
+           "LayerBound", "PairwiseBound", "lipschitz_bound", "lipschitz_leaves", "layer_bound", "pairwise_bound", "final_linear", "last_linear_weight", "row_distances",
            "spectral_norm", "certified_from_logits", "pairwise_certified", "lipschitz_margin_loss"]
 
 ONE_LIPSCHITZ = (nn.ReLU, nn.Flatten, nn.Unflatten, nn.Identity, nn.Dropout, nn.PixelUnshuffle, nn.PixelShuffle)
@@ -75,17 +77,26 @@ class OrthogonalParametrization(nn.Module):
     """Base of a weight parametrization whose result has spectral norm at most 1."""
 
 
+class MeasuredParametrization(nn.Module):
+    """Base of a weight parametrization whose result is bounded by its measured spectral norm (not
+    fixed: training changes it)."""
+
+
 def spectral_norm(weight: Tensor) -> float:
     with torch.no_grad():
         return float(torch.linalg.matrix_norm(weight.detach().double().flatten(1), ord=2))
 
 
+def _parametrized_linear(m: nn.Module, kind: type) -> bool:
+    """An nn.Linear whose weight has one parametrization, of `kind`."""
+    return (isinstance(m, nn.Linear) and nn.utils.parametrize.is_parametrized(m, "weight")
+            and len(m.parametrizations.weight) == 1 and isinstance(m.parametrizations.weight[0], kind))
+
+
 def _orthogonal_linear(m: nn.Module) -> bool:
     """An nn.Linear whose weight is (semi-)orthogonal by construction: one parametrization, an
     OrthogonalParametrization or torch's `parametrizations.orthogonal`."""
-    return (isinstance(m, nn.Linear) and nn.utils.parametrize.is_parametrized(m, "weight")
-            and len(m.parametrizations.weight) == 1
-            and isinstance(m.parametrizations.weight[0], (OrthogonalParametrization, _Orthogonal)))
+    return _parametrized_linear(m, (OrthogonalParametrization, _Orthogonal))
 
 
 @dataclass(frozen=True)
@@ -105,6 +116,9 @@ def layer_bound(name: str, m: nn.Module) -> LayerBound | None:
         return None if constant is None else LayerBound(name, m.lipschitz_rule, constant, m.lipschitz_fixed)
     if _orthogonal_linear(m):
         return LayerBound(name, "orthogonal linear, measured", spectral_norm(m.weight), True)
+    if _parametrized_linear(m, MeasuredParametrization):
+        rule = f"{type(m.parametrizations.weight[0]).__name__} linear, spectral norm"
+        return LayerBound(name, rule, spectral_norm(m.weight), False)
     if type(m) is nn.Linear:
         return LayerBound(name, "spectral norm", spectral_norm(m.weight), False)
     if isinstance(m, ONE_LIPSCHITZ):
@@ -182,7 +196,7 @@ class PairwiseBound:
     layer: str
 
 
-def _last_linear_weight(m: nn.Module) -> Tensor | None:
+def last_linear_weight(m: nn.Module) -> Tensor | None:
     """The matrix a final affine layer applies: an nn.Linear's weight (its parametrized value), or
     a factorized layer's implied one (`implied_weight`, the FactorizedLayer contract)."""
     if isinstance(m, nn.Linear):
@@ -192,9 +206,9 @@ def _last_linear_weight(m: nn.Module) -> Tensor | None:
     return None
 
 
-def pairwise_bound(net: nn.Module, bound: LipschitzBound | None = None) -> PairwiseBound | None:
-    """The pairwise certificate's terms, or None where the network does not end in a linear layer
-    (then the sqrt(2) L certificate is the one it has)."""
+def final_linear(net: nn.Module, bound: LipschitzBound | None = None) -> tuple[str, nn.Module, float, bool] | None:
+    """(name, layer, bound of the feature map before it, whether that bound is fixed) where the
+    network ends in a linear layer (only reshaping layers after it), or None."""
     leaves = list(lipschitz_leaves(net))
     bound = bound or lipschitz_bound(net, strict=False)
     if not bound.certifiable:
@@ -203,13 +217,30 @@ def pairwise_bound(net: nn.Module, bound: LipschitzBound | None = None) -> Pairw
     if index is None or not all(isinstance(m, RESHAPES) for _, m in leaves[index + 1:]):
         return None
     name, last = leaves[index]
-    weight = _last_linear_weight(last)
-    if weight is None:
+    if last_linear_weight(last) is None:
         return None
+    before = bound.factors[:index]
+    return name, last, math.prod(f.constant for f in before), all(f.fixed for f in before)
+
+
+def row_distances(weight: Tensor) -> Tensor:
+    """||w_i - w_j|| for the rows of a (classes, features) matrix, differentiable (0 on the
+    diagonal, with a zero gradient there)."""
+    w = weight.reshape(weight.shape[0], -1)
+    return (w[:, None] - w[None]).square().sum(-1).clamp_min(1e-24).sqrt() * (1 - torch.eye(len(w), device=w.device,
+                                                                                             dtype=w.dtype))
+
+
+def pairwise_bound(net: nn.Module, bound: LipschitzBound | None = None) -> PairwiseBound | None:
+    """The pairwise certificate's terms, or None where the network does not end in a linear layer
+    (then the sqrt(2) L certificate is the one it has)."""
+    found = final_linear(net, bound)
+    if found is None:
+        return None
+    name, last, feature, _ = found
     with torch.no_grad():
-        w = weight.detach().double().reshape(weight.shape[0], -1)
-        distances = torch.cdist(w, w)
-    feature = math.prod(f.constant for f in bound.factors[:index])
+        weight = last_linear_weight(last).detach().double()
+        distances = torch.cdist(weight.reshape(weight.shape[0], -1), weight.reshape(weight.shape[0], -1))
     return PairwiseBound(feature, distances, name)
 
 
@@ -233,9 +264,15 @@ def certified_from_logits(logits: Tensor, y: Tensor, radii: Sequence[float], bou
     return {r: correct & (margin > math.sqrt(2) * bound * r) for r in radii}
 
 
-def lipschitz_margin_loss(logits: Tensor, y: Tensor, eps: float, bound: float, temperature: float = 1.0) -> Tensor:
+def lipschitz_margin_loss(logits: Tensor, y: Tensor, eps: float, bound: float, temperature: float = 1.0,
+                          distances: Tensor | None = None) -> Tensor:
     """Lipschitz-margin training (Tsuzuku et al. 2018): cross-entropy after adding sqrt(2) L eps
     to every logit but the true one, so that training pushes the margins past the certified
-    radius eps; `temperature` divides the logits (a larger one, a softer hinge)."""
-    shifted = logits + math.sqrt(2) * bound * eps * (1 - nn.functional.one_hot(y, logits.shape[-1]).to(logits.dtype))
-    return nn.functional.cross_entropy(shifted / temperature, y)
+    radius eps; `temperature` divides the logits (a larger one, a softer hinge). With the final
+    linear layer's row `distances` (classes x classes; `bound` then the feature map's), the
+    pairwise certificate's own terms instead: eps L_g ||w_y - w_j|| added to logit j."""
+    if distances is None:
+        shift = math.sqrt(2) * bound * eps * (1 - nn.functional.one_hot(y, logits.shape[-1]).to(logits.dtype))
+    else:
+        shift = eps * bound * distances.to(logits.dtype)[y]  # zero at j = y
+    return nn.functional.cross_entropy((logits + shift) / temperature, y)

@@ -25,9 +25,9 @@ import torch
 from torch import Tensor, nn
 
 from sepnet.layers import SeparableLinear
-from sepnet.lipschitz import LipschitzModule, OrthogonalParametrization
+from sepnet.lipschitz import LipschitzModule, MeasuredParametrization, OrthogonalParametrization
 
-__all__ = ["BjorckOrthonormal", "OrthoConv2d", "SeparablePointwise", "circular_conv_norm", "orthonormal_linear_"]
+__all__ = ["BjorckOrthonormal", "RowNormalized", "row_normalized_linear_", "OrthoConv2d", "SeparablePointwise", "circular_conv_norm", "orthonormal_linear_"]
 
 
 def circular_conv_norm(kernel: Tensor, grid: tuple[int, int]) -> float:
@@ -72,6 +72,24 @@ class BjorckOrthonormal(OrthogonalParametrization):
 def orthonormal_linear_(layer: nn.Linear, iterations: int = 15) -> nn.Linear:
     """Register BjorckOrthonormal on `layer.weight` (in place); returns the layer."""
     nn.utils.parametrize.register_parametrization(layer, "weight", BjorckOrthonormal(iterations))
+    return layer
+
+
+class RowNormalized(MeasuredParametrization):
+    """Parametrization of a weight by its rows each scaled to unit L2 norm: last-layer
+    normalization (Singla, Singla and Feizi, ICLR 2022, "Improved deterministic l2 robustness on
+    CIFAR-10 and CIFAR-100"). A classifier's logits are then w_j . g(x) with every ||w_j|| = 1,
+    so no class wins by the length of its row; the rows need not be orthogonal, so the pairwise
+    certificate (||w_y - w_j|| <= 2, sepnet.lipschitz.pairwise_bound) is the one that pays, and
+    the layer's bound is its measured spectral norm (at most sqrt(rows))."""
+
+    def forward(self, weight: Tensor) -> Tensor:
+        return weight / weight.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+
+def row_normalized_linear_(layer: nn.Linear) -> nn.Linear:
+    """Register RowNormalized on `layer.weight` (in place); returns the layer."""
+    nn.utils.parametrize.register_parametrization(layer, "weight", RowNormalized())
     return layer
 
 

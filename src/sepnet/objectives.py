@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from sepnet import metric_names as names
 from sepnet.attacks import Attacker, AttackSpec, eval_mode
-from sepnet.lipschitz import lipschitz_bound, lipschitz_margin_loss
+from sepnet.lipschitz import final_linear, last_linear_weight, lipschitz_bound, lipschitz_margin_loss, row_distances
 
 __all__ = ["AdversarialTraining", "Objective", "ObjectiveOutput", "build_objective", "objectives",
            "adversarial_batch", "trades_loss"]
@@ -173,7 +173,10 @@ class Trades(Objective, name="trades"):
 
 class LipschitzMargin(Objective, name="lipschitz_margin"):
     """Lipschitz-margin training (Tsuzuku et al. 2018): no attack; the network's Lipschitz bound,
-    read once here, must not change with its weights (orthogonal layers only)."""
+    read once here, must not change with its weights (orthogonal layers only) -- except in a
+    final linear layer that training may change (last-layer normalization): then the feature map
+    before it must have a fixed bound, and the loss uses the pairwise certificate's terms, the
+    layer's row distances, recomputed (and differentiated through) at every step."""
 
     uses_attack = False
 
@@ -182,12 +185,20 @@ class LipschitzMargin(Objective, name="lipschitz_margin"):
             bound = lipschitz_bound(self.net)
         except ValueError as err:
             raise ValueError(f"adversarial.loss lipschitz_margin needs a network with a Lipschitz bound: {err}") from None
-        if not bound.fixed:
+        self.last = None
+        if bound.fixed:
+            self.bound = bound.value
+            return
+        found = final_linear(self.net, bound)
+        if found is None or not found[3]:
             raise ValueError("adversarial.loss lipschitz_margin: the network's Lipschitz bound changes with its "
-                             "weights (a dense layer); expected orthogonal layers only (backbones lipmlp, lipconvnet)")
-        self.bound = bound.value
+                             "weights (a dense layer); expected orthogonal layers only (backbones lipmlp, lipconvnet), "
+                             "or a changing final linear layer after them (head_kwargs.normalize_last)")
+        _, self.last, self.bound, _ = found
 
     def __call__(self, x: Tensor, y: Tensor) -> ObjectiveOutput:
         logits = self.net(x)
-        loss = lipschitz_margin_loss(logits, y, self.config.margin_eps, self.bound, self.config.margin_temperature)
+        distances = None if self.last is None else row_distances(last_linear_weight(self.last))
+        loss = lipschitz_margin_loss(logits, y, self.config.margin_eps, self.bound, self.config.margin_temperature,
+                                     distances)
         return ObjectiveOutput(logits, loss, {}, x)

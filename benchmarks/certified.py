@@ -3,6 +3,7 @@ library choice.
 
     python -m benchmarks.certified --layers                      # AOC / AOL / deel-torchlip vs nn.Conv2d
     python -m benchmarks.certified --budget 0.1M --model lipconvnet_dense --seed 0 --epochs 6
+    python -m benchmarks.certified --budget 0.1M --model lipconvnet_dense --epochs 18 --recipe temperature=0.5   # a lever
     python -m benchmarks.certified --report                      # tables + certified-vs-radius plot
 
 Models (the same recipe for all: mean-only normalization, so the bound is the network's own
@@ -96,13 +97,35 @@ BUDGETS = {
 }
 
 
-def classifier(network: dict) -> ImageClassifier:
+# the recipe and its levers (issue 43): `--recipe key=value ...` changes one of them for a run
+RECIPE = {"temperature": 0.25, "margin": 36.0, "lr": 5e-3, "batch": 256}  # margin: the loss's radius, x/255
+
+
+def parse_recipe(items: list[str]) -> dict:
+    """`key=value` strings -> the recipe's changed entries (a bad key or value: ValueError naming it)."""
+    changed = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        if key not in RECIPE:
+            raise ValueError(f"--recipe {item!r}: expected one of {sorted(RECIPE)} as key=value")
+        try:
+            changed[key] = type(RECIPE[key])(value)
+        except ValueError:
+            raise ValueError(f"--recipe {item!r}: expected a {type(RECIPE[key]).__name__} value") from None
+        if changed[key] <= 0:
+            raise ValueError(f"--recipe {item!r}: expected a positive value")
+    return changed
+
+
+def classifier(network: dict, recipe: dict | None = None) -> ImageClassifier:
+    recipe = {**RECIPE, **(recipe or {})}
     return ImageClassifier(
         num_classes=10, image_shape=(3, 32, 32), mean=CIFAR_MEAN, std=CIFAR_STD,
         network={**network, "scale_inputs": False},
         constraint={"condition_weight": 0.0, "sparsity_weight": 0.0, "proximal": False},
-        optimization={"optimizer": "adamw", "lr": 5e-3, "weight_decay": 0.0, "scheduler": "cosine"},
-        adversarial={"loss": "lipschitz_margin", "margin_eps": RADII[0], "margin_temperature": 0.25},
+        optimization={"optimizer": "adamw", "lr": recipe["lr"], "weight_decay": 0.0, "scheduler": "cosine"},
+        adversarial={"loss": "lipschitz_margin", "margin_eps": recipe["margin"] / 255,
+                     "margin_temperature": recipe["temperature"]},
         validation={"batches": 0}, certificate={"radii": list(RADII)})
 
 
@@ -113,11 +136,12 @@ def test_images(batch: int = 500) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cat(xs), torch.cat(ys)
 
 
-def run(budget: str, model: str, seed: int, epochs: int, check_images: int) -> dict:
+def run(budget: str, model: str, seed: int, epochs: int, check_images: int, recipe: dict | None = None) -> dict:
     torch.manual_seed(seed)
-    module = classifier(BUDGETS[budget][model])
+    recipe = recipe or {}
+    module = classifier(BUDGETS[budget][model], recipe)
     params = sum(p.numel() for p in module.net.parameters())
-    seconds, _ = train(module, epochs, 256)
+    seconds, _ = train(module, epochs, recipe.get("batch", RECIPE["batch"]))
     net = module.net.eval()
     x, y = test_images()
     bound = lipschitz_bound(net)
@@ -125,7 +149,8 @@ def run(budget: str, model: str, seed: int, epochs: int, check_images: int) -> d
         logits = torch.cat([net(c) for c in x.split(500)])
     record = {"budget": budget, "model": model, "seed": seed, "epochs": epochs, "params": params,
               "train_seconds": seconds, "clean_acc": float((logits.argmax(-1) == y).float().mean()),
-              "lipschitz_bound": bound.value, "bound_how": bound.describe(), "network": BUDGETS[budget][model]}
+              "lipschitz_bound": bound.value, "bound_how": bound.describe(), "network": BUDGETS[budget][model],
+              **({"recipe": recipe} if recipe else {})}
     curve = certified_from_logits(logits, y, CURVE, bound.value)
     record["certified_curve"] = {f"{r * 255:.0f}/255": float(m.float().mean()) for r, m in curve.items()}
     record["certified"] = {f"{r * 255:.0f}/255": float(m.float().mean())
@@ -196,7 +221,8 @@ def report(results: Path = RESULTS, figure: Path = FIGURES / "certified.png") ->
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     groups: dict[tuple, list] = {}
     for r in rows:
-        groups.setdefault((r["budget"], r["model"], r["epochs"]), []).append(r)
+        lever = " ".join(f"{k}={v:g}" for k, v in sorted(r.get("recipe", {}).items()))
+        groups.setdefault((r["budget"], r["model"] + (f" ({lever})" if lever else ""), r["epochs"]), []).append(r)
     for (budget, model, epochs), rs in sorted(groups.items()):
         def mean(f):
             values = [f(r) for r in rs]
@@ -243,6 +269,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, nargs="*", default=[0])
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--check-images", type=int, default=1000)
+    parser.add_argument("--recipe", nargs="*", default=[], metavar="KEY=VALUE",
+                        help=f"change the recipe (a lever): keys {sorted(RECIPE)}, defaults {RECIPE}")
     parser.add_argument("--results", default=str(RESULTS))
     parser.add_argument("--figure", default=str(FIGURES / "certified.png"), help="--report's plot")
     args = parser.parse_args(argv)
@@ -253,18 +281,22 @@ def main(argv: list[str] | None = None) -> None:
     if args.report:
         report(results, Path(args.figure))
         return
+    try:
+        recipe = parse_recipe(args.recipe)
+    except ValueError as err:
+        raise SystemExit(str(err)) from None
     results.parent.mkdir(parents=True, exist_ok=True)
     done = set()
     if results.is_file():
-        done = {(r["budget"], r["model"], r["seed"], r["epochs"])
+        done = {(r["budget"], r["model"], r["seed"], r["epochs"], json.dumps(r.get("recipe", {}), sort_keys=True))
                 for r in map(json.loads, results.read_text().splitlines()) if r}
     failed = []
     for seed in args.seed:
         for model in args.model:
-            if (args.budget, model, seed, args.epochs) in done:
-                print(f"skip {args.budget} {model} seed {seed} ({args.epochs} epochs): done")
+            if (args.budget, model, seed, args.epochs, json.dumps(recipe, sort_keys=True)) in done:
+                print(f"skip {args.budget} {model} seed {seed} ({args.epochs} epochs, recipe {recipe}): done")
                 continue
-            record = run(args.budget, model, seed, args.epochs, args.check_images)
+            record = run(args.budget, model, seed, args.epochs, args.check_images, recipe)
             with results.open("a") as f:
                 f.write(json.dumps(record) + "\n")
             print(json.dumps({k: record[k] for k in ("budget", "model", "seed", "params", "clean_acc", "certified",

@@ -128,6 +128,14 @@ def test_the_certified_benchmark_records_a_line_per_run_and_skips_it_after(tmp_p
     lln = json.loads(results.read_text().splitlines()[1])
     assert lln["soundness"]["passed"] and lln["lipschitz_bound"] > 1
     assert all(lln["certified_pairwise"][k] >= lln["certified"][k] for k in lln["certified"])
+    seen = {}  # a lever: the recipe changed for one run, recorded in its row, skipped on a rerun of it only
+    monkeypatch.setattr(bench, "train", lambda module, epochs, batch: seen.update(
+        batch=batch, temperature=module.adversarial.margin_temperature) or (1.5, None))
+    bench.main([*args, "--recipe", "temperature=0.5", "batch=128"])
+    lever = json.loads(results.read_text().splitlines()[2])
+    assert lever["recipe"] == {"temperature": 0.5, "batch": 128} and seen == {"batch": 128, "temperature": 0.5}
+    with pytest.raises(SystemExit, match="--recipe 'temp=0.5': expected one of"):
+        bench.main([*args, "--recipe", "temp=0.5"])
     bench.main(["--report", "--results", str(results), "--figure", str(tmp_path / "certified.png")])
     assert (tmp_path / "certified.png").is_file()
 

@@ -1,3 +1,5 @@
+import time
+
 import lightning as L
 import pytest
 import torch
@@ -202,7 +204,7 @@ def test_auto_folding_times_the_factor_operations_not_the_layers_own_rule(monkey
     net = nn.Sequential(layer).eval()
     timed = []
 
-    def fake(models, x, threads=1, repeats=20):
+    def fake(models, x, threads=1, repeats=20, clock=None):
         timed.append([sum(n.op_type in ("Conv", "MatMul") for n in onnx.load_from_string(m).graph.node) for m in models])
         return [2.0, 1.0]
 
@@ -211,6 +213,39 @@ def test_auto_folding_times_the_factor_operations_not_the_layers_own_rule(monkey
     (convs,) = timed
     assert convs[0] > 1 and convs[1] == 1 and choice.folded  # factors: Conv + MatMuls; folded: one Conv
     assert layer.implied_path == "auto"  # the layer's own switch is left as it was while timing
+
+
+def test_fold_timing_counts_the_work_not_the_time_the_thread_was_preempted(monkeypatch):
+    """On a busy machine the wall clock charges a model for the time its thread waited: a model
+    that computes 5 ms but is preempted for 30 ms looks slower than one that computes 15 ms. The
+    fold decision (1 thread) times CPU work: the first model is the faster one."""
+    from sepnet import deploy
+
+    class Busy:  # a session whose run computes `work` seconds after waiting `wait` (preempted)
+        def __init__(self, work, wait):
+            self.work, self.wait = work, wait
+
+        def get_inputs(self):
+            return [type("Input", (), {"name": "pixels"})()]
+
+        def run(self, outputs, feed):
+            time.sleep(self.wait)
+            end = time.thread_time() + self.work
+            while time.thread_time() < end:
+                pass
+
+    sessions = {b"preempted": Busy(0.005, 0.03), b"quiet": Busy(0.015, 0.0)}
+    monkeypatch.setattr(deploy, "_session", lambda model, threads: sessions[model])
+    x = torch.rand(1, 3)
+    wall = deploy.ort_latencies([b"preempted", b"quiet"], x, repeats=3)
+    work = deploy.ort_latencies([b"preempted", b"quiet"], x, repeats=3, clock=time.thread_time)
+    assert wall[0] > wall[1] and work[0] < work[1]
+    seen = []
+    monkeypatch.setattr(deploy, "ort_latencies", lambda models, x, threads, repeats, clock: seen.append(clock) or [1.0, 2.0])
+    from sepnet.compress.tt_conv import TTConv2d
+    net = nn.Sequential(TTConv2d.from_conv(nn.Conv2d(16, 16, 3, padding=1), in_modes=(4, 4), out_modes=(4, 4), rank=4))
+    deploy.choose_folds(net.eval(), (16, 8, 8), batch=4, fold="auto")
+    assert seen == [time.thread_time]
 
 
 @pytest.mark.slow

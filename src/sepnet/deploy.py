@@ -25,7 +25,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Callable, Literal, Sequence
 
 import numpy as np
 import torch
@@ -96,7 +96,7 @@ def choose_folds(net: nn.Module, input_shape: Sequence[int], batch: int = 64, fo
     docstring); `net` should be an `inference_copy`. "auto" times the layer alone in onnxruntime,
     both ways (its factor operations with its per-call rule switched off, and its folded dense
     layer; the runs alternated), on its own input at `batch` images (medians of `repeats` after
-    warm-up). A layer
+    warm-up; on 1 thread in CPU time, so a busy machine's preemptions do not decide it). A layer
     whose dense weight has over FOLD_MAX_ELEMENTS entries is never folded ("always" included)."""
     if fold not in ("auto", "never", "always"):
         raise ValueError(f"fold {fold!r}: expected 'auto', 'never' or 'always'")
@@ -116,8 +116,9 @@ def choose_folds(net: nn.Module, input_shape: Sequence[int], batch: int = 64, fo
                 factors = _export_bytes(layer, x)
             finally:
                 layer.implied_path = path
-            factors_ms, folded_ms = (ms * len(x) for ms in
-                                     ort_latencies([factors, _export_bytes(folded_layer, x)], x, threads, repeats))
+            clock = time.thread_time if threads == 1 else time.perf_counter  # CPU time: immune to preemption
+            factors_ms, folded_ms = (ms * len(x) for ms in ort_latencies(
+                [factors, _export_bytes(folded_layer, x)], x, threads, repeats, clock))
             folded = folded_ms < factors_ms
         else:
             factors_ms = folded_ms = None
@@ -228,9 +229,13 @@ def ort_latency(model: bytes | str | Path, x: Tensor, threads: int = 1, repeats:
     return 1e3 * statistics.median(times) / len(x)
 
 
-def ort_latencies(models: Sequence[bytes | str | Path], x: Tensor, threads: int = 1, repeats: int = 20) -> list[float]:
+def ort_latencies(models: Sequence[bytes | str | Path], x: Tensor, threads: int = 1, repeats: int = 20,
+                  clock: Callable[[], float] = time.perf_counter) -> list[float]:
     """ort_latency of several models on the batch x, their runs alternated (one run of each in
-    turn), so that a change in the machine's load falls on all of them alike."""
+    turn), so that a change in the machine's load falls on all of them alike. `clock`:
+    time.thread_time measures this thread's CPU time instead of the wall clock -- the work of a
+    1-thread session, which runs its kernels on the calling thread, without the time the thread
+    spent preempted (what decides a fold on a busy machine)."""
     sessions = [_session(m, threads) for m in models]
     feeds = [{s.get_inputs()[0].name: x.float().numpy()} for s in sessions]
     for _ in range(3):
@@ -239,9 +244,9 @@ def ort_latencies(models: Sequence[bytes | str | Path], x: Tensor, threads: int 
     times: list[list[float]] = [[] for _ in sessions]
     for _ in range(repeats):
         for session, feed, own in zip(sessions, feeds, times):
-            start = time.perf_counter()
+            start = clock()
             session.run(None, feed)
-            own.append(time.perf_counter() - start)
+            own.append(clock() - start)
     return [1e3 * statistics.median(own) / len(x) for own in times]
 
 

@@ -169,6 +169,15 @@ def measure(rows: list[dict], repeats: int, rounds: int) -> None:
 CERTIFIED_COST = HERE / "results" / "certified_cost.jsonl"
 
 
+def plain_log_ticks(ax) -> None:
+    """A log x axis labelled 0.1, 0.2, 0.5 ... rather than 2x10^-1 on every minor tick."""
+    from matplotlib.ticker import LogLocator, NullFormatter, StrMethodFormatter
+
+    ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(StrMethodFormatter("{x:g}"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+
+
 def certified_cells() -> list[tuple[str, str]]:
     from benchmarks.certified import RESULTS as CERTIFIED
 
@@ -233,6 +242,7 @@ def certified_report(results: Path, figures: Path = FIGURES) -> None:
                 ax.annotate(f"{r['method']} {r['budget']}", (value(r), statistics.mean(acc)), fontsize=6,
                             xytext=(3, 3), textcoords="offset points")
         ax.set(xlabel=label, ylabel="certified accuracy, L2 36/255 (6 epochs)", xscale="log")
+        plain_log_ticks(ax)
         ax.grid(alpha=0.3)
     axes[0].set_title("circles: dense-orthogonal; squares: Kronecker-orthogonal")
     fig.tight_layout()
@@ -413,6 +423,7 @@ def fronts(rows: list[dict], path: Path) -> None:
                 ax.step(*zip(*front), where="post", color="k", alpha=0.4, linewidth=1)
             ax.set(xlabel=label, ylabel="worst-case robust accuracy", title=f"VGG-16/4, {budget}",
                    xscale="log")
+            plain_log_ticks(ax)
             ax.grid(alpha=0.3)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -250,14 +250,15 @@ def test_fold_timing_counts_the_work_not_the_time_the_thread_was_preempted(monke
 
 @pytest.mark.slow
 def test_the_resnet34_exports_to_onnx(tmp_path):
-    """The full-width ResNet-34 (21M parameters): exported as the others, checked on 16 images."""
+    """The full-width ResNet-34 (21M parameters): exported as the others, checked on 16 images
+    (16x16 ones: the export's batch-64 timing of 32x32 images took half a minute of CI)."""
     from sepnet.export import export_network
     from sepnet.network import build_network
 
     torch.manual_seed(0)
-    net = build_network(10, (3, 32, 32), backbone="resnet34", backbone_kwargs={"stem": "cifar"}, head="dense")
-    report = export_network(net, (3, 32, 32), tmp_path, batch=2, fold="never", check_images=torch.rand(16, 3, 32, 32))
-    assert report["checked_images"] == 16 and report["macs_per_image"] > 5e8
+    net = build_network(10, (3, 16, 16), backbone="resnet34", backbone_kwargs={"stem": "cifar"}, head="dense")
+    report = export_network(net, (3, 16, 16), tmp_path, batch=2, fold="never", check_images=torch.rand(16, 3, 16, 16))
+    assert report["checked_images"] == 16 and report["macs_per_image"] > 1e8  # 16x16 images: a quarter of CIFAR's cost
 
 
 def test_session_memory_is_the_childs_own_not_the_parents_peak(tmp_path):

@@ -151,18 +151,27 @@ def run(budget: str, model: str, seed: int, epochs: int, check_images: int, reci
               "train_seconds": seconds, "clean_acc": float((logits.argmax(-1) == y).float().mean()),
               "lipschitz_bound": bound.value, "bound_how": bound.describe(), "network": BUDGETS[budget][model],
               **({"recipe": recipe} if recipe else {})}
-    curve = certified_from_logits(logits, y, CURVE, bound.value)
-    record["certified_curve"] = {f"{r * 255:.0f}/255": float(m.float().mean()) for r, m in curve.items()}
-    record["certified"] = {f"{r * 255:.0f}/255": float(m.float().mean())
-                           for r, m in certified_from_logits(logits, y, RADII, bound.value).items()}
+    record["certified_curve"] = fractions(certified_from_logits(logits, y, CURVE, bound.value))
     pairwise = pairwise_bound(net, bound)
-    if pairwise is not None:  # the network ends in a linear layer: the pairwise certificate too
-        record["certified_pairwise"] = {f"{r * 255:.0f}/255": float(m.float().mean())
-                                        for r, m in pairwise_certified(logits, y, RADII, pairwise).items()}
+    record.update(certified_fractions(logits, y, bound, pairwise))
     begin = time.perf_counter()
     record["soundness"] = soundness_record(net, x[:check_images], y[:check_images], bound, pairwise)
     record["check_seconds"] = time.perf_counter() - begin
     return record
+
+
+def fractions(masks: dict[float, torch.Tensor]) -> dict[str, float]:
+    """Per radius (as "r/255"), the fraction of images certified."""
+    return {f"{r * 255:.0f}/255": float(m.float().mean()) for r, m in masks.items()}
+
+
+def certified_fractions(logits: torch.Tensor, y: torch.Tensor, bound, pairwise) -> dict:
+    """The sqrt(2) L certificate's figures at RADII, and the pairwise one's where there is one
+    (the network ends in a linear layer)."""
+    figures = {"certified": fractions(certified_from_logits(logits, y, RADII, bound.value))}
+    if pairwise is not None:
+        figures["certified_pairwise"] = fractions(pairwise_certified(logits, y, RADII, pairwise))
+    return figures
 
 
 def soundness_record(net: nn.Module, x: torch.Tensor, y: torch.Tensor, bound, pairwise=None) -> dict:

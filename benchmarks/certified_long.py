@@ -28,11 +28,11 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from benchmarks.certified import BUDGETS, RADII, classifier, soundness_record
+from benchmarks.certified import BUDGETS, certified_fractions, classifier, soundness_record
 from benchmarks.common import CIFAR_MEAN, CIFAR_STD
 from sepnet.callbacks import last_checkpoint
 from sepnet.data import ImageFolderDataModule
-from sepnet.lipschitz import certified_from_logits, lipschitz_bound, pairwise_bound, pairwise_certified
+from sepnet.lipschitz import lipschitz_bound, pairwise_bound
 
 HERE = Path(__file__).resolve().parent
 
@@ -80,14 +80,8 @@ def certified_figures(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) ->
     bound = lipschitz_bound(net)
     with torch.no_grad():
         logits = torch.cat([net(c) for c in x.split(500)])
-    figures = {"clean_acc": float((logits.argmax(-1) == y).float().mean()), "lipschitz_bound": bound.value,
-               "certified": {f"{r * 255:.0f}/255": float(m.float().mean())
-                             for r, m in certified_from_logits(logits, y, RADII, bound.value).items()}}
-    pairwise = pairwise_bound(net, bound)
-    if pairwise is not None:  # ends in a linear layer: the pairwise certificate beside the sqrt(2) L one
-        figures["certified_pairwise"] = {f"{r * 255:.0f}/255": float(m.float().mean())
-                                         for r, m in pairwise_certified(logits, y, RADII, pairwise).items()}
-    return figures
+    return {"clean_acc": float((logits.argmax(-1) == y).float().mean()), "lipschitz_bound": bound.value,
+            **certified_fractions(logits, y, bound, pairwise_bound(net, bound))}
 
 
 class CertifiedCurve(L.Callback):

@@ -239,8 +239,7 @@ def pairwise_bound(net: nn.Module, bound: LipschitzBound | None = None) -> Pairw
         return None
     name, last, feature, _ = found
     with torch.no_grad():
-        weight = last_linear_weight(last).detach().double()
-        distances = torch.cdist(weight.reshape(weight.shape[0], -1), weight.reshape(weight.shape[0], -1))
+        distances = row_distances(last_linear_weight(last).detach().double())
     return PairwiseBound(feature, distances, name)
 
 

@@ -177,10 +177,9 @@ def _restore_modes(net: nn.Module, modes: dict[str, bool]) -> None:
     compressor made takes its parent's): a library may trace the network in eval mode and leave
     it there (torch-pruning's dependency graph does), and a network left in eval mode trains
     with its BatchNorm frozen at the running statistics of the layers it had before, and dead."""
-    resolved = {}
+    root, resolved = modes.get("", net.training), {}
     for name, m in net.named_modules():  # parents come before their children
-        parent = resolved.get(name.rpartition(".")[0], modes.get("", True)) if name else modes.get("", True)
-        m.training = resolved[name] = modes.get(name, parent)
+        m.training = resolved[name] = modes.get(name, resolved.get(name.rpartition(".")[0], root))
 
 
 def compress_(net: nn.Module, specs: Sequence[CompressionSpec | dict]) -> list[str]:

@@ -41,8 +41,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from benchmarks.common import CIFAR_MEAN, CIFAR_STD, FIGURES, datamodule, train
+from benchmarks.common import CIFAR_MEAN, CIFAR_STD, DATA_SETS, FIGURES, datamodule, train
 from sepnet.attacks import Attacker
+from sepnet.data import ImageFolderDataModule
 from sepnet.certificate import soundness_checks
 from sepnet.lipschitz import CertificateError, certified_from_logits, lipschitz_bound, pairwise_bound, pairwise_certified
 from sepnet.module import ImageClassifier
@@ -98,7 +99,11 @@ BUDGETS = {
 
 
 # the recipe and its levers (issue 43): `--recipe key=value ...` changes one of them for a run
-RECIPE = {"temperature": 0.25, "margin": 36.0, "lr": 5e-3, "batch": 256}  # margin: the loss's radius, x/255
+# (margin: the loss's radius, x/255; schedule: the learning rate's; augment: random crops
+# and flips, flips only, or none; data: the training set, benchmarks.common.DATA_SETS)
+RECIPE = {"temperature": 0.25, "margin": 36.0, "lr": 5e-3, "batch": 256, "schedule": "cosine",
+          "augment": "crop_flip", "data": "20k"}
+CHOICES = {"schedule": ("cosine", "onecycle"), "augment": ("crop_flip", "flip", "none"), "data": tuple(DATA_SETS)}
 
 
 def parse_recipe(items: list[str]) -> dict:
@@ -108,6 +113,11 @@ def parse_recipe(items: list[str]) -> dict:
         key, _, value = item.partition("=")
         if key not in RECIPE:
             raise ValueError(f"--recipe {item!r}: expected one of {sorted(RECIPE)} as key=value")
+        if key in CHOICES:
+            if value not in CHOICES[key]:
+                raise ValueError(f"--recipe {item!r}: expected {key} one of {list(CHOICES[key])}")
+            changed[key] = value
+            continue
         try:
             changed[key] = type(RECIPE[key])(value)
         except ValueError:
@@ -117,13 +127,21 @@ def parse_recipe(items: list[str]) -> dict:
     return changed
 
 
+def training_data(recipe: dict) -> ImageFolderDataModule:
+    """The recipe's training set, batch and augmentation."""
+    recipe = {**RECIPE, **recipe}
+    return datamodule(recipe["batch"], recipe["data"], crop=recipe["augment"] == "crop_flip",
+                      flip=recipe["augment"] != "none")
+
+
 def classifier(network: dict, recipe: dict | None = None) -> ImageClassifier:
     recipe = {**RECIPE, **(recipe or {})}
     return ImageClassifier(
         num_classes=10, image_shape=(3, 32, 32), mean=CIFAR_MEAN, std=CIFAR_STD,
         network={**network, "scale_inputs": False},
         constraint={"condition_weight": 0.0, "sparsity_weight": 0.0, "proximal": False},
-        optimization={"optimizer": "adamw", "lr": recipe["lr"], "weight_decay": 0.0, "scheduler": "cosine"},
+        optimization={"optimizer": "adamw", "lr": recipe["lr"], "weight_decay": 0.0,
+                      "scheduler": recipe["schedule"]},
         adversarial={"loss": "lipschitz_margin", "margin_eps": recipe["margin"] / 255,
                      "margin_temperature": recipe["temperature"]},
         validation={"batches": 0}, certificate={"radii": list(RADII)})
@@ -141,7 +159,7 @@ def run(budget: str, model: str, seed: int, epochs: int, check_images: int, reci
     recipe = recipe or {}
     module = classifier(BUDGETS[budget][model], recipe)
     params = sum(p.numel() for p in module.net.parameters())
-    seconds, _ = train(module, epochs, recipe.get("batch", RECIPE["batch"]))
+    seconds, _ = train(module, epochs, recipe.get("batch", RECIPE["batch"]), data=training_data(recipe))
     net = module.net.eval()
     x, y = test_images()
     bound = lipschitz_bound(net)
@@ -230,7 +248,8 @@ def report(results: Path = RESULTS, figure: Path = FIGURES / "certified.png") ->
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     groups: dict[tuple, list] = {}
     for r in rows:
-        lever = " ".join(f"{k}={v:g}" for k, v in sorted(r.get("recipe", {}).items()))
+        lever = " ".join(f"{k}={v:g}" if isinstance(v, float | int) else f"{k}={v}"
+                         for k, v in sorted(r.get("recipe", {}).items()))
         groups.setdefault((r["budget"], r["model"] + (f" ({lever})" if lever else ""), r["epochs"]), []).append(r)
     for (budget, model, epochs), rs in sorted(groups.items()):
         def mean(f):

@@ -29,7 +29,8 @@ import lightning as L
 import torch
 
 from benchmarks.certified import BUDGETS, certified_fractions, classifier, soundness_record
-from benchmarks.common import CIFAR_MEAN, CIFAR_STD
+from benchmarks.common import DATA_SETS
+from benchmarks.common import datamodule as common_datamodule
 from sepnet.callbacks import last_checkpoint
 from sepnet.data import ImageFolderDataModule
 from sepnet.lipschitz import lipschitz_bound, pairwise_bound
@@ -38,33 +39,15 @@ HERE = Path(__file__).resolve().parent
 
 RESULTS = HERE / "results" / "certified_long.jsonl"
 STATE = HERE / "results" / "certified_long"
-DATA = {"20k": HERE.parent.parent / "shared" / "data" / "cifar10-jpeg",
-        "40k": HERE.parent.parent / "shared" / "data" / "cifar10-jpeg-40k"}
+DATA = DATA_SETS
 
 
 def run_key(budget: str, model: str, data: str, epochs: int, seed: int) -> str:
     return f"{model}_{budget}_{data}_e{epochs}_s{seed}"
 
 
-def data_root(data: str) -> Path:
-    """The folder to read. The shared cifar10-jpeg-40k/test is a link to cifar10-jpeg/test, which
-    the copy on these machines holds as a plain file naming its target: then a view of it under
-    data/ (git-ignored) links train and test to the real folders."""
-    root = DATA[data]
-    link = root / "test"
-    if not link.is_file():
-        return root
-    view = HERE.parent / "data" / root.name
-    view.mkdir(parents=True, exist_ok=True)
-    for name, target in (("train", root / "train"), ("test", (root / link.read_text().strip()).resolve())):
-        if not (view / name).exists():
-            (view / name).symlink_to(target, target_is_directory=True)
-    return view
-
-
 def datamodule(data: str, batch_size: int, workers: int) -> ImageFolderDataModule:
-    return ImageFolderDataModule(root=str(data_root(data)), batch_size=batch_size, num_workers=workers,
-                                 pin_memory=False, mean=CIFAR_MEAN, std=CIFAR_STD, val_fraction=0.05)
+    return common_datamodule(batch_size, data, workers)
 
 
 def test_set(data: str) -> tuple[torch.Tensor, torch.Tensor]:

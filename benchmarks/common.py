@@ -25,6 +25,8 @@ HERE = Path(__file__).resolve().parent
 FIGURES = HERE / "figures"
 
 DATA = HERE.parents[1] / "shared" / "data" / "cifar10-jpeg"
+# the training sets a run can name: the shared CIFAR-10 JPEG copies (the same 10k test images)
+DATA_SETS = {"20k": DATA, "40k": HERE.parents[1] / "shared" / "data" / "cifar10-jpeg-40k"}
 
 
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
@@ -74,18 +76,40 @@ class KappaHistory(L.Callback):
             self.history.append(sum(finite) / len(finite))
 
 
-def datamodule(batch_size: int) -> ImageFolderDataModule:
-    return ImageFolderDataModule(root=str(DATA), batch_size=batch_size, num_workers=2, pin_memory=False,
-                                 mean=CIFAR_MEAN, std=CIFAR_STD, val_fraction=0.05)
+def data_root(data: str) -> Path:
+    """The folder of DATA_SETS[data] to read. The shared cifar10-jpeg-40k/test is a link to
+    cifar10-jpeg/test, which the copy on these machines holds as a plain file naming its target:
+    then a view of it under data/ (git-ignored) links train and test to the real folders."""
+    if data not in DATA_SETS:
+        raise ValueError(f"training set {data!r}: expected one of {sorted(DATA_SETS)}")
+    root = DATA_SETS[data]
+    link = root / "test"
+    if not link.is_file():
+        return root
+    view = HERE.parent / "data" / root.name
+    view.mkdir(parents=True, exist_ok=True)
+    for name, target in (("train", root / "train"), ("test", (root / link.read_text().strip()).resolve())):
+        if not (view / name).exists():
+            (view / name).symlink_to(target, target_is_directory=True)
+    return view
 
 
-def train(model: ImageClassifier, epochs: int, batch_size: int, callbacks=(), logger=False) -> tuple[float, KappaHistory]:
+def datamodule(batch_size: int, data: str = "20k", workers: int = 2, crop: bool = True,
+               flip: bool = True) -> ImageFolderDataModule:
+    """One of DATA_SETS with 5% of its training images held out; crop, flip: the augmentation."""
+    return ImageFolderDataModule(root=str(data_root(data)), batch_size=batch_size, num_workers=workers,
+                                 pin_memory=False, mean=CIFAR_MEAN, std=CIFAR_STD, val_fraction=0.05,
+                                 crop=crop, flip=flip)
+
+
+def train(model: ImageClassifier, epochs: int, batch_size: int, callbacks=(), logger=False,
+          data: ImageFolderDataModule | None = None) -> tuple[float, KappaHistory]:
     kappa = KappaHistory()
     trainer = L.Trainer(max_epochs=epochs, accelerator="cpu", logger=logger, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, inference_mode=False,
                         limit_val_batches=0, num_sanity_val_steps=0, callbacks=[kappa, *callbacks])
     start = time.perf_counter()
-    trainer.fit(model, datamodule(batch_size))
+    trainer.fit(model, data or datamodule(batch_size))
     return time.perf_counter() - start, kappa
 
 

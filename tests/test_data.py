@@ -1,5 +1,6 @@
 import pytest
 import torch
+from PIL import Image
 
 from conftest import write_cifar10, write_cifar100, write_image_folder, write_svhn
 from sepnet.attacks import AttackSpec
@@ -74,6 +75,14 @@ def test_image_folder(tmp_path):
     assert [dm.test_set[i][1] for i in range(6)] == first
     big = ImageFolderDataModule(root=str(root), batch_size=4, num_workers=0, image_size=48)
     _check(big, 3, (3, 48, 48))
+    # augmentation off: the training images are the eval transform's, twice the same; on: they vary
+    for crop, flip in ((False, False), (True, True)):
+        plain = ImageFolderDataModule(root=str(root), num_workers=0, image_size=40, crop=crop, flip=flip)
+        image = Image.open(sorted(root.glob("train/*/*"))[0]).convert("RGB")
+        views = [plain.train_transform()(image) for _ in range(8)]
+        assert views[0].shape == (3, 40, 40)
+        assert all(torch.equal(v, views[0]) for v in views) == (not crop)
+        assert torch.equal(views[0], plain.eval_transform()(image)) or crop
 
 
 def test_imagenet_class_folders(tmp_path):

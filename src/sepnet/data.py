@@ -264,17 +264,19 @@ class ImageFolderDataModule(VisionDataModule):
     """Any class-folder dataset: <root>/train/<class>/*.jpg and <root>/test (or val)/<class>/.
 
     Args (besides VisionDataModule's): image_size: side after resizing; mean, std: channel
-    statistics for the model's normalization layer; flip: random horizontal flips.
+    statistics for the model's normalization layer; crop: random crops (padded by 1/8 of the
+    side up to 64 px, RandomResizedCrop above; off: the eval transform's resize and center crop);
+    flip: random horizontal flips.
     """
 
     def __init__(self, root: str = "../shared/data/cifar10-jpeg", batch_size: int = 128,
                  num_workers: int = 4, pin_memory: bool = True, val_fraction: float = 0.1,
                  seed: int = 0, image_size: int = 32, mean: tuple[float, ...] = (0.5, 0.5, 0.5),
-                 std: tuple[float, ...] = (0.25, 0.25, 0.25), flip: bool = True) -> None:
+                 std: tuple[float, ...] = (0.25, 0.25, 0.25), crop: bool = True, flip: bool = True) -> None:
         super().__init__(root, batch_size, num_workers, pin_memory, val_fraction, seed)
         if image_size < 1:
             raise ValueError(f"image_size must be >= 1, got {image_size}")
-        self.image_size, self.flip = image_size, flip
+        self.image_size, self.crop, self.flip = image_size, crop, flip
         self.mean, self.std = tuple(mean), tuple(std)
         self.image_shape = (3, image_size, image_size)
         self.num_classes = len(self._classes(self._split_dir("train")))
@@ -297,7 +299,9 @@ class ImageFolderDataModule(VisionDataModule):
 
     def train_transform(self):
         s = self.image_size
-        if s <= 64:
+        if not self.crop:
+            ops = self.eval_transform().transforms[:-1]  # resize, center crop; ToTensor below
+        elif s <= 64:
             ops = [T.Resize(s), T.CenterCrop(s), T.RandomCrop(s, padding=s // 8)]
         else:
             ops = [T.RandomResizedCrop(s)]

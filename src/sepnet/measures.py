@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from sepnet.factorized import FactorizedLayer, factorized_layers
-from sepnet.layers import SeparableLinear, implied_core, kron_all
+from sepnet.layers import SeparableLinear, implied_core
 from sepnet.masks import masked_tensors
 
 _DENSE_KAPPA_MAX_ELEMENTS = 2**22

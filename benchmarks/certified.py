@@ -91,10 +91,23 @@ def models(dense_widths: list[int], separable_widths: list[int], mlp_hidden: lis
             "lipmlp": {"backbone": "lipmlp", "head": "separable", "backbone_kwargs": {"hidden_shapes": mlp_hidden}}}
 
 
+def pointwise_sweep(bases: tuple[int, ...] = (8, 16, 32)) -> dict[str, dict]:
+    """Issue 43's cost question: the convnet with 1x1 stage maps (3x3 stem), so that its
+    arithmetic is in 1x1 maps, dense-orthogonal (k1_dense_w*) against Kronecker-orthogonal
+    (k1_kron_w*), at widths (w, 2w, 4w); the same orthogonal dense classifier for both."""
+    def net(width: int, pointwise: str) -> dict:
+        return {"backbone": "lipconvnet", "head": "dense",
+                "backbone_kwargs": {"widths": [width, 2 * width, 4 * width], "depth": 2, "kernel_size": 1,
+                                    "stem_kernel_size": 3, "pointwise": pointwise}}
+    return {f"k1_{kind}_w{w}": net(w, pointwise) for w in bases
+            for kind, pointwise in (("dense", "dense"), ("kron", "separable"))}
+
+
 BUDGETS = {
     "0.1M": models([16, 32, 64], [24, 48, 96], [[32, 32, 32], [32, 32, 32], [16, 16, 16]], [12, 24, 48]),
     "0.3M": models([32, 64, 128], [48, 96, 192], [[64, 32, 32], [64, 32, 32], [64, 32, 32], [32, 16, 16]],
                    [26, 52, 104]),
+    "1x1": pointwise_sweep(),  # not a budget: a width sweep (`--budget 1x1 --model k1_dense_w16 ...`)
 }
 
 
@@ -293,7 +306,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--layers", action="store_true", help="the convolution library measurement only")
     parser.add_argument("--report", action="store_true", help="tables and the certified-vs-radius plot")
     parser.add_argument("--budget", choices=sorted(BUDGETS), default="0.1M")
-    parser.add_argument("--model", choices=sorted(BUDGETS["0.1M"]), nargs="*", default=sorted(BUDGETS["0.1M"]))
+    parser.add_argument("--model", choices=sorted({m for b in BUDGETS.values() for m in b}), nargs="*",
+                        help="default: every model of the budget")
     parser.add_argument("--seed", type=int, nargs="*", default=[0])
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--check-images", type=int, default=1000)
@@ -313,6 +327,9 @@ def main(argv: list[str] | None = None) -> None:
         recipe = parse_recipe(args.recipe)
     except ValueError as err:
         raise SystemExit(str(err)) from None
+    args.model = args.model or sorted(BUDGETS[args.budget])
+    if stray := [m for m in args.model if m not in BUDGETS[args.budget]]:
+        raise SystemExit(f"--model {' '.join(stray)}: not in budget {args.budget}; expected some of {sorted(BUDGETS[args.budget])}")
     results.parent.mkdir(parents=True, exist_ok=True)
     done = set()
     if results.is_file():

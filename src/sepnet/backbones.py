@@ -71,26 +71,38 @@ def lipmlp(image_shape: Sequence[int], hidden_shapes: Sequence[Sequence[int]] = 
 
 
 def lipconvnet(image_shape: Sequence[int], widths: Sequence[int] = (16, 32, 64), depth: int = 1,
-               kernel_size: int = 3, pointwise: str = "dense", padding_mode: str = "circular") -> Backbone:
+               kernel_size: int = 3, pointwise: str = "dense", padding_mode: str = "circular",
+               stem_kernel_size: int | None = None) -> Backbone:
     """A small 1-Lipschitz convnet (ConvNet-XS style, Boissin et al. 2025's AOC layers): per
     stage an orthogonal k x k convolution and MaxMin, `depth` times, stages joined by an
     invertible 2x2 space-to-depth (PixelUnshuffle: a permutation, norm 1) and an orthogonal 1x1
     map to the next width; the RGB stem is an orthogonal k x k convolution.
 
-    pointwise: the 1x1 maps between stages, "dense" (orthogonal 1x1 convolutions) or
-        "separable" (their channel matrix a Kronecker product of orthogonal factors,
-        SeparablePointwise); the head follows: "dense" is an orthogonal Linear on the flattened
-        features, "separable" an orthogonal separable classifier.
+    pointwise: the 1x1 maps, "dense" (orthogonal 1x1 convolutions) or "separable" (their channel
+        matrix a Kronecker product of orthogonal factors, SeparablePointwise): the maps between
+        stages, and with kernel_size 1 the stages' own maps too; the head follows: "dense" is an
+        orthogonal Linear on the flattened features, "separable" an orthogonal separable classifier.
+    kernel_size: the stages' convolutions; stem_kernel_size: the RGB stem's (default the same).
+        kernel_size 1 gives a network whose arithmetic is all in 1x1 maps (spatial mixing from
+        the stem and the space-to-depth steps), where a Kronecker map of (a x a) (x) (b x b)
+        factors costs c (a + b) multiply-adds a pixel against a dense one's c^2.
     Widths must be even (MaxMin pairs channels)."""
     if pointwise not in ("dense", "separable"):
         raise ValueError(f"lipconvnet pointwise {pointwise!r}: expected 'dense' or 'separable'")
     if depth < 1 or not widths or any(w < 2 or w % 2 for w in widths):
         raise ValueError(f"lipconvnet widths {list(widths)} and depth {depth}: expected even widths and depth >= 1")
     channels, h, w = image_shape
+    stem_kernel_size = kernel_size if stem_kernel_size is None else stem_kernel_size
+
+    def stage_map(width: int) -> nn.Module:
+        if kernel_size == 1 and pointwise == "separable":
+            return SeparablePointwise(balanced_factorization(width, 2), balanced_factorization(width, 2))
+        return OrthoConv2d(width, width, kernel_size, (h, w), padding_mode)
+
     layers: list[nn.Module] = []
     for stage, width in enumerate(widths):
         if stage == 0:
-            layers += [OrthoConv2d(channels, width, kernel_size, (h, w), padding_mode), MaxMin(dim=1)]
+            layers += [OrthoConv2d(channels, width, stem_kernel_size, (h, w), padding_mode), MaxMin(dim=1)]
         else:
             if h % 2 or w % 2:
                 raise _TooSmall(f"a {h}x{w} map cannot be halved for stage {stage + 1}")
@@ -101,8 +113,7 @@ def lipconvnet(image_shape: Sequence[int], widths: Sequence[int] = (16, 32, 64),
             else:
                 layers.append(SeparablePointwise(balanced_factorization(channels, 2), balanced_factorization(width, 2)))
             layers.append(MaxMin(dim=1))
-        layers += [m for _ in range(depth - (stage == 0))
-                   for m in (OrthoConv2d(width, width, kernel_size, (h, w), padding_mode), MaxMin(dim=1))]
+        layers += [m for _ in range(depth - (stage == 0)) for m in (stage_map(width), MaxMin(dim=1))]
         channels = width
     head = {"dense": {"orthogonal": True},
             "separable": {"separable_classifier": True, "orthogonal": True}}

@@ -154,7 +154,7 @@ def test_bf16_autocast_training_with_adversarial_examples():
     torch.manual_seed(0)
     model = ImageClassifier(network=CASES["vgg-separable"], adversarial={"loss": "at", "attack": {"steps": 2}},
                             constraint={"condition_weight": 1e-3}, validation={"attacks": PGD_FAST, "batches": 1})
-    trainer = _fit(model, precision="bf16-mixed", accumulate_grad_batches=2)
+    _fit(model, precision="bf16-mixed", accumulate_grad_batches=2)
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 

@@ -177,6 +177,7 @@ def test_the_certified_benchmark_models_match_their_recorded_rows_and_carry_a_bo
     and the network a recorded row names is the one the table would build today (a drifted config
     would silently relabel the recorded figures)."""
     import json
+    from pathlib import Path
 
     from benchmarks import certified as bench
     from sepnet.lipschitz import pairwise_bound
@@ -193,6 +194,9 @@ def test_the_certified_benchmark_models_match_their_recorded_rows_and_carry_a_bo
     for row in rows:
         assert row["network"] == bench.BUDGETS[row["budget"]][row["model"]], (row["budget"], row["model"])
     assert bench.BUDGETS["0.1M"]["lipconvnet_dense_c10"]["backbone_kwargs"]["pointwise"] == "dense"
+    import yaml  # the CPU recipe is the measured model it names (its comment quotes that row's figures)
+    recipe = yaml.safe_load((Path(bench.__file__).parents[1] / "conf" / "experiments" / "cifar10_jpeg_lipconvnet.yaml").read_text())["model"]["network"]
+    assert {**recipe, "scale_inputs": None} == {**bench.BUDGETS["0.1M"]["lipconvnet_dense_lln"], "scale_inputs": None}
 
 
 def test_the_separable_classifier_shape_is_chosen_and_checked():

@@ -205,9 +205,17 @@ def run_certified(args: argparse.Namespace) -> None:
         finish(rows, args)
 
 
-def certified_report(results: Path, figures: Path = FIGURES) -> None:
+def kronecker_model(model: str) -> bool:
+    """Whether a certified model's 1x1 maps are Kronecker-orthogonal (its name says so)."""
+    return "separable" in model or "kron" in model or model == "lipmlp"
+
+
+def certified_report(results: Path, figures: Path = FIGURES, certified: Path | None = None) -> None:
     """The certified models' cost beside their certified accuracy at 36/255 (6 epochs, mean
-    over seeds) and the front: certified accuracy against MACs, batch-1 and batch-64 latency."""
+    over seeds, the spread of 2 seeds as a bar) and the fronts: certified accuracy against MACs,
+    batch-1 and batch-64 latency. The 1x1 width sweep (budget "1x1") gets its own row of panels,
+    a line for each kind through its widths: its cells were measured in one run together, and
+    latencies of different runs are not compared."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -216,12 +224,12 @@ def certified_report(results: Path, figures: Path = FIGURES) -> None:
     from benchmarks.certified import RESULTS as CERTIFIED
 
     accuracy: dict[tuple[str, str], list[float]] = {}
-    for r in records(CERTIFIED):
-        if r["epochs"] == 6:
+    for r in records(certified or CERTIFIED):
+        if r["epochs"] == 6 and not r.get("recipe"):
             accuracy.setdefault((r["budget"], r["model"]), []).append(r["certified"]["36/255"])
     rows = records(results)
     print("| budget | model | params | MACs/img | ort b1 ms | ort b64 ms | torch b1 ms | ONNX KB | folded (b1 / b64) "
-          "| certified 36/255 (6 ep) |")
+          "| certified 36/255 (6 ep, seeds) |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---|---:|")
     for r in sorted(rows, key=lambda r: (r["budget"], r["method"])):
         lat, acc = r["latency_ms_per_image"], accuracy.get((r["budget"], r["method"]), [])
@@ -229,22 +237,39 @@ def certified_report(results: Path, figures: Path = FIGURES) -> None:
               f"{lat['ort_b1_t1']:.3f} | {lat['ort_b64_t1']:.3f} | {lat['torch_b1_t1']:.3f} | {r['onnx_bytes'] / 1e3:,.0f} | "
               f"{'/'.join(str(len(r['folds'][b])) for b in ('1', '64'))} of {r['factorized_layers']} | "
               + (f"{statistics.mean(acc):.3f} ({len(acc)})" if acc else "--") + " |")
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
-    for ax, (label, value) in zip(axes, [("multiply-adds / image (M)", lambda r: r["macs_per_image"] / 1e6),
-                                         ("onnxruntime ms / image, batch 1", lambda r: r["latency_ms_per_image"]["ort_b1_t1"]),
-                                         ("onnxruntime ms / image, batch 64", lambda r: r["latency_ms_per_image"]["ort_b64_t1"])]):
-        for r in rows:
-            acc = accuracy.get((r["budget"], r["method"]))
-            if acc:
-                kronecker = "separable" in r["method"] or r["method"] == "lipmlp"
-                ax.scatter(value(r), statistics.mean(acc), marker="s" if kronecker else "o",
-                           color="C1" if kronecker else "C0")
-                ax.annotate(f"{r['method']} {r['budget']}", (value(r), statistics.mean(acc)), fontsize=6,
+    panels = [("multiply-adds / image (M)", lambda r: r["macs_per_image"] / 1e6),
+              ("onnxruntime ms / image, batch 1", lambda r: r["latency_ms_per_image"]["ort_b1_t1"]),
+              ("onnxruntime ms / image, batch 64", lambda r: r["latency_ms_per_image"]["ort_b64_t1"])]
+    groups = [[r for r in rows if r["budget"] != "1x1"], [r for r in rows if r["budget"] == "1x1"]]
+    groups = [g for g in groups if any(accuracy.get((r["budget"], r["method"])) for r in g)]
+    if not groups:
+        print("no cost row has a 6-epoch certified row: no plot")
+        return
+    fig, axes = plt.subplots(len(groups), 3, figsize=(15, 4.5 * len(groups)), squeeze=False)
+    for row_axes, group in zip(axes, groups):
+        for ax, (label, value) in zip(row_axes, panels):
+            lines: dict[bool, list[tuple[float, float]]] = {}
+            for r in group:
+                acc = accuracy.get((r["budget"], r["method"]))
+                if not acc:
+                    continue
+                kron, mean = kronecker_model(r["method"]), statistics.mean(acc)
+                spread = [[mean - min(acc)], [max(acc) - mean]]
+                ax.errorbar(value(r), mean, yerr=spread, fmt="s" if kron else "o", color="C1" if kron else "C0",
+                            capsize=2)
+                ax.annotate(f"{r['method']} {r['budget']}", (value(r), mean), fontsize=6,
                             xytext=(3, 3), textcoords="offset points")
-        ax.set(xlabel=label, ylabel="certified accuracy, L2 36/255 (6 epochs)", xscale="log")
-        plain_log_ticks(ax)
-        ax.grid(alpha=0.3)
-    axes[0].set_title("circles: dense-orthogonal; squares: Kronecker-orthogonal")
+                lines.setdefault(kron, []).append((value(r), mean))
+            if group[0]["budget"] == "1x1":  # the sweep: one line a kind, through its widths
+                for kron, points in lines.items():
+                    ax.plot(*zip(*sorted(points)), color="C1" if kron else "C0", alpha=0.6,
+                            label="Kronecker-orthogonal 1x1" if kron else "dense-orthogonal 1x1")
+                ax.legend(fontsize=7)
+            ax.set(xlabel=label, ylabel="certified accuracy, L2 36/255 (6 epochs)", xscale="log")
+            plain_log_ticks(ax)
+            ax.grid(alpha=0.3)
+        row_axes[0].set_title("1x1-stage convnet, widths (w, 2w, 4w)" if group[0]["budget"] == "1x1"
+                              else "circles: dense-orthogonal; squares: Kronecker-orthogonal")
     fig.tight_layout()
     path = figures / "certified_cost.png"
     fig.savefig(path, dpi=110)

@@ -83,6 +83,39 @@ def test_the_deployed_cost_benchmark_records_a_cell_and_reports_its_front(tmp_pa
     assert (tmp_path / "deployed.png").is_file()
 
 
+def test_the_certified_cost_report_averages_the_6_epoch_rows_and_plots_the_sweep_apart(tmp_path, capsys):
+    """deploy --certified --report: certified accuracy from the plain 6-epoch rows only (a lever's
+    row or an 18-epoch one is another recipe), seeds averaged, the 1x1 sweep in its own panels."""
+    import json
+
+    from benchmarks import deploy
+
+    def cost(budget, method, ms):
+        return {"budget": budget, "method": method, "params_stored": 1000, "macs_per_image": 2e6, "onnx_bytes": 4e3,
+                "folds": {"1": [], "64": []}, "factorized_layers": 0,
+                "latency_ms_per_image": {"ort_b1_t1": ms, "ort_b64_t1": ms / 4, "torch_b1_t1": 2 * ms}}
+
+    def cert(budget, model, acc, epochs=6, **extra):
+        return {"budget": budget, "model": model, "epochs": epochs, "certified": {"36/255": acc}, **extra}
+
+    results, certified = tmp_path / "cost.jsonl", tmp_path / "certified.jsonl"
+    results.write_text("".join(json.dumps(r) + "\n" for r in (
+        cost("0.1M", "lipconvnet_dense", 1.0), cost("1x1", "k1_dense_w8", 0.5), cost("1x1", "k1_kron_w8", 0.4),
+        cost("1x1", "k1_dense_w16", 0.9), cost("1x1", "k1_kron_w16", 0.6))))
+    certified.write_text("".join(json.dumps(r) + "\n" for r in (
+        cert("0.1M", "lipconvnet_dense", 0.30), cert("0.1M", "lipconvnet_dense", 0.40, epochs=18),
+        cert("0.1M", "lipconvnet_dense", 0.50, recipe={"lr": 0.01}), cert("1x1", "k1_dense_w8", 0.2),
+        cert("1x1", "k1_dense_w8", 0.3), cert("1x1", "k1_kron_w8", 0.25), cert("1x1", "k1_dense_w16", 0.35))))
+    deploy.certified_report(results, tmp_path, certified)
+    table = {line.split("|")[2].strip(): line.split("|")[-2].strip() for line in capsys.readouterr().out.splitlines()
+             if line.startswith("| 0.1M") or line.startswith("| 1x1")}
+    assert table == {"lipconvnet_dense": "0.300 (1)", "k1_dense_w8": "0.250 (2)", "k1_kron_w8": "0.250 (1)",
+                     "k1_dense_w16": "0.350 (1)", "k1_kron_w16": "--"}
+    assert (tmp_path / "certified_cost.png").is_file()
+    assert [deploy.kronecker_model(m) for m in ("k1_kron_w8", "lipconvnet_separable_c10", "lipmlp", "k1_dense_w8")] \
+        == [True, True, True, False]
+
+
 def test_the_deployment_front_keeps_only_the_points_nothing_beats():
     from benchmarks.deploy import pareto
 

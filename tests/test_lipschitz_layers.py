@@ -93,6 +93,34 @@ def test_lipconvnet_carries_a_bound_every_layer_checked(pointwise):
     torch.testing.assert_close(centred.normalize(x), x - 0.5)
 
 
+@pytest.mark.parametrize("rank", [1, 2])
+def test_a_kronecker_1x1_map_works_on_the_nchw_map_as_it_lies(rank):
+    """SeparablePointwise is the 1x1 convolution with its implied weight on both paths and as
+    its fold, and its factor path exports without a transpose (two MatMuls on reshaped views)."""
+    import collections
+
+    import onnx
+
+    from sepnet.deploy import _export_bytes, inference_copy
+    from sepnet.factorized import implied_path
+
+    torch.manual_seed(0)
+    layer = SeparablePointwise((4, 8), (4, 4), rank=rank)
+    with torch.no_grad():
+        layer.layer.bias.normal_()
+    x = torch.randn(3, 32, 5, 6)
+    reference = nn.functional.conv2d(x, layer.layer.implied_weight().detach()[:, :, None, None],
+                                     layer.layer.bias.detach().flatten())
+    for path in ("never", "always"):
+        with implied_path(layer, path):
+            torch.testing.assert_close(layer(x), reference)
+    torch.testing.assert_close(layer.layer.folded()(x.reshape(3, 4, 8, 30)).reshape(3, 16, 5, 6), reference)
+    net = inference_copy(nn.Sequential(layer))
+    net[0].layer.implied_path = "never"
+    ops = collections.Counter(n.op_type for n in onnx.load_from_string(_export_bytes(net, x)).graph.node)
+    assert ops["Transpose"] == 0 and ops["MatMul"] == 2 * rank, ops
+
+
 def test_lipconvnet_with_1x1_stages_puts_its_kronecker_maps_everywhere_but_the_stem():
     """kernel_size 1 with a 3x3 stem: separable pointwise makes every 1x1 map Kronecker-orthogonal
     (the stage maps too), still 1-Lipschitz by its measured layers and by attack."""

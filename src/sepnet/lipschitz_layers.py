@@ -24,7 +24,7 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from sepnet.layers import SeparableLinear
+from sepnet.layers import SeparableLinear, _mode_product
 from sepnet.lipschitz import LipschitzModule, MeasuredParametrization, OrthogonalParametrization
 
 __all__ = ["BjorckOrthonormal", "RowNormalized", "row_normalized_linear_", "OrthoConv2d", "SeparablePointwise", "circular_conv_norm", "orthonormal_linear_"]
@@ -138,15 +138,58 @@ class OrthoConv2d(LipschitzModule):
         return f"input_hw={self.input_hw}"
 
 
+class ChannelsFirstSeparableLinear(SeparableLinear):
+    """A SeparableLinear applied to channels-first maps: (N, *in_shape, P) -> (N, *out_shape, P),
+    the modes after the batch and P (the pixels) last, as an NCHW map is laid out. Its mode
+    products are then batched GEMMs on the map as it lies (mode k: (N * prod(modes before k),
+    d_k, rest) views), where the rows layout needs the map transposed to NHWC and back; its
+    implied path and its fold are the same as a 1x1 convolution. Everything else -- factors,
+    parametrization, counts, norms -- is SeparableLinear's."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        n = self.num_modes
+        if x.dim() != n + 2 or tuple(x.shape[1:n + 1]) != self.in_shape:
+            raise ValueError(f"{type(self).__name__} expected input of shape (N, {', '.join(map(str, self.in_shape))}, "
+                             f"P), got {tuple(x.shape)}")
+        batch, pixels = x.shape[0], x.shape[-1]
+        bias = self.bias.reshape(1, -1, 1) if self.bias is not None else None
+        if self.uses_implied(batch * pixels):  # one GEMM per image with the implied matrix
+            w = self.implied_weight()
+            y = torch.matmul(w if torch.is_autocast_enabled(x.device.type) else w.to(x.dtype), x.reshape(batch, -1, pixels))
+            return (y if bias is None else y + bias.to(y.dtype)).reshape(batch, *self.out_shape, pixels)
+        y = None
+        for term in self.factors:
+            z = x
+            for k in self.order:
+                z = _mode_product(z, term[k].to(z.dtype), k)
+            y = z if y is None else y + z
+        if self.orthogonal and self.rank > 1:
+            y = y / self.spectral_norm().to(y.dtype)
+        y = y.reshape(batch, -1, pixels)
+        return (y if bias is None else y + bias.to(y.dtype)).reshape(batch, *self.out_shape, pixels)
+
+    def folded(self) -> nn.Module:
+        """The implied matrix as a kernel-1 convolution over the pixels, modes flattened around it."""
+        n = self.num_modes
+        dense = super().folded()[1]  # nn.Linear (out, in) with the implied weight and the bias
+        conv = nn.Conv1d(self.in_features, self.out_features, 1, bias=dense.bias is not None).to(dense.weight)
+        with torch.no_grad():
+            conv.weight.copy_(dense.weight[:, :, None])
+            if dense.bias is not None:
+                conv.bias.copy_(dense.bias)
+        return nn.Sequential(nn.Flatten(1, n), conv, nn.Unflatten(1, self.out_shape))
+
+
 class SeparablePointwise(LipschitzModule):
     """A 1x1 convolution (C, H, W) -> (C', H, W) whose C' x C channel matrix is the Kronecker
     product of an orthogonal SeparableLinear over channel modes (C = prod(in_modes)): the same
-    map at every pixel, so the operator is I_HW (x) W and its L2 norm is W's."""
+    map at every pixel, so the operator is I_HW (x) W and its L2 norm is W's. The layer works on
+    the NCHW map as it lies (ChannelsFirstSeparableLinear: no transposes)."""
 
     def __init__(self, in_modes: Sequence[int], out_modes: Sequence[int], rank: int = 1,
                  orthogonal: bool = True) -> None:
         super().__init__()
-        self.layer = SeparableLinear(in_modes, out_modes, rank, orthogonal=orthogonal)
+        self.layer = ChannelsFirstSeparableLinear(in_modes, out_modes, rank, orthogonal=orthogonal)
         self.in_shape = self.layer.in_shape  # its own: an export may fold `layer` into a dense one
 
     @property
@@ -161,5 +204,5 @@ class SeparablePointwise(LipschitzModule):
 
     def forward(self, x: Tensor) -> Tensor:
         n, c, h, w = x.shape
-        y = self.layer(x.permute(0, 2, 3, 1).reshape(n * h * w, *self.in_shape))
-        return y.reshape(n, h, w, -1).permute(0, 3, 1, 2)
+        y = self.layer(x.reshape(n, *self.in_shape, h * w))
+        return y.reshape(n, -1, h, w)

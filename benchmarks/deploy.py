@@ -196,7 +196,7 @@ def run_certified(args: argparse.Namespace) -> None:
             torch.manual_seed(0)
             net = classifier(BUDGETS[budget][model]).net.eval()
             size = sum(p.numel() for p in net.parameters())
-            return {"model": "lipconvnet" if "conv" in model else "lipmlp", "budget": budget, "method": model,
+            return {"model": BUDGETS[budget][model]["backbone"], "budget": budget, "method": model,
                     "weights": "untrained", **export_twice(net, size, Path(args.work) / f"certified_{budget}_{model}")}
 
         rows.append(cached_export(Path(args.work) / f"certified_{budget}_{model}", build))

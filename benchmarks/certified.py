@@ -140,10 +140,10 @@ def parse_recipe(items: list[str]) -> dict:
     return changed
 
 
-def training_data(recipe: dict) -> ImageFolderDataModule:
+def training_data(recipe: dict, workers: int = 2) -> ImageFolderDataModule:
     """The recipe's training set, batch and augmentation."""
     recipe = {**RECIPE, **recipe}
-    return datamodule(recipe["batch"], recipe["data"], crop=recipe["augment"] == "crop_flip",
+    return datamodule(recipe["batch"], recipe["data"], workers, crop=recipe["augment"] == "crop_flip",
                       flip=recipe["augment"] != "none")
 
 

@@ -2,6 +2,7 @@
 36/255 with <= 0.3M parameters.
 
     python -m benchmarks.certified_long --budget 0.1M --model lipconvnet_dense --data 40k --epochs 100
+    python -m benchmarks.certified_long --model lipconvnet_dense_lln --recipe augment=none   # with levers
     python -m benchmarks.certified_long --report
 
 Each run trains one model of benchmarks/certified.py (the same recipe: mean-only normalization,
@@ -10,7 +11,8 @@ shared CIFAR-10 JPEG copy (`--data 20k`: cifar10-jpeg, `40k`: cifar10-jpeg-40k; 
 training images held out, as in certified.py), and after every epoch writes one JSON line with
 clean and certified accuracy on all 10k test images (the curve; the weights are not chosen on
 it: the run reports its last epoch). At the end: the soundness checks on 1,000 test images and
-a final line.
+a final line. `--recipe key=value` changes the recipe as benchmarks/certified.py's levers do
+(the training set is `--data`), named in the run's key.
 
 Resumable across sessions: the run's state (Lightning's last.ckpt: weights, optimizer,
 scheduler, loop and RNG states; about 1 MB) lives in benchmarks/results/certified_long/<run>/ and
@@ -28,9 +30,9 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from benchmarks.certified import BUDGETS, certified_fractions, classifier, soundness_record
+from benchmarks.certified import (BUDGETS, RECIPE, certified_fractions, classifier, parse_recipe, soundness_record,
+                                  training_data)
 from benchmarks.common import DATA_SETS
-from benchmarks.common import datamodule as common_datamodule
 from sepnet.callbacks import last_checkpoint
 from sepnet.data import ImageFolderDataModule
 from sepnet.lipschitz import lipschitz_bound, pairwise_bound
@@ -42,12 +44,13 @@ STATE = HERE / "results" / "certified_long"
 DATA = DATA_SETS
 
 
-def run_key(budget: str, model: str, data: str, epochs: int, seed: int) -> str:
-    return f"{model}_{budget}_{data}_e{epochs}_s{seed}"
+def run_key(budget: str, model: str, data: str, epochs: int, seed: int, recipe: dict | None = None) -> str:
+    levers = "".join(f"_{k}-{v}" for k, v in sorted((recipe or {}).items()))
+    return f"{model}_{budget}_{data}_e{epochs}_s{seed}{levers}"
 
 
-def datamodule(data: str, batch_size: int, workers: int) -> ImageFolderDataModule:
-    return common_datamodule(batch_size, data, workers)
+def datamodule(data: str, batch_size: int, workers: int, recipe: dict | None = None) -> ImageFolderDataModule:
+    return training_data({**(recipe or {}), "batch": batch_size, "data": data}, workers)
 
 
 def test_set(data: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,12 +100,18 @@ def records(results: Path) -> list[dict]:
 
 
 def run(args: argparse.Namespace) -> None:
-    key = run_key(args.budget, args.model, args.data, args.epochs, args.seed)
+    try:
+        recipe = parse_recipe(args.recipe)
+    except ValueError as err:
+        raise SystemExit(str(err)) from None
+    if "data" in recipe:
+        raise SystemExit(f"--recipe data={recipe['data']}: expected the training set as --data")
+    key = run_key(args.budget, args.model, args.data, args.epochs, args.seed, recipe)
     if any(r["run"] == key and r["kind"] == "final" for r in records(args.results)):
         print(f"{key}: done")
         return
     torch.manual_seed(args.seed)
-    module = classifier(BUDGETS[args.budget][args.model])
+    module = classifier(BUDGETS[args.budget][args.model], recipe)
     state = STATE / key
     state.mkdir(parents=True, exist_ok=True)
     resume = state / "last.ckpt"
@@ -111,11 +120,13 @@ def run(args: argparse.Namespace) -> None:
                         enable_model_summary=False, inference_mode=False, limit_val_batches=0,
                         num_sanity_val_steps=0, callbacks=[CertifiedCurve(key, x, y, args.results),
                                                            last_checkpoint(str(state))])
-    trainer.fit(module, datamodule(args.data, 256, args.workers), ckpt_path=str(resume) if resume.is_file() else None)
+    batch = recipe.get("batch", RECIPE["batch"])
+    trainer.fit(module, datamodule(args.data, batch, args.workers, recipe), ckpt_path=str(resume) if resume.is_file() else None)
     net = module.net.eval()
     final = {"run": key, "kind": "final", "budget": args.budget, "model": args.model, "data": args.data,
              "seed": args.seed, "epochs": args.epochs, "params": sum(p.numel() for p in net.parameters()),
-             "network": BUDGETS[args.budget][args.model], **certified_figures(net, x, y)}
+             "network": BUDGETS[args.budget][args.model], **({"recipe": recipe} if recipe else {}),
+             **certified_figures(net, x, y)}
     n = args.check_images
     bound = lipschitz_bound(net)
     final["soundness"] = soundness_record(net, x[:n], y[:n], bound, pairwise_bound(net, bound))
@@ -160,6 +171,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the other core stays free)")
     parser.add_argument("--check-images", type=int, default=1000)
     parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument("--recipe", nargs="*", default=[], metavar="KEY=VALUE",
+                        help=f"levers as in benchmarks.certified: keys {sorted(k for k in RECIPE if k != 'data')}")
     args = parser.parse_args(argv)
     if args.report:
         report(args.results)

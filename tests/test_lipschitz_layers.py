@@ -239,3 +239,46 @@ def test_the_separable_classifier_shape_is_chosen_and_checked():
     assert same.head.layers[0].out_shape == (10, 1, 1)
     with pytest.raises(ValueError, match=r"classifier_shape \[5, 2\]: expected 3 modes whose product is 10"):
         build_network(10, (3, 16, 16), backbone="lipconvnet", head="separable", head_kwargs={"classifier_shape": [5, 2]})
+
+
+def test_the_long_certified_run_writes_its_curve_resumes_and_names_its_levers(tmp_path, monkeypatch, capsys):
+    """benchmarks/certified_long.py on a tiny model and image folder: a curve line per epoch, the
+    state it resumes from (a longer rerun goes on from it, not from scratch), the final line with
+    the soundness checks, a finished run skipped, and a lever in the run's key and final line."""
+    import json
+
+    from benchmarks import certified as bench
+    from benchmarks import certified_long as long
+    from conftest import write_image_folder
+    from sepnet.data import ImageFolderDataModule
+
+    small = {"backbone": "lipconvnet", "head": "dense", "backbone_kwargs": {"widths": [4, 8, 8], "depth": 1}}
+    monkeypatch.setitem(bench.BUDGETS, "0.1M", {"lipconvnet_dense": small})
+    folder = write_image_folder(tmp_path / "images", classes=tuple(f"c{i}" for i in range(10)), per_class=2)
+    seen = []
+
+    def tiny(data, batch_size, workers, recipe=None):
+        seen.append(dict(recipe or {}))
+        aug = (recipe or {}).get("augment", "crop_flip")
+        return ImageFolderDataModule(root=str(folder), batch_size=8, num_workers=0, pin_memory=False,
+                                     val_fraction=0.05, crop=aug == "crop_flip", flip=aug != "none")
+
+    monkeypatch.setattr(long, "datamodule", tiny)
+    torch.manual_seed(0)
+    monkeypatch.setattr(long, "test_set", lambda data: (torch.rand(16, 3, 32, 32), torch.randint(0, 10, (16,))))
+    monkeypatch.setattr(long, "STATE", tmp_path / "state")
+    results = tmp_path / "long.jsonl"
+    common = ["--check-images", "8", "--results", str(results), "--workers", "0"]
+    long.main(["--epochs", "1", *common])
+    long.main(["--epochs", "1", *common])  # finished: skipped
+    rows = [json.loads(line) for line in results.read_text().splitlines()]
+    assert [r["kind"] for r in rows] == ["epoch", "final"] and rows[1]["soundness"]["passed"]
+    assert (tmp_path / "state" / "lipconvnet_dense_0.1M_40k_e1_s0" / "last.ckpt").is_file()
+    long.main(["--epochs", "1", "--recipe", "augment=none", "temperature=0.5", *common])
+    lever = json.loads(results.read_text().splitlines()[-1])
+    assert lever["run"] == "lipconvnet_dense_0.1M_40k_e1_s0_augment-none_temperature-0.5"
+    assert lever["recipe"] == {"augment": "none", "temperature": 0.5} and seen[-1] == {"augment": "none", "temperature": 0.5}
+    with pytest.raises(SystemExit, match="expected the training set as --data"):
+        long.main(["--recipe", "data=20k", *common])
+    long.main(["--report", "--results", str(results)])
+    assert "lipconvnet_dense_0.1M_40k_e1_s0 | 1 |" in capsys.readouterr().out

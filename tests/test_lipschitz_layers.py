@@ -155,7 +155,6 @@ def test_the_certified_benchmark_records_a_line_per_run_and_skips_it_after(tmp_p
     one JSON line per run (the certificate's figures, the soundness checks' verdict), skipped on
     a rerun, and the report's table and plot."""
     import json
-    from pathlib import Path
 
     from benchmarks import certified as bench
     small = {"lipconvnet_dense": {"backbone": "lipconvnet", "head": "dense",
@@ -163,6 +162,9 @@ def test_the_certified_benchmark_records_a_line_per_run_and_skips_it_after(tmp_p
     small["lipconvnet_dense_lln"] = {**small["lipconvnet_dense"], "head_kwargs": {"normalize_last": True}}
     monkeypatch.setitem(bench.BUDGETS, "0.1M", small)
     monkeypatch.setattr(bench, "train", lambda module, epochs, batch, data: (1.5, None))
+    from types import SimpleNamespace  # the training set as the recipe asks for it, without the images
+    monkeypatch.setattr(bench, "datamodule", lambda batch, data, workers=2, crop=True, flip=True: SimpleNamespace(
+        batch_size=batch, root=data, crop=crop, flip=flip))
     torch.manual_seed(0)
     monkeypatch.setattr(bench, "test_images", lambda: (torch.rand(64, 3, 32, 32), torch.randint(0, 10, (64,))))
     results = tmp_path / "certified.jsonl"
@@ -181,14 +183,14 @@ def test_the_certified_benchmark_records_a_line_per_run_and_skips_it_after(tmp_p
     monkeypatch.setattr(bench, "soundness_record", lambda *args: {"passed": True})  # checked above
     monkeypatch.setattr(bench, "train", lambda module, epochs, batch, data: seen.update(
         batch=batch, temperature=module.adversarial.margin_temperature, loader_batch=data.batch_size,
-        schedule=module.optimization.scheduler, crop=data.crop, flip=data.flip, root=Path(data.root).name) or (1.5, None))
+        schedule=module.optimization.scheduler, crop=data.crop, flip=data.flip, root=data.root) or (1.5, None))
     bench.main([*args, "--recipe", "temperature=0.5", "batch=128"])
     lever = json.loads(results.read_text().splitlines()[2])
     assert lever["recipe"] == {"temperature": 0.5, "batch": 128}
     assert seen == {"batch": 128, "temperature": 0.5, "loader_batch": 128, "schedule": "cosine", "crop": True,
-                    "flip": True, "root": "cifar10-jpeg"}
+                    "flip": True, "root": "20k"}
     bench.main([*args, "--recipe", "augment=flip", "data=40k", "schedule=onecycle"])  # the string levers reach the run
-    assert seen["root"] == "cifar10-jpeg-40k" and not seen["crop"] and seen["flip"] and seen["schedule"] == "onecycle"
+    assert seen["root"] == "40k" and not seen["crop"] and seen["flip"] and seen["schedule"] == "onecycle"
     assert json.loads(results.read_text().splitlines()[3])["recipe"] == {"augment": "flip", "data": "40k", "schedule": "onecycle"}
     for bad, expected in (("temp=0.5", "expected one of"), ("augment=cutout", "expected augment one of"),
                           ("batch=0", "expected a positive value")):

@@ -242,6 +242,14 @@ class SeparableLinear(FactorizedLayer, LipschitzModule):
             bias = self.bias.flatten() if self.bias is not None else None
             return nn.functional.linear(h.reshape(h.shape[0], -1), w.to(h.dtype) if not torch.is_autocast_enabled(
                 h.device.type) else w, bias).reshape(*lead, *self.out_shape)
+        y = self.mode_products(h)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.reshape(*lead, *self.out_shape)
+
+    def mode_products(self, h: Tensor) -> Tensor:
+        """The R terms' mode products on modes 1..N of h (shape (P, d1..dN, ...): trailing dims
+        are carried along), summed; orthogonal mode with R > 1 divided by the spectral norm. No bias."""
         y = None
         for term in self.factors:
             z = h
@@ -250,9 +258,7 @@ class SeparableLinear(FactorizedLayer, LipschitzModule):
             y = z if y is None else y + z
         if self.orthogonal and self.rank > 1:
             y = y / self.spectral_norm().to(y.dtype)
-        if self.bias is not None:
-            y = y + self.bias.to(y.dtype)
-        return y.reshape(*lead, *self.out_shape)
+        return y
 
     def folded(self) -> nn.Module:
         """The implied dense layer on the unflattened features: (..., *in_shape) -> (..., *out_shape)."""

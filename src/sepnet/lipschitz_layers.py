@@ -24,7 +24,7 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from sepnet.layers import SeparableLinear, _mode_product
+from sepnet.layers import SeparableLinear
 from sepnet.lipschitz import LipschitzModule, MeasuredParametrization, OrthogonalParametrization
 
 __all__ = ["BjorckOrthonormal", "RowNormalized", "row_normalized_linear_", "OrthoConv2d", "SeparablePointwise", "circular_conv_norm", "orthonormal_linear_"]
@@ -157,15 +157,7 @@ class ChannelsFirstSeparableLinear(SeparableLinear):
             w = self.implied_weight()
             y = torch.matmul(w if torch.is_autocast_enabled(x.device.type) else w.to(x.dtype), x.reshape(batch, -1, pixels))
             return (y if bias is None else y + bias.to(y.dtype)).reshape(batch, *self.out_shape, pixels)
-        y = None
-        for term in self.factors:
-            z = x
-            for k in self.order:
-                z = _mode_product(z, term[k].to(z.dtype), k)
-            y = z if y is None else y + z
-        if self.orthogonal and self.rank > 1:
-            y = y / self.spectral_norm().to(y.dtype)
-        y = y.reshape(batch, -1, pixels)
+        y = self.mode_products(x).reshape(batch, -1, pixels)
         return (y if bias is None else y + bias.to(y.dtype)).reshape(batch, *self.out_shape, pixels)
 
     def folded(self) -> nn.Module:

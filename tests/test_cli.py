@@ -226,7 +226,7 @@ def test_benchmark_evaluation_on_the_validation_split(tmp_path, monkeypatch):
             for i in range(n):
                 pixels = (torch.rand(32, 32, 3, generator=g) * 255).to(torch.uint8).numpy()
                 Image.fromarray(pixels).save(tmp_path / split / f"c{c}" / f"{i}.png")
-    monkeypatch.setattr(bench, "DATA", tmp_path)
+    monkeypatch.setitem(bench.DATA_SETS, "20k", tmp_path)
     torch.manual_seed(0)
     study = _benchmark("reproduce")
     model = ImageClassifier(**study.FAMILIES["mlp"]["dense"], **study.common_kwargs("mlp")).eval()

@@ -32,7 +32,7 @@ import torch
 
 from benchmarks.certified import (BUDGETS, RECIPE, certified_fractions, classifier, parse_recipe, soundness_record,
                                   training_data)
-from benchmarks.common import DATA_SETS
+from benchmarks.common import DATA_SETS, FIGURES
 from sepnet.callbacks import last_checkpoint
 from sepnet.data import ImageFolderDataModule
 from sepnet.lipschitz import lipschitz_bound, pairwise_bound
@@ -137,26 +137,75 @@ def run(args: argparse.Namespace) -> None:
         raise SystemExit(f"soundness check FAILED, the certificates are void: {final['soundness']['error']}")
 
 
-def report(results: Path) -> None:
-    """Per run: the last epoch's figures, and the curve every 10 epochs."""
-    rows = records(results)
+def curves(results: Path) -> dict[str, dict[int, dict]]:
+    """Per run, its epoch lines by epoch (a redone epoch: the later line)."""
     epochs: dict[str, dict[int, dict]] = {}
-    for r in rows:
+    for r in records(results):
         if r["kind"] == "epoch":
-            epochs.setdefault(r["run"], {})[r["epoch"]] = r  # a redone epoch: the later line
-    finals = {r["run"]: r for r in rows if r["kind"] == "final"}
-    print("| run | epochs done | clean | certified 36/255 | 72/255 | 108/255 | s / epoch | soundness |")
-    print("|---|---:|---:|---:|---:|---:|---:|---|")
+            epochs.setdefault(r["run"], {})[r["epoch"]] = r
+    return epochs
+
+
+def report(results: Path, figures: Path = FIGURES) -> None:
+    """Per run: the last epoch's figures under both certificates (the sqrt(2) L one, and the
+    pairwise one where the network ends in a linear layer), the curve every 10 epochs, and the
+    curves' figure (figures/certified_long.png)."""
+    epochs = curves(results)
+    finals = {r["run"]: r for r in records(results) if r["kind"] == "final"}
+    print("| run | epochs done | clean | certified 36/255 | 72/255 | 108/255 | pairwise 36/255 | 72/255 | 108/255 "
+          "| s / epoch | soundness |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+    radii = ("36/255", "72/255", "108/255")
     for key, curve in sorted(epochs.items()):
         last = curve[max(curve)]
         status = ("passed" if finals[key]["soundness"]["passed"] else "FAILED") if key in finals else "running"
         seconds = sum(r["train_seconds"] for r in curve.values()) / len(curve)
+        pairwise = last.get("certified_pairwise")
         print(f"| {key} | {max(curve)} | {last['clean_acc']:.3f} | "
-              + " | ".join(f"{last['certified'][k]:.3f}" for k in ("36/255", "72/255", "108/255"))
+              + " | ".join(f"{last['certified'][k]:.3f}" for k in radii) + " | "
+              + " | ".join(f"{pairwise[k]:.3f}" if pairwise else "-" for k in radii)
               + f" | {seconds:.0f} | {status} |")
     for key, curve in sorted(epochs.items()):
-        points = [f"{e}: {curve[e]['certified']['36/255']:.3f}" for e in sorted(curve) if e % 10 == 0 or e == 1]
-        print(f"{key} certified 36/255 by epoch: {', '.join(points)}")
+        points = [f"{e}: {best(curve[e]):.3f}" for e in sorted(curve) if e % 10 == 0 or e == 1]
+        print(f"{key} certified 36/255 (the tighter certificate) by epoch: {', '.join(points)}")
+    if epochs:
+        print(f"figure: {figure(epochs, figures / 'certified_long.png')}")
+
+
+def best(line: dict, radius: str = "36/255") -> float:
+    """The fraction certified at radius by the tighter of the line's certificates."""
+    return max(line["certified"][radius], line.get("certified_pairwise", {}).get(radius, 0.0))
+
+
+def figure(epochs: dict[str, dict[int, dict]], path: Path) -> Path:
+    """Certified accuracy at 36/255 (solid: the tighter certificate; dotted: sqrt(2) L where the
+    pairwise one is tighter) and clean accuracy (faint) per epoch, one colour a run; the target
+    (0.50) dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.8))
+    for i, (key, curve) in enumerate(sorted(epochs.items())):
+        xs = sorted(curve)
+        colour = f"C{i}"
+        ax.plot(xs, [best(curve[e]) for e in xs], color=colour, label=key)
+        if any("certified_pairwise" in curve[e] for e in xs):
+            ax.plot(xs, [curve[e]["certified"]["36/255"] for e in xs], color=colour, linestyle=":", linewidth=1)
+        ax.plot(xs, [curve[e]["clean_acc"] for e in xs], color=colour, alpha=0.35, linewidth=1)
+    ax.axhline(0.5, color="black", linestyle="--", linewidth=0.8, label="target: 0.50 certified at 36/255")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("accuracy on the 10k test images")
+    ax.set_title("long certified runs: certified at L2 36/255 (solid), clean (faint)")
+    ax.set_ylim(0, 0.8)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -171,11 +220,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the other core stays free)")
     parser.add_argument("--check-images", type=int, default=1000)
     parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument("--figures", type=Path, default=FIGURES, help="where --report writes its figure")
     parser.add_argument("--recipe", nargs="*", default=[], metavar="KEY=VALUE",
                         help=f"levers as in benchmarks.certified: keys {sorted(k for k in RECIPE if k != 'data')}")
     args = parser.parse_args(argv)
     if args.report:
-        report(args.results)
+        report(args.results, args.figures)
         return
     torch.set_num_threads(args.threads)
     args.results.parent.mkdir(parents=True, exist_ok=True)

@@ -282,5 +282,12 @@ def test_the_long_certified_run_writes_its_curve_resumes_and_names_its_levers(tm
     assert lever["recipe"] == {"augment": "none", "temperature": 0.5} and seen[-1] == {"augment": "none", "temperature": 0.5}
     with pytest.raises(SystemExit, match="expected the training set as --data"):
         long.main(["--recipe", "data=20k", *common])
-    long.main(["--report", "--results", str(results)])
-    assert "lipconvnet_dense_0.1M_40k_e1_s0 | 1 |" in capsys.readouterr().out
+    capsys.readouterr()
+    long.main(["--report", "--results", str(results), "--figures", str(tmp_path / "figures")])
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if line.startswith("| lipconvnet_dense_0.1M_40k_e1_s0 |"))
+    first = rows[0]
+    assert row.split(" | ")[1:4] == ["1", f"{first['clean_acc']:.3f}", f"{first['certified']['36/255']:.3f}"]
+    assert row.split(" | ")[6] == f"{first['certified_pairwise']['36/255']:.3f}"  # both certificates
+    assert (tmp_path / "figures" / "certified_long.png").stat().st_size > 0
+    assert long.best({"certified": {"36/255": 0.2}, "certified_pairwise": {"36/255": 0.3}}) == 0.3

@@ -225,8 +225,19 @@ def test_the_certified_benchmark_models_match_their_recorded_rows_and_carry_a_bo
         assert row["network"] == bench.BUDGETS[row["budget"]][row["model"]], (row["budget"], row["model"])
     assert bench.BUDGETS["0.1M"]["lipconvnet_dense_c10"]["backbone_kwargs"]["pointwise"] == "dense"
     import yaml  # the CPU recipe is the measured model it names (its comment quotes that row's figures)
-    recipe = yaml.safe_load((Path(bench.__file__).parents[1] / "conf" / "experiments" / "cifar10_jpeg_lipconvnet.yaml").read_text())["model"]["network"]
+    config = yaml.safe_load((Path(bench.__file__).parents[1] / "conf" / "experiments" / "cifar10_jpeg_lipconvnet.yaml").read_text())
+    recipe = config["model"]["network"]
     assert {**recipe, "scale_inputs": None} == {**bench.BUDGETS["0.1M"]["lipconvnet_dense_lln"], "scale_inputs": None}
+    # ... trained as the best of its 18-epoch lever rows on the 20k images
+    lln = [r for r in rows if (r["budget"], r["model"], r["epochs"]) == ("0.1M", "lipconvnet_dense_lln", 18)
+           and "data" not in r.get("recipe", {})]
+    best = {**bench.RECIPE, **max(lln, key=lambda r: r["certified_pairwise"]["36/255"]).get("recipe", {})}
+    model, data = config["model"], config["data"]["init_args"]
+    assert model["adversarial"]["margin_temperature"] == best["temperature"]
+    assert model["adversarial"]["margin_eps"] == pytest.approx(best["margin"] / 255)
+    assert (model["optimization"]["lr"], model["optimization"]["scheduler"], data["batch_size"]) == (
+        best["lr"], best["schedule"], best["batch"])
+    assert (data["crop"], data["flip"]) == (best["augment"] == "crop_flip", best["augment"] != "none")
 
 
 def test_the_separable_classifier_shape_is_chosen_and_checked():

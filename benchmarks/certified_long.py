@@ -2,7 +2,7 @@
 36/255 with <= 0.3M parameters.
 
     python -m benchmarks.certified_long --budget 0.1M --model lipconvnet_dense --data 40k --epochs 100
-    python -m benchmarks.certified_long --model lipconvnet_dense_lln --recipe augment=none   # with levers
+    python -m benchmarks.certified_long --model lipconvnet_dense_lln --recipe augment=none temperature=0.5   # the CPU recipe
     python -m benchmarks.certified_long --report
 
 Each run trains one model of benchmarks/certified.py (the same recipe: mean-only normalization,

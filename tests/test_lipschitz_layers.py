@@ -270,7 +270,7 @@ def test_the_long_certified_run_writes_its_curve_resumes_and_names_its_levers(tm
     folder = write_image_folder(tmp_path / "images", classes=tuple(f"c{i}" for i in range(10)), per_class=2)
     seen = []
 
-    def tiny(data, batch_size, workers, recipe=None):
+    def tiny(data, workers, recipe=None):
         seen.append(dict(recipe or {}))
         aug = (recipe or {}).get("augment", "crop_flip")
         return ImageFolderDataModule(root=str(folder), batch_size=8, num_workers=0, pin_memory=False,
@@ -287,6 +287,12 @@ def test_the_long_certified_run_writes_its_curve_resumes_and_names_its_levers(tm
     rows = [json.loads(line) for line in results.read_text().splitlines()]
     assert [r["kind"] for r in rows] == ["epoch", "final"] and rows[1]["soundness"]["passed"]
     assert (tmp_path / "state" / "lipconvnet_dense_0.1M_40k_e1_s0" / "last.ckpt").is_file()
+    # a run stopped after epoch 1 of 2 (its state at that boundary) goes on from it: one more epoch line
+    import shutil
+    shutil.copytree(tmp_path / "state" / "lipconvnet_dense_0.1M_40k_e1_s0", tmp_path / "state" / "lipconvnet_dense_0.1M_40k_e2_s0")
+    long.main(["--epochs", "2", *common])
+    resumed = [json.loads(line) for line in results.read_text().splitlines()[2:]]
+    assert [(r["kind"], r.get("epoch")) for r in resumed] == [("epoch", 2), ("final", None)]
     long.main(["--epochs", "1", "--recipe", "augment=none", "temperature=0.5", *common])
     lever = json.loads(results.read_text().splitlines()[-1])
     assert lever["run"] == "lipconvnet_dense_0.1M_40k_e1_s0_augment-none_temperature-0.5"

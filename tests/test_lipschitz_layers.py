@@ -259,6 +259,7 @@ def test_the_long_certified_run_writes_its_curve_resumes_and_names_its_levers(tm
     state it resumes from (a longer rerun goes on from it, not from scratch), the final line with
     the soundness checks, a finished run skipped, and a lever in the run's key and final line."""
     import json
+    import shutil
 
     from benchmarks import certified as bench
     from benchmarks import certified_long as long
@@ -288,7 +289,6 @@ def test_the_long_certified_run_writes_its_curve_resumes_and_names_its_levers(tm
     assert [r["kind"] for r in rows] == ["epoch", "final"] and rows[1]["soundness"]["passed"]
     assert (tmp_path / "state" / "lipconvnet_dense_0.1M_40k_e1_s0" / "last.ckpt").is_file()
     # a run stopped after epoch 1 of 2 (its state at that boundary) goes on from it: one more epoch line
-    import shutil
     shutil.copytree(tmp_path / "state" / "lipconvnet_dense_0.1M_40k_e1_s0", tmp_path / "state" / "lipconvnet_dense_0.1M_40k_e2_s0")
     long.main(["--epochs", "2", *common])
     resumed = [json.loads(line) for line in results.read_text().splitlines()[2:]]
